@@ -1,0 +1,25 @@
+"""moe-learn: the reference package of the course.
+
+Importing it first decides where Triton kernels run (``moe_learn.device``): on a CUDA
+GPU, or on the CPU through Triton's interpreter.
+"""
+
+from . import device  # noqa: F401  (must come first: sets TRITON_INTERPRET)
+from .device import DEVICE, ON_GPU
+from .permutation import permute, unpermute
+from .routing import calculate_topk, get_routing_indices
+from .torch_moe import moe_experts_torch, swiglu, torch_grouped_gemm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEVICE",
+    "ON_GPU",
+    "calculate_topk",
+    "get_routing_indices",
+    "moe_experts_torch",
+    "permute",
+    "swiglu",
+    "torch_grouped_gemm",
+    "unpermute",
+]

@@ -1,0 +1,69 @@
+"""Argument checks shared by the reference ops: errors name the argument and the fix."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(name: str, value, *, ndim: int | tuple[int, ...] | None = None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if value.ndim not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
+
+
+def check_integer(name: str, value: torch.Tensor) -> None:
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must hold integer indices (int32 or int64), got {value.dtype}; "
+            f"use {name}.long() if the values are whole numbers"
+        )
+
+
+def check_floating(name: str, value: torch.Tensor) -> None:
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_index_range(name: str, value: torch.Tensor, upper: int, what: str) -> None:
+    """Every entry of ``value`` must lie in [0, upper)."""
+    if value.numel() == 0:
+        return
+    lo, hi = int(value.min()), int(value.max())
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds {bad}, outside [0, {upper}) ({what})")
+
+
+def check_m_sizes(m_sizes: torch.Tensor, num_experts: int, total_rows: int) -> None:
+    """m_sizes: one non-negative row count per expert, summing to the rows of X."""
+    check_tensor("m_sizes", m_sizes, ndim=1)
+    check_integer("m_sizes", m_sizes)
+    if m_sizes.numel() != num_experts:
+        raise ValueError(
+            f"m_sizes has {m_sizes.numel()} entries but W has {num_experts} experts; "
+            "pass one row count per expert (zeros for experts with no tokens)"
+        )
+    if m_sizes.numel() and int(m_sizes.min()) < 0:
+        raise ValueError(f"m_sizes must be non-negative, got {m_sizes.tolist()}")
+    total = int(m_sizes.sum()) if m_sizes.numel() else 0
+    if total != total_rows:
+        raise ValueError(
+            f"m_sizes sums to {total} but X has {total_rows} rows; "
+            "m_sizes[e] must count the rows of X that belong to expert e"
+        )
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device: {listing}")
