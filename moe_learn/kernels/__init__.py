@@ -1,0 +1,1 @@
+"""Triton kernels of the course. Import ``moe_learn`` first (it picks GPU or interpreter)."""

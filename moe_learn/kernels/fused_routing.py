@@ -1,0 +1,176 @@
+"""Router logits -> top-k weights and ids, per-expert counts, gather and scatter indices.
+
+The eager chain (softmax, topk, histc, argsort, argsort) launches about ten kernels and
+sorts T*k keys twice. Routing is a counting sort with E buckets, so three small
+kernels do it:
+
+1. ``_topk_histogram``: per block of tokens, activation + top-k + renormalisation, and a
+   histogram of the chosen experts for the block's slots.
+2. ``_block_offsets``: one program scans the [blocks, E] histogram: each expert's total
+   (the counts), where each expert starts (exclusive cumsum of totals), and where each
+   block's slots of each expert start.
+3. ``_place_slots``: per block, each slot's rank among earlier slots of the same expert
+   in the block (a one-hot cumsum), so position = block start + rank. The order is the
+   stable argsort's: by expert, then by flat slot index.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..validation import check_floating, check_positive_int, check_tensor
+
+
+@triton.jit
+def _topk_histogram(
+    logits_ptr, weights_ptr, ids_ptr, block_counts_ptr,
+    T, E, stride_t,
+    TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    USE_SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, PRE_ACT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, TOP_K_PAD)
+    t_mask = offs_t < T
+    e_mask = offs_e < E
+    x = tl.load(
+        logits_ptr + offs_t[:, None].to(tl.int64) * stride_t + offs_e[None, :],
+        mask=t_mask[:, None] & e_mask[None, :], other=0.0,
+    ).to(tl.float32)
+    x = tl.where(e_mask[None, :], x, float("-inf"))  # padded experts: never chosen
+    if PRE_ACT:
+        if USE_SIGMOID:
+            scores = tl.sigmoid(x)
+        else:
+            x_max = tl.max(x, axis=1)
+            p = tl.exp(x - x_max[:, None])
+            scores = p / tl.sum(p, axis=1)[:, None]
+        # padded experts must never win, whatever the activation made of -inf
+        scores = tl.where(e_mask[None, :], scores, float("-inf"))
+    else:
+        scores = x
+
+    top_vals = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.float32)
+    top_ids = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.int32)
+    hist = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(scores, axis=1)
+        # lowest expert id among equal scores, like a stable sort
+        idx = tl.min(tl.where(scores == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        chosen = offs_e[None, :] == idx[:, None]
+        scores = tl.where(chosen, float("-inf"), scores)
+        top_vals = tl.where(offs_k[None, :] == j, best[:, None], top_vals)
+        top_ids = tl.where(offs_k[None, :] == j, idx[:, None], top_ids)
+        hist += tl.sum((chosen & t_mask[:, None]).to(tl.int32), axis=0)
+
+    k_mask = offs_k < TOP_K
+    if not PRE_ACT:  # activate only the k chosen logits (Llama 4, gpt-oss)
+        if USE_SIGMOID:
+            top_vals = tl.sigmoid(top_vals)
+        else:
+            v = tl.where(k_mask[None, :], top_vals, float("-inf"))
+            v = tl.exp(v - tl.max(v, axis=1)[:, None])
+            top_vals = v / tl.sum(v, axis=1)[:, None]
+    if RENORMALIZE:
+        total = tl.sum(tl.where(k_mask[None, :], top_vals, 0.0), axis=1)
+        top_vals = top_vals / total[:, None]
+
+    out_offs = offs_t[:, None].to(tl.int64) * TOP_K + offs_k[None, :]
+    out_mask = t_mask[:, None] & k_mask[None, :]
+    tl.store(weights_ptr + out_offs, top_vals.to(weights_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(ids_ptr + out_offs, top_ids.to(ids_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(block_counts_ptr + pid * E + offs_e, hist, mask=e_mask)
+
+
+@triton.jit
+def _block_offsets(block_counts_ptr, block_base_ptr, counts_ptr, num_blocks, E,
+                   BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    totals = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask = (offs_b < num_blocks)[:, None] & e_mask[None, :]
+        tile = tl.load(block_counts_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask, other=0)
+        totals += tl.sum(tile, axis=0)
+    tl.store(counts_ptr + offs_e, totals, mask=e_mask)
+    running = tl.cumsum(totals, axis=0) - totals  # where each expert's rows start
+    for b0 in range(0, num_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask = (offs_b < num_blocks)[:, None] & e_mask[None, :]
+        tile = tl.load(block_counts_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask, other=0)
+        base = tl.cumsum(tile, axis=0) - tile + running[None, :]
+        tl.store(block_base_ptr + offs_b[:, None] * E + offs_e[None, :], base, mask=mask)
+        running += tl.sum(tile, axis=0)
+
+
+@triton.jit
+def _place_slots(ids_ptr, block_base_ptr, gather_ptr, scatter_ptr, num_slots, E,
+                 SLOTS_PER_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_s = pid * SLOTS_PER_BLOCK + tl.arange(0, BLOCK_S)
+    s_mask = (tl.arange(0, BLOCK_S) < SLOTS_PER_BLOCK) & (offs_s < num_slots)
+    offs_e = tl.arange(0, BLOCK_E)
+    ids = tl.load(ids_ptr + offs_s, mask=s_mask, other=BLOCK_E).to(tl.int32)
+    one_hot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
+    # slots before this one (in flat order) that chose the same expert
+    rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1
+    base = tl.load(block_base_ptr + pid * E + ids, mask=s_mask, other=0)
+    pos = base + rank
+    tl.store(gather_ptr + pos, offs_s, mask=s_mask)
+    tl.store(scatter_ptr + offs_s, pos, mask=s_mask)
+
+
+def fused_routing(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    use_sigmoid: bool = False,
+    renormalize: bool = True,
+    pre_act: bool = True,
+):
+    """``calculate_topk`` + ``get_routing_indices(..., return_scatter_indices=True)`` in 3 kernels.
+
+    Returns (topk_weights [T, k] in the logits' dtype, topk_ids [T, k] int64,
+    token_counts_by_expert [E] int32, gather_indices [T*k] int32, scatter_indices [T*k] int32).
+    Among equal scores the lower expert id wins.
+    """
+    check_tensor("router_logits", router_logits, ndim=2)
+    check_floating("router_logits", router_logits)
+    check_positive_int("top_k", top_k)
+    T, E = router_logits.shape
+    if top_k > E:
+        raise ValueError(f"top_k={top_k} is larger than the number of experts ({E})")
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    device = router_logits.device
+    block_e = triton.next_power_of_2(E)
+    # about 128 slots per block: the one-hot rank matrix is BLOCK_S x BLOCK_E
+    block_t = max(1, triton.next_power_of_2(max(1, 128 // top_k)))
+    slots_per_block = block_t * top_k
+    num_blocks = max(1, triton.cdiv(T, block_t))
+
+    weights = torch.empty(T, top_k, dtype=router_logits.dtype, device=device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=device)
+    block_counts = torch.empty(num_blocks, E, dtype=torch.int32, device=device)
+    block_base = torch.empty_like(block_counts)
+    counts = torch.empty(E, dtype=torch.int32, device=device)
+    gather = torch.empty(T * top_k, dtype=torch.int32, device=device)
+    scatter = torch.empty_like(gather)
+
+    _topk_histogram[(num_blocks,)](
+        router_logits, weights, ids, block_counts, T, E, router_logits.stride(0),
+        TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
+        USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize, PRE_ACT=pre_act, num_warps=4,
+    )
+    _block_offsets[(1,)](block_counts, block_base, counts, num_blocks, E,
+                         BLOCK_B=32 if E <= 128 else 16, BLOCK_E=block_e, num_warps=8)
+    _place_slots[(num_blocks,)](
+        ids, block_base, gather, scatter, T * top_k, E,
+        SLOTS_PER_BLOCK=slots_per_block, BLOCK_S=triton.next_power_of_2(slots_per_block),
+        BLOCK_E=block_e, num_warps=8,
+    )
+    return weights, ids, counts, gather, scatter

@@ -1,0 +1,91 @@
+"""One GPU call: peaks, baselines and a config sweep of the Hopper grouped GEMM.
+
+    PYTHONUNBUFFERED=1 python perf/sweep_gemm.py $OUT/sweep.json
+
+Prints, per case, torch._grouped_mm and each config's TFLOP/s, the best config, its
+error against _grouped_mm, and whether the compiled kernel uses wgmma.
+"""
+
+import json
+import sys
+
+import torch
+import triton
+import triton.testing
+
+import moe_learn  # noqa: F401
+from moe_learn import bench as B
+from moe_learn.kernels import grouped_gemm_hopper as H
+
+CONFIGS = {
+    "m64n128k128w4s4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+    "m64n256k64w4s4": dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
+    "m64n128k64w4s6": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=6),
+    "m128n128k64w8s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    "m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    "m128n128k128w8s3": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    "m128n256k64w8s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+}
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median") * 1e-3
+
+
+def main():
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "sweep.json"
+    env = B.environment()
+    print(env)
+    peaks = B.measure_peaks(bench)
+    print("peaks", peaks)
+    rows = []
+    W = None
+    last = None
+    for i, case in enumerate(B.cases()):
+        if (case.model, case.gemm) != last:
+            W = None
+            torch.cuda.empty_cache()
+            W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
+            last = (case.model, case.gemm)
+        top_k = B.MODELS[case.model][3]
+        m_sizes = B.routing_for(case, top_k, seed=i)
+        offs = torch.cumsum(m_sizes, 0, dtype=torch.int32)
+        X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
+        Wt = W.transpose(1, 2)
+        ref = torch._grouped_mm(X, Wt, offs=offs)
+        t_gmm = bench(lambda: torch._grouped_mm(X, Wt, offs=offs))
+        floor = max(case.flops / (peaks["matmul_tflops"] * 1e12), case.bytes() / (peaks["copy_tbs"] * 1e12))
+        res = {"case": case.name, "gmm_tflops": case.flops / t_gmm / 1e12, "roof_tflops": case.flops / floor / 1e12,
+               "max_rows": int(m_sizes.max()), "configs": {}}
+        y = torch.empty_like(ref)
+        for name, cfg in CONFIGS.items():
+            try:
+                y.fill_(float("nan"))
+                H.grouped_gemm_hopper(X, W, m_sizes, config=cfg, out=y)
+                err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                t = bench(lambda: H.grouped_gemm_hopper(X, W, m_sizes, config=cfg, out=y))
+                res["configs"][name] = {"tflops": case.flops / t / 1e12, "err": err}
+            except Exception as exc:  # a config that does not fit (shared memory) is reported, not fatal
+                res["configs"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+        ok = {k: v for k, v in res["configs"].items() if "tflops" in v}
+        best = max(ok, key=lambda k: ok[k]["tflops"])
+        res["best"] = best
+        print(f"{case.name:34s} rows/exp {case.M / case.E:7.1f} max {res['max_rows']:5d} | gmm {res['gmm_tflops']:6.1f} "
+              f"roof {res['roof_tflops']:6.1f} | best {best} {ok[best]['tflops']:6.1f} err {ok[best]['err']:.1e} | "
+              + " ".join(f"{k[:9]}:{v.get('tflops', 0):.0f}" for k, v in res["configs"].items()), flush=True)
+        rows.append(res)
+    # does the compiled kernel use Hopper's wgmma?
+    for key, kern in list(H._grouped_gemm_tma_kernel.device_caches[0][0].items())[:3]:
+        asm = kern.asm.get("ptx", "")
+        print("compiled variant uses wgmma:", "wgmma" in asm, "| regs", getattr(kern, "n_regs", "?"), "spills", getattr(kern, "n_spills", "?"))
+    json.dump({"env": env, "peaks": peaks, "rows": rows}, open(out_path, "w"), indent=1)
+
+    speed = [r["configs"][r["best"]]["tflops"] / r["gmm_tflops"] for r in rows]
+    frac = [r["configs"][r["best"]]["tflops"] / r["roof_tflops"] for r in rows]
+    gfrac = [r["gmm_tflops"] / r["roof_tflops"] for r in rows]
+    print(f"best-per-case: geomean vs grouped_mm {B.geomean(speed):.3f}, min {min(speed):.3f}, "
+          f"roofline frac {B.geomean(frac):.3f} (grouped_mm {B.geomean(gfrac):.3f})")
+
+
+if __name__ == "__main__":
+    main()
