@@ -17,15 +17,15 @@ import moe_learn  # noqa: F401
 from moe_learn import bench as B
 from moe_learn.kernels import grouped_gemm_hopper as H
 
-CONFIGS = {
+BASE = {
     "m64n128k128w4s4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
     "m64n256k64w4s4": dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
-    "m64n128k64w4s6": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=6),
-    "m128n128k64w8s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-    "m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
     "m128n128k128w8s3": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    "m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
     "m128n256k64w8s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
 }
+SCHEDULES = {"walk": {}, "map": {"FLATTEN": False}, "mapF": {"FLATTEN": True}, "mapW": {"FLATTEN": False, "WARP_SPECIALIZE": True}}
+CONFIGS = {f"{s}:{n}": (s, {**c, **extra}) for s, extra in SCHEDULES.items() for n, c in BASE.items()}
 
 
 def bench(fn):
@@ -61,9 +61,11 @@ def main():
         for name, cfg in CONFIGS.items():
             try:
                 y.fill_(float("nan"))
-                H.grouped_gemm_hopper(X, W, m_sizes, config=cfg, out=y)
+                sched, c = cfg
+                sched = "walk" if sched == "walk" else "map"
+                H.grouped_gemm_hopper(X, W, m_sizes, config=c, out=y, schedule=sched)
                 err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-                t = bench(lambda: H.grouped_gemm_hopper(X, W, m_sizes, config=cfg, out=y))
+                t = bench(lambda: H.grouped_gemm_hopper(X, W, m_sizes, config=c, out=y, schedule=sched))
                 res["configs"][name] = {"tflops": case.flops / t / 1e12, "err": err}
             except Exception as exc:  # a config that does not fit (shared memory) is reported, not fatal
                 res["configs"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
@@ -72,7 +74,10 @@ def main():
         res["best"] = best
         print(f"{case.name:34s} rows/exp {case.M / case.E:7.1f} max {res['max_rows']:5d} | gmm {res['gmm_tflops']:6.1f} "
               f"roof {res['roof_tflops']:6.1f} | best {best} {ok[best]['tflops']:6.1f} err {ok[best]['err']:.1e} | "
-              + " ".join(f"{k[:9]}:{v.get('tflops', 0):.0f}" for k, v in res["configs"].items()), flush=True)
+              , flush=True)
+        errors = {k: v["error"] for k, v in res["configs"].items() if "error" in v}
+        if errors:
+            print("   errors:", errors, flush=True)
         rows.append(res)
     # does the compiled kernel use Hopper's wgmma?
     try:
@@ -82,6 +87,11 @@ def main():
                   "spills", getattr(kern, "n_spills", "?"))
     except Exception as exc:
         print("could not read the compiled kernels:", exc)
+    # which schedule/config wins most often, and geomeans per config
+    for name in CONFIGS:
+        vals = [r["configs"][name].get("tflops", 0) / r["gmm_tflops"] for r in rows]
+        if all(vals):
+            print(f"  {name:28s} geomean vs gmm {B.geomean(vals):.3f} min {min(vals):.3f}")
     json.dump({"env": env, "peaks": peaks, "rows": rows}, open(out_path, "w"), indent=1)
 
     speed = [r["configs"][r["best"]]["tflops"] / r["gmm_tflops"] for r in rows]

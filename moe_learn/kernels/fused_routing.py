@@ -2,16 +2,17 @@
 
 The eager chain (softmax, topk, histc, argsort, argsort) launches about ten kernels and
 sorts T*k keys twice. Routing is a counting sort with E buckets, so three small
-kernels do it:
+kernels do it, each with plenty of programs:
 
-1. ``_topk_histogram``: per block of tokens, activation + top-k + renormalisation, and a
-   histogram of the chosen experts for the block's slots.
-2. ``_block_offsets``: one program scans the [blocks, E] histogram: each expert's total
-   (the counts), where each expert starts (exclusive cumsum of totals), and where each
-   block's slots of each expert start.
-3. ``_place_slots``: per block, each slot's rank among earlier slots of the same expert
-   in the block (a one-hot cumsum), so position = block start + rank. The order is the
-   stable argsort's: by expert, then by flat slot index.
+1. ``_topk_histogram`` (one program per block of tokens): activation, top-k and
+   renormalisation, plus how many of the block's slots chose each expert.
+2. ``_expert_scan`` (one program per expert): a prefix sum over the blocks of that
+   expert's counts (where the block's slots of that expert start inside the expert),
+   and the expert's total (the counts).
+3. ``_place_slots`` (one program per block): each slot's rank among earlier slots of
+   the block with the same expert, plus where its expert starts (prefix sum of the
+   counts) and the block's offset. The order is the stable argsort's: by expert, then by
+   flat slot index.
 """
 
 from __future__ import annotations
@@ -82,44 +83,41 @@ def _topk_histogram(
     out_mask = t_mask[:, None] & k_mask[None, :]
     tl.store(weights_ptr + out_offs, top_vals.to(weights_ptr.dtype.element_ty), mask=out_mask)
     tl.store(ids_ptr + out_offs, top_ids.to(ids_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(block_counts_ptr + pid * E + offs_e, hist, mask=e_mask)
+    tl.store(block_counts_ptr + offs_e * tl.num_programs(0) + pid, hist, mask=e_mask)  # [E, blocks]
 
 
 @triton.jit
-def _block_offsets(block_counts_ptr, block_base_ptr, counts_ptr, num_blocks, E,
-                   BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
-    offs_e = tl.arange(0, BLOCK_E)
-    e_mask = offs_e < E
-    totals = tl.zeros([BLOCK_E], dtype=tl.int32)
+def _expert_scan(block_counts_ptr, block_prefix_ptr, counts_ptr, num_blocks, BLOCK_B: tl.constexpr):
+    e = tl.program_id(0)
+    row = e.to(tl.int64) * num_blocks
+    running = 0
     for b0 in range(0, num_blocks, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask = (offs_b < num_blocks)[:, None] & e_mask[None, :]
-        tile = tl.load(block_counts_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask, other=0)
-        totals += tl.sum(tile, axis=0)
-    tl.store(counts_ptr + offs_e, totals, mask=e_mask)
-    running = tl.cumsum(totals, axis=0) - totals  # where each expert's rows start
-    for b0 in range(0, num_blocks, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask = (offs_b < num_blocks)[:, None] & e_mask[None, :]
-        tile = tl.load(block_counts_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask, other=0)
-        base = tl.cumsum(tile, axis=0) - tile + running[None, :]
-        tl.store(block_base_ptr + offs_b[:, None] * E + offs_e[None, :], base, mask=mask)
-        running += tl.sum(tile, axis=0)
+        mask = offs_b < num_blocks
+        c = tl.load(block_counts_ptr + row + offs_b, mask=mask, other=0)
+        tl.store(block_prefix_ptr + row + offs_b, tl.cumsum(c, axis=0) - c + running, mask=mask)
+        running += tl.sum(c, axis=0)
+    tl.store(counts_ptr + e, running)
 
 
 @triton.jit
-def _place_slots(ids_ptr, block_base_ptr, gather_ptr, scatter_ptr, num_slots, E,
+def _place_slots(ids_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_ptr, num_slots, num_blocks, E,
                  SLOTS_PER_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
-    offs_s = pid * SLOTS_PER_BLOCK + tl.arange(0, BLOCK_S)
-    s_mask = (tl.arange(0, BLOCK_S) < SLOTS_PER_BLOCK) & (offs_s < num_slots)
+    lane = tl.arange(0, BLOCK_S)
+    offs_s = pid * SLOTS_PER_BLOCK + lane
+    s_mask = (lane < SLOTS_PER_BLOCK) & (offs_s < num_slots)
+    ids = tl.load(ids_ptr + offs_s, mask=s_mask, other=-1).to(tl.int32)
+    # rank = earlier slots of this block (flat order) that chose the same expert
+    same = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    # where each expert starts: exclusive prefix sum of the counts, picked per slot
     offs_e = tl.arange(0, BLOCK_E)
-    ids = tl.load(ids_ptr + offs_s, mask=s_mask, other=BLOCK_E).to(tl.int32)
-    one_hot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
-    # slots before this one (in flat order) that chose the same expert
-    rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1
-    base = tl.load(block_base_ptr + pid * E + ids, mask=s_mask, other=0)
-    pos = base + rank
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    expert_start = tl.cumsum(counts, axis=0) - counts
+    start = tl.sum(tl.where(ids[:, None] == offs_e[None, :], expert_start[None, :], 0), axis=1)
+    block_offset = tl.load(block_prefix_ptr + ids.to(tl.int64) * num_blocks + pid, mask=s_mask, other=0)
+    pos = start + block_offset + rank
     tl.store(gather_ptr + pos, offs_s, mask=s_mask)
     tl.store(scatter_ptr + offs_s, pos, mask=s_mask)
 
@@ -149,28 +147,27 @@ def fused_routing(
     device = router_logits.device
     block_e = triton.next_power_of_2(E)
     # about 128 slots per block: the one-hot rank matrix is BLOCK_S x BLOCK_E
-    block_t = max(1, triton.next_power_of_2(max(1, 128 // top_k)))
+    block_t = 1 << max(0, (128 // top_k).bit_length() - 1)  # a power of two, block_t * top_k <= 128
     slots_per_block = block_t * top_k
     num_blocks = max(1, triton.cdiv(T, block_t))
 
     weights = torch.empty(T, top_k, dtype=router_logits.dtype, device=device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=device)
-    block_counts = torch.empty(num_blocks, E, dtype=torch.int32, device=device)
-    block_base = torch.empty_like(block_counts)
-    counts = torch.empty(E, dtype=torch.int32, device=device)
-    gather = torch.empty(T * top_k, dtype=torch.int32, device=device)
-    scatter = torch.empty_like(gather)
+    # one allocation for all int32 outputs and scratch: fewer host-side calls per routing
+    buf = torch.empty(2 * num_blocks * E + E + 2 * T * top_k, dtype=torch.int32, device=device)
+    block_counts, block_prefix, counts, gather, scatter = torch.split(
+        buf, [num_blocks * E, num_blocks * E, E, T * top_k, T * top_k])
 
     _topk_histogram[(num_blocks,)](
         router_logits, weights, ids, block_counts, T, E, router_logits.stride(0),
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
         USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize, PRE_ACT=pre_act, num_warps=4,
     )
-    _block_offsets[(1,)](block_counts, block_base, counts, num_blocks, E,
-                         BLOCK_B=32 if E <= 128 else 16, BLOCK_E=block_e, num_warps=8)
+    _expert_scan[(E,)](block_counts, block_prefix, counts, num_blocks,
+                       BLOCK_B=min(1024, triton.next_power_of_2(num_blocks)), num_warps=4)
     _place_slots[(num_blocks,)](
-        ids, block_base, gather, scatter, T * top_k, E,
+        ids, block_prefix, counts, gather, scatter, T * top_k, num_blocks, E,
         SLOTS_PER_BLOCK=slots_per_block, BLOCK_S=triton.next_power_of_2(slots_per_block),
-        BLOCK_E=block_e, num_warps=8,
+        BLOCK_E=block_e, num_warps=4,
     )
     return weights, ids, counts, gather, scatter

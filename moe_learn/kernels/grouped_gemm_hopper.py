@@ -88,6 +88,63 @@ def _grouped_gemm_tma_kernel(
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _grouped_gemm_tma_map_kernel(
+    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
+    N, K, E, stride_xm, stride_ym,
+    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
+    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # The whole tile map lives in registers: per expert, its rows, first row, first tile.
+    offs_e = tl.arange(0, BLOCK_E)
+    sizes = tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0)
+    m_tiles = tl.cdiv(sizes, BLOCK_M)
+    tile_end = tl.cumsum(m_tiles * num_n_tiles, axis=0)
+    tile_begin = tile_end - m_tiles * num_n_tiles
+    row_begin = tl.cumsum(sizes, axis=0) - sizes
+    num_tiles = tl.sum(m_tiles * num_n_tiles)
+
+    # A plain counted loop (no data-dependent while) lets Triton pipeline across tiles:
+    # the next tile's loads are issued while this tile's epilogue runs.
+    for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts finished before this tile
+        this = offs_e == e
+        m_e = tl.sum(tl.where(this, sizes, 0))
+        num_m_tiles = tl.sum(tl.where(this, m_tiles, 0))
+        local = tile_id - tl.sum(tl.where(this, tile_begin, 0))
+        row_start = tl.sum(tl.where(this, row_begin, 0))
+        tile_m = local % num_m_tiles
+        tile_n = local // num_m_tiles
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_e
+        rows = row_start + offs_m
+        n0 = tile_n * BLOCK_N
+        if PERMUTE_X:
+            src = tl.load(gather_ptr + rows, mask=m_mask, other=0) // TOPK
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if PERMUTE_X:
+                x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                            mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+            else:
+                x = x_desc.load([row_start + tile_m * BLOCK_M, k0])
+            w = w_desc.load([e * N + n0, k0])
+            acc = tl.dot(x, w.T, acc)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if PERMUTE_Y:
+            out_rows = tl.load(gather_ptr + rows, mask=m_mask, other=0)
+        else:
+            out_rows = rows
+        if WEIGHTED:
+            acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
+
+
 # (max rows per expert on average, config). Measured on an H100: see perf/NOTES.md.
 DEFAULT_CONFIGS = (
     (64, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)),
@@ -134,6 +191,7 @@ def grouped_gemm_hopper(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     num_programs: int | None = None,
+    schedule: str = "walk",
 ) -> torch.Tensor:
     """``Y_e = X_e @ W_e.T`` for all experts in one persistent launch (W is ``[E, N, K]``).
 
@@ -157,6 +215,18 @@ def grouped_gemm_hopper(
     num_tiles_upper = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
     programs = min(num_programs or num_sms(X.device), num_tiles_upper)
     dummy = m_sizes  # stands in for pointers a variant does not read
+    if schedule != "walk":
+        flatten, ws = config.pop("FLATTEN", True), config.pop("WARP_SPECIALIZE", False)
+        _grouped_gemm_tma_map_kernel[(programs,)](
+            X, x_desc, w_desc, out, m_sizes,
+            gather_indices if gather_indices is not None else dummy,
+            topk_weights.reshape(-1) if topk_weights is not None else dummy,
+            N, K, E, X.stride(0), out.stride(0),
+            TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
+            NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
+            WEIGHTED=topk_weights is not None, FLATTEN=flatten, WARP_SPECIALIZE=ws, **config,
+        )
+        return out
     _grouped_gemm_tma_kernel[(programs,)](
         X, x_desc, w_desc, out, m_sizes,
         gather_indices if gather_indices is not None else dummy,
