@@ -115,7 +115,7 @@ def _place_slots(ids_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_ptr,
     offs_e = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     expert_start = tl.cumsum(counts, axis=0) - counts
-    start = tl.sum(tl.where(ids[:, None] == offs_e[None, :], expert_start[None, :], 0), axis=1)
+    start = tl.gather(expert_start, tl.where(s_mask, ids, 0), axis=0)
     block_offset = tl.load(block_prefix_ptr + ids.to(tl.int64) * num_blocks + pid, mask=s_mask, other=0)
     pos = start + block_offset + rank
     tl.store(gather_ptr + pos, offs_s, mask=s_mask)
@@ -147,7 +147,8 @@ def fused_routing(
     device = router_logits.device
     block_e = triton.next_power_of_2(E)
     # about 128 slots per block: the one-hot rank matrix is BLOCK_S x BLOCK_E
-    block_t = 1 << max(0, (128 // top_k).bit_length() - 1)  # a power of two, block_t * top_k <= 128
+    # a power of two with block_t * top_k <= 64: the pairwise rank matrix stays in registers
+    block_t = 1 << max(0, (64 // top_k).bit_length() - 1)
     slots_per_block = block_t * top_k
     num_blocks = max(1, triton.cdiv(T, block_t))
 
