@@ -17,20 +17,19 @@ import moe_learn  # noqa: F401
 from moe_learn import bench as B
 from moe_learn.kernels import grouped_gemm_hopper as H
 
-BASE = {
-    "m64n128k128w4s4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
-    "m64n256k64w4s4": dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=4),
-    "m64n256k64w8s4": dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    "m128n128k128w8s3": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-    "m128n128k64w8s5": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=5),
-    "m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-    "m128n256k64w8s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    "m128n256k128w8s2": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=2),
-    "m256n128k64w8s3": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+RULE_CANDIDATES = {
+    "mapF:m128n128k128w8s3": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, FLATTEN=True),
+    "mapF:m64n128k128w4s4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, FLATTEN=True),
+    "mapF:m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLATTEN=True),
+    "mapF:m128n256k64w8s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, FLATTEN=True),
+    "mapW:m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLATTEN=False, WARP_SPECIALIZE=True),
+    "mapW:m128n256k64w8s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, FLATTEN=False, WARP_SPECIALIZE=True),
+    "mapW:m64n256k64w8s4": dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, FLATTEN=False, WARP_SPECIALIZE=True),
 }
-SCHEDULES = {"mapF": {"FLATTEN": True}, "mapW": {"FLATTEN": False, "WARP_SPECIALIZE": True}}
-CONFIGS = {f"{s}:{n}": (s, {**c, **extra}) for s, extra in SCHEDULES.items() for n, c in BASE.items()
-           if not (s == "mapW" and c["num_warps"] == 4)}  # warp specialisation needs 8 warps here
+CONFIGS = {}
+for _name, _cfg in RULE_CANDIDATES.items():
+    CONFIGS[_name] = ("map", _cfg)
+    CONFIGS[_name + "+ytma"] = ("map", {**_cfg, "Y_TMA": True})
 
 
 def bench(fn):

@@ -56,7 +56,7 @@ def _topk_histogram(
 
     top_vals = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.float32)
     top_ids = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.int32)
-    hist = tl.zeros([BLOCK_E], dtype=tl.int32)
+    picked = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         best = tl.max(scores, axis=1)
         # lowest expert id among equal scores, like a stable sort
@@ -65,8 +65,10 @@ def _topk_histogram(
         scores = tl.where(chosen, float("-inf"), scores)
         top_vals = tl.where(offs_k[None, :] == j, best[:, None], top_vals)
         top_ids = tl.where(offs_k[None, :] == j, idx[:, None], top_ids)
-        hist += tl.sum((chosen & t_mask[:, None]).to(tl.int32), axis=0)
+        picked += chosen.to(tl.int32)
 
+    # one reduction across tokens (and warps) for the histogram, after the k rounds
+    hist = tl.sum(tl.where(t_mask[:, None], picked, 0), axis=0)
     k_mask = offs_k < TOP_K
     if not PRE_ACT:  # activate only the k chosen logits (Llama 4, gpt-oss)
         if USE_SIGMOID:
@@ -147,8 +149,8 @@ def fused_routing(
     device = router_logits.device
     block_e = triton.next_power_of_2(E)
     # about 128 slots per block: the one-hot rank matrix is BLOCK_S x BLOCK_E
-    # a power of two with block_t * top_k <= 64: the pairwise rank matrix stays in registers
-    block_t = 1 << max(0, (64 // top_k).bit_length() - 1)
+    # a power of two with block_t * top_k <= 128: the pairwise rank matrix is 128 x 128 at most
+    block_t = 1 << max(0, (128 // top_k).bit_length() - 1)
     slots_per_block = block_t * top_k
     num_blocks = max(1, triton.cdiv(T, block_t))
 

@@ -1,20 +1,22 @@
 """The grouped GEMM tuned for Hopper (H100/H200): persistent, TMA loads, per-shape configs.
 
-Same semantics as ``moe_learn.kernels.grouped_gemm.grouped_gemm`` (W in the ``[E, N, K]``
-layout, optional gather of X rows, scatter of Y rows and routing weights), with the
-choices that matter on an H100:
+Same semantics as ``grouped_gemm`` (W in the ``[E, N, K]`` layout, optional gather of
+X rows, scatter of Y rows and routing weights); ``grouped_gemm`` sends bf16/fp16 work
+here on a Hopper GPU. What makes it fast (perf/NOTES.md has the measurements):
 
-- A persistent grid (one program per SM). Each program walks the experts in order and
-  takes every ``NUM_PROGRAMS``-th tile; the tile -> expert map comes from ``m_sizes`` on
-  the device, so nothing waits on the host and empty experts cost nothing.
-- Inside an expert, the M tile index runs fastest: programs that run side by side share
-  one weight tile, so each weight byte comes from DRAM about once (small-T cases are
-  bound by reading the weights).
-- The weight tiles (and X when it is not gathered) arrive through the tensor memory
-  accelerator (TMA): one descriptor per operand, hardware address generation and
-  zero fill past the edges; the K loop is software-pipelined ``num_stages`` deep.
-- Rows past an expert's end are loaded (they belong to the next expert, or are zero
-  fill) but never stored: the store mask is the only guard, so no padding is needed.
+- A persistent grid, one program per SM, each taking every ``NUM_PROGRAMS``-th tile.
+- The tile map lives in registers. Each program loads ``m_sizes`` once and prefix-sums
+  it (rows and tiles per expert), so finding a tile's expert is a comparison and a few
+  reductions, with no walk over memory. The loop over tiles is then a plain counted
+  loop, which Triton can flatten with the K loop (``FLATTEN``): the next tile's loads
+  start while the current tile's epilogue runs. Nothing waits on the host, so the
+  launch can be captured in a CUDA graph; empty experts own no tiles.
+- Inside an expert the M tile index runs fastest, so programs running side by side
+  share one weight tile and each weight byte comes from DRAM about once (the small-T
+  cases are bound by reading the weights).
+- Weight tiles, and X tiles when X is not gathered, come through the tensor memory
+  accelerator (TMA): hardware address generation, zero fill past the edges. Rows past
+  an expert's end are loaded (next expert's rows or zero fill) but never stored.
 """
 
 from __future__ import annotations
@@ -25,81 +27,22 @@ import triton.language as tl
 
 try:  # Triton >= 3.4: host-side tensor descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton has no TMA path
+except ImportError:  # pragma: no cover - older Triton: grouped_gemm keeps its portable kernel
     TensorDescriptor = None
 
 
 @triton.jit
 def _grouped_gemm_tma_kernel(
     x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
-    N, K, E, num_tiles_upper, stride_xm, stride_ym,
-    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, WEIGHTED: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-
-    # where this program stands in the walk over experts (only ever moves forward)
-    e = 0
-    row_start = 0
-    m_e = tl.load(m_sizes_ptr)
-    tiles_start = 0
-    tiles_end = tl.cdiv(m_e, BLOCK_M) * num_n_tiles
-
-    for tile_id in range(pid, num_tiles_upper, NUM_PROGRAMS):
-        while (tile_id >= tiles_end) & (e < E - 1):
-            e += 1
-            row_start += m_e
-            m_e = tl.load(m_sizes_ptr + e)
-            tiles_start = tiles_end
-            tiles_end += tl.cdiv(m_e, BLOCK_M) * num_n_tiles
-        if tile_id < tiles_end:
-            local = tile_id - tiles_start
-            num_m_tiles = tl.cdiv(m_e, BLOCK_M)
-            tile_m = local % num_m_tiles
-            tile_n = local // num_m_tiles
-            offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < m_e
-            rows = row_start + offs_m  # rows in expert order
-            n0 = tile_n * BLOCK_N
-
-            if PERMUTE_X:  # gather token rows straight from X in token order
-                src = tl.load(gather_ptr + rows, mask=m_mask, other=0) // TOPK
-                x_ptrs = x_ptr + src.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                if PERMUTE_X:
-                    x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-                    x_ptrs += BLOCK_K
-                else:
-                    x = x_desc.load([row_start + tile_m * BLOCK_M, k0])
-                w = w_desc.load([e * N + n0, k0])
-                acc = tl.dot(x, w.T, acc)
-
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            if PERMUTE_Y:  # write each row back to its (token, slot) position
-                out_rows = tl.load(gather_ptr + rows, mask=m_mask, other=0)
-            else:
-                out_rows = rows
-            if WEIGHTED:
-                acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-            y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
-
-
-@triton.jit
-def _grouped_gemm_tma_map_kernel(
-    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
     N, K, E, stride_xm, stride_ym,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
-    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # The whole tile map lives in registers: per expert, its rows, first row, first tile.
+    # The tile map, per expert: rows, first row, first tile (exclusive prefix sums).
     offs_e = tl.arange(0, BLOCK_E)
     sizes = tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0)
     m_tiles = tl.cdiv(sizes, BLOCK_M)
@@ -108,22 +51,20 @@ def _grouped_gemm_tma_map_kernel(
     row_begin = tl.cumsum(sizes, axis=0) - sizes
     num_tiles = tl.sum(m_tiles * num_n_tiles)
 
-    # A plain counted loop (no data-dependent while) lets Triton pipeline across tiles:
-    # the next tile's loads are issued while this tile's epilogue runs.
-    for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts finished before this tile
+    for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts whose tiles all come before
         this = offs_e == e
         m_e = tl.sum(tl.where(this, sizes, 0))
         num_m_tiles = tl.sum(tl.where(this, m_tiles, 0))
         local = tile_id - tl.sum(tl.where(this, tile_begin, 0))
         row_start = tl.sum(tl.where(this, row_begin, 0))
-        tile_m = local % num_m_tiles
+        tile_m = local % num_m_tiles  # M fastest: neighbours share the weight tile
         tile_n = local // num_m_tiles
         offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_e
-        rows = row_start + offs_m
+        rows = row_start + offs_m  # rows in expert order
         n0 = tile_n * BLOCK_N
-        if PERMUTE_X:
+        if PERMUTE_X:  # gather token rows straight from X in token order
             src = tl.load(gather_ptr + rows, mask=m_mask, other=0) // TOPK
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -135,7 +76,7 @@ def _grouped_gemm_tma_map_kernel(
             w = w_desc.load([e * N + n0, k0])
             acc = tl.dot(x, w.T, acc)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        if PERMUTE_Y:
+        if PERMUTE_Y:  # each row goes back to its (token, slot) position
             out_rows = tl.load(gather_ptr + rows, mask=m_mask, other=0)
         else:
             out_rows = rows
@@ -145,19 +86,24 @@ def _grouped_gemm_tma_map_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
 
 
-# (max rows per expert on average, config). Measured on an H100: see perf/NOTES.md.
-DEFAULT_CONFIGS = (
-    (64, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (256, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)),
+# Configs by average rows per expert, from sweeps on an H100 (perf/NOTES.md, sweep 4):
+# few rows -> the weights dominate, small M tiles with deep K; many rows -> 128x256 tiles.
+CONFIGS_BY_ROWS_PER_EXPERT = (
+    (64, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)),
+    (160, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)),
+    (384, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
     (float("inf"), dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)),
 )
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "NUM_PROGRAMS")
 
 
-def pick_config(rows_per_expert: float) -> dict:
-    for limit, config in DEFAULT_CONFIGS:
-        if rows_per_expert <= limit:
-            return dict(config)
-    raise AssertionError("unreachable")
+def pick_config(rows: int, num_experts: int) -> dict:
+    """The launch config for ``rows`` expert-ordered rows over ``num_experts`` experts."""
+    per_expert = rows / max(num_experts, 1)
+    for limit, config in CONFIGS_BY_ROWS_PER_EXPERT:
+        if per_expert <= limit:
+            return dict(config, FLATTEN=True)
+    raise AssertionError("unreachable: the last bucket has no limit")
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -170,70 +116,63 @@ def num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-def tma_supported(X: torch.Tensor, W: torch.Tensor) -> bool:
-    """TMA needs Hopper or newer, 16-byte aligned rows and base addresses."""
-    if TensorDescriptor is None or not X.is_cuda or torch.cuda.get_device_capability(X.device)[0] < 9:
+def hopper_path_applies(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> bool:
+    """TMA needs a Hopper-or-newer GPU, 16-bit data here, unit stride and 16-byte aligned rows."""
+    if TensorDescriptor is None or not X.is_cuda or not transpose:
         return False
-    elem = W.element_size()
-    return (W.shape[2] * elem) % 16 == 0 and W.data_ptr() % 16 == 0 and X.data_ptr() % 16 == 0 and X.stride(1) == 1
+    if X.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(X.device)[0] < 9:
+        return False
+    row_bytes = W.shape[2] * W.element_size()
+    return (
+        W.is_contiguous() and X.stride(1) == 1 and row_bytes % 16 == 0
+        and (X.stride(0) * X.element_size()) % 16 == 0
+        and W.data_ptr() % 16 == 0 and X.data_ptr() % 16 == 0
+    )
 
 
 def grouped_gemm_hopper(
     X: torch.Tensor,
     W: torch.Tensor,
     m_sizes: torch.Tensor,
+    out: torch.Tensor,
     *,
     gather_indices: torch.Tensor | None = None,
     topk: int = 1,
     permute_x: bool = False,
     permute_y: bool = False,
     topk_weights: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
     config: dict | None = None,
-    num_programs: int | None = None,
-    schedule: str = "walk",
 ) -> torch.Tensor:
-    """``Y_e = X_e @ W_e.T`` for all experts in one persistent launch (W is ``[E, N, K]``).
+    """Fill ``out`` with ``Y_e = X_e @ W_e.T`` for all experts in one persistent launch.
 
-    Arguments are assumed valid (``grouped_gemm`` checks them before it dispatches here).
-    ``m_sizes`` must be int32 on the GPU; ``config`` overrides the block sizes, warps and
-    stages chosen from the average rows per expert.
+    Arguments are taken as valid: ``grouped_gemm`` checks them before it dispatches here.
+    ``config`` overrides the choice of ``pick_config`` (keys: ``CONFIG_KEYS``).
     """
     E, N, K = W.shape
-    M = gather_indices.numel() if gather_indices is not None else X.shape[0]
-    rows_out = M
-    if config is None:
-        config = pick_config(M / max(E, 1))
-    config = dict(config)
-    bm, bn, bk = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("BLOCK_K")
-    if out is None:
-        out = torch.empty(rows_out, N, dtype=X.dtype, device=X.device)
+    M = out.shape[0]
+    cfg = pick_config(M, E)
+    if config:
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
+        cfg.update(config)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if M == 0:
         return out
     w_desc = TensorDescriptor.from_tensor(W.view(E * N, K), block_shape=[bn, bk])
     x_desc = TensorDescriptor.from_tensor(X, block_shape=[bm, bk])
-    num_tiles_upper = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
-    programs = min(num_programs or num_sms(X.device), num_tiles_upper)
-    dummy = m_sizes  # stands in for pointers a variant does not read
-    if schedule != "walk":
-        flatten, ws = config.pop("FLATTEN", True), config.pop("WARP_SPECIALIZE", False)
-        _grouped_gemm_tma_map_kernel[(programs,)](
-            X, x_desc, w_desc, out, m_sizes,
-            gather_indices if gather_indices is not None else dummy,
-            topk_weights.reshape(-1) if topk_weights is not None else dummy,
-            N, K, E, X.stride(0), out.stride(0),
-            TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
-            NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
-            WEIGHTED=topk_weights is not None, FLATTEN=flatten, WARP_SPECIALIZE=ws, **config,
-        )
-        return out
+    # more programs than tiles would only idle: the tile count is at most this bound
+    max_tiles = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
+    programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
+    placeholder = m_sizes  # for pointers a variant never reads
     _grouped_gemm_tma_kernel[(programs,)](
         X, x_desc, w_desc, out, m_sizes,
-        gather_indices if gather_indices is not None else dummy,
-        topk_weights.reshape(-1) if topk_weights is not None else dummy,
-        N, K, E, num_tiles_upper, X.stride(0), out.stride(0),
-        TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NUM_PROGRAMS=programs,
-        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, WEIGHTED=topk_weights is not None,
-        **config,
+        gather_indices if gather_indices is not None else placeholder,
+        topk_weights.reshape(-1) if topk_weights is not None else placeholder,
+        N, K, E, X.stride(0), out.stride(0),
+        TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
+        NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
+        WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
