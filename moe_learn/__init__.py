@@ -9,6 +9,8 @@ from .device import DEVICE, ON_GPU
 from .permutation import permute, unpermute
 from .routing import calculate_topk, get_routing_indices
 from .torch_moe import moe_experts_torch, swiglu, torch_grouped_gemm
+from .permutation import combine
+from .moe_block import TorchMoEBlock, moe_forward_torch
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,7 @@ __all__ = [
     "swiglu",
     "torch_grouped_gemm",
     "unpermute",
+    "combine",
+    "TorchMoEBlock",
+    "moe_forward_torch",
 ]
