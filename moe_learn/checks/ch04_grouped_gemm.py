@@ -100,12 +100,17 @@ def check_grouped_gemm(fn) -> None:
     """``fn(X, W, m_sizes, transpose)`` must return the per-expert products stacked in row order."""
     ex = "04.1"
     cases = _gemm_cases()
-    crash_hints = [
-        ("cannot be multiplied", "check the transpose flag: with transpose=True W[e] is [N, K] and needs .T"),
-        ("size mismatch", "check the transpose flag: with transpose=True W[e] is [N, K] and needs .T"),
-        ("doesn't match the broadcast shape", "the row slice of an expert must have m_sizes[e] rows"),
-    ]
     for what, sizes, K, N, transpose in cases:
+        layout = (
+            "with transpose=True W[e] is [N, K] (nn.Linear layout): use X_e @ W[e].T"
+            if transpose
+            else "with transpose=False W[e] is already [K, N]: use X_e @ W[e], no .T"
+        )
+        crash_hints = [
+            ("cannot be multiplied", layout),
+            ("size mismatch", layout),
+            ("doesn't match the broadcast shape", "the row slice of expert e must have m_sizes[e] rows"),
+        ]
         E, M = len(sizes), sum(sizes)
         X = torch.randn(M, K)
         W = torch.randn(E, N, K) if transpose else torch.randn(E, K, N)
