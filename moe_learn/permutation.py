@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_floating, check_integer, check_positive_int, check_same_device, check_tensor
+from .validation import (
+    check_floating,
+    check_index_range,
+    check_integer,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 
 
 def _check_gather_indices(gather_indices: torch.Tensor, length: int) -> None:
@@ -31,12 +38,7 @@ def _check_gather_indices(gather_indices: torch.Tensor, length: int) -> None:
         )
     if length == 0:
         return
-    lo, hi = int(gather_indices.min()), int(gather_indices.max())
-    if lo < 0 or hi >= length:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"gather_indices holds {bad}, outside [0, {length}); it must be a permutation of 0..{length - 1}"
-        )
+    check_index_range("gather_indices", gather_indices, length, f"it must be a permutation of 0..{length - 1}")
     # A repeated index would leave some output row of unpermute never written (garbage).
     seen = torch.zeros(length, dtype=torch.bool, device=gather_indices.device)
     seen[gather_indices.long()] = True
