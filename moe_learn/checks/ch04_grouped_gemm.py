@@ -168,22 +168,30 @@ def dense_moe(
 
 
 def _moe_cases():
-    """(description, T, H, I, E, top_k, renormalize, router_weight or None)."""
-    H = 8
-    # Router rows -e * ones: for inputs with a positive sum, expert 0 wins, then 1, ...
-    ordered = -torch.arange(6, dtype=torch.float32)[:, None] * torch.ones(6, H) * 0.3
-    # Router that never picks experts 1 and 4: their logits are pushed far down.
-    avoid = torch.randn(6, H) * 0.5
+    """(description, T, I, E, top_k, renormalize, router): router None is random routing."""
     return [
-        ("8 tokens, 4 experts, top-2, renormalize", 8, H, 6, 4, 2, True, None),
-        ("top-2 without renormalize", 8, H, 6, 4, 2, False, None),
-        ("top-1 routing", 7, H, 5, 4, 1, False, None),
-        ("one token", 1, H, 6, 5, 2, True, None),
-        ("experts 1 and 4 get no tokens", 10, H, 4, 6, 2, True, ("avoid", avoid)),
-        ("all tokens to experts 0 and 1", 6, H, 4, 6, 2, True, ("ordered", ordered)),
-        ("16 tokens, 8 experts, top-4", 16, H, 6, 8, 4, True, None),
-        ("zero tokens", 0, H, 4, 4, 2, True, None),
+        ("8 tokens, 4 experts, top-2, renormalize", 8, 6, 4, 2, True, None),
+        ("top-2 without renormalize", 8, 6, 4, 2, False, None),
+        ("top-1 routing", 7, 5, 4, 1, False, None),
+        ("one token", 1, 6, 5, 2, True, None),
+        ("experts 1 and 4 get no tokens", 10, 4, 6, 2, True, "avoid 1 and 4"),
+        ("all tokens to experts 0 and 1", 6, 4, 6, 2, True, "ordered"),
+        ("16 tokens, 8 experts, top-4", 16, 6, 8, 4, True, None),
+        ("zero tokens", 0, 4, 4, 2, True, None),
     ]
+
+
+def _router_inputs(T: int, H: int, E: int, router: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [T, H] and router_weight [E, H] that produce the routing a case asks for."""
+    if router is None:
+        return torch.randn(T, H), torch.randn(E, H) * 0.5
+    hidden = torch.randn(T, H).abs() + 0.1  # every token has a positive sum
+    if router == "ordered":
+        # row e = -0.3 e * ones: logits fall with e for every token, so experts 0, 1, ... win
+        return hidden, -0.3 * torch.arange(E, dtype=torch.float32)[:, None] * torch.ones(E, H)
+    router_weight = torch.randn(E, H) * 0.5
+    router_weight[[1, 4]] = -5.0  # "avoid 1 and 4": their logits sit far below the rest
+    return hidden, router_weight
 
 
 def check_moe_forward(fn) -> None:
@@ -191,16 +199,9 @@ def check_moe_forward(fn) -> None:
     renormalize)`` must return the MoE MLP output ``[T, H]``."""
     ex = "04.2"
     cases = _moe_cases()
-    for what, T, H, inter, E, k, renorm, router in cases:
-        hidden = torch.randn(T, H)
-        router_weight = torch.randn(E, H) * 0.5
-        if router is not None and router[0] == "ordered":
-            hidden = hidden.abs() + 0.1  # positive sums, so the router order is fixed
-            router_weight = router[1][:E].clone()
-        elif router is not None and router[0] == "avoid":
-            hidden = hidden.abs() + 0.1
-            router_weight = router[1][:E].clone()
-            router_weight[[1, 4]] = -5.0
+    H = 8
+    for what, T, inter, E, k, renorm, router in cases:
+        hidden, router_weight = _router_inputs(T, H, E, router)
         gate_up_proj = torch.randn(E, 2 * inter, H) / H**0.5
         down_proj = torch.randn(E, H, inter) / inter**0.5
         got = call_learner(ex, fn, hidden, router_weight, gate_up_proj, down_proj, k, renorm)
