@@ -6,7 +6,8 @@ GPU, or on the CPU through Triton's interpreter.
 
 from . import device  # noqa: F401  (must come first: sets TRITON_INTERPRET)
 from .device import DEVICE, ON_GPU
-from .permutation import permute, unpermute
+from .moe_block import TorchMoEBlock, moe_forward_torch
+from .permutation import combine, permute, unpermute
 from .routing import calculate_topk, get_routing_indices
 from .torch_moe import moe_experts_torch, swiglu, torch_grouped_gemm
 
@@ -22,4 +23,7 @@ __all__ = [
     "swiglu",
     "torch_grouped_gemm",
     "unpermute",
+    "combine",
+    "TorchMoEBlock",
+    "moe_forward_torch",
 ]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .permutation import permute, unpermute
+from .permutation import combine, permute, unpermute
 from .routing import get_routing_indices
-from .validation import check_m_sizes, check_same_device, check_tensor
+from .validation import check_floating, check_integer, check_m_sizes, check_same_device, check_tensor
 
 
 def torch_grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor, transpose: bool = True) -> torch.Tensor:
@@ -23,6 +23,7 @@ def torch_grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor, 
     """
     check_tensor("X", X, ndim=2)
     check_tensor("W", W, ndim=3)
+    check_tensor("m_sizes", m_sizes)
     check_same_device(X=X, W=W, m_sizes=m_sizes)
     num_experts = W.shape[0]
     check_m_sizes(m_sizes, num_experts, X.shape[0])
@@ -38,6 +39,8 @@ def torch_grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor, 
         raise TypeError(f"X is {X.dtype} but W is {W.dtype}; cast one so they match")
     Y = X.new_empty(X.shape[0], N)
     start = 0
+    # One host-side loop step (and one matmul launch) per non-empty expert: the cost
+    # the Triton kernels of chapters 06-08 remove. .tolist() syncs once, not per expert.
     for e, m in enumerate(m_sizes.tolist()):
         if m == 0:
             continue
@@ -49,6 +52,11 @@ def torch_grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor, 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU on ``[M, 2I]`` laid out as transformers does: gate first, then up."""
+    check_tensor("gate_up", gate_up)
+    if gate_up.ndim == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(
+            f"gate_up must have an even last dimension (gate half, then up half), got shape {tuple(gate_up.shape)}"
+        )
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -69,6 +77,13 @@ def moe_experts_torch(
     check_tensor("hidden_states", hidden_states, ndim=2)
     check_tensor("gate_up_proj", gate_up_proj, ndim=3)
     check_tensor("down_proj", down_proj, ndim=3)
+    check_tensor("topk_ids", topk_ids)
+    check_tensor("topk_weights", topk_weights)
+    check_integer("topk_ids", topk_ids)
+    check_floating("hidden_states", hidden_states)
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if w.dtype != hidden_states.dtype:
+            raise TypeError(f"hidden_states is {hidden_states.dtype} but {name} is {w.dtype}; cast one so they match")
     num_tokens, hidden = hidden_states.shape
     num_experts = gate_up_proj.shape[0]
     if topk_ids.shape != topk_weights.shape or topk_ids.ndim != 2 or topk_ids.shape[0] != num_tokens:
@@ -91,5 +106,4 @@ def moe_experts_torch(
     x = permute(hidden_states, gather_indices, top_k)
     h = swiglu(torch_grouped_gemm(x, gate_up_proj, counts))
     y = torch_grouped_gemm(h, down_proj, counts)
-    y = unpermute(y, gather_indices).view(num_tokens, top_k, hidden)
-    return (y * topk_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+    return combine(unpermute(y, gather_indices), topk_weights)
