@@ -143,7 +143,10 @@ def execute_solutions(paths: list[Path], timeout: int = 1200) -> None:
     for path in paths:
         print(f"executing {path.name} ...", flush=True)
         nb = nbformat.read(path, as_version=4)
-        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+        client = nbclient.NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        )
+        client.execute()
         nb.nbformat_minor = 4
         for cell in nb.cells:
             cell.metadata.pop("execution", None)
@@ -153,7 +156,9 @@ def execute_solutions(paths: list[Path], timeout: int = 1200) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--execute", nargs="*", metavar="NOTEBOOK", help="run these solved notebooks first (all if none named)")
+    parser.add_argument(
+        "--execute", nargs="*", metavar="NOTEBOOK", help="run these solved notebooks first (all if none named)"
+    )
     args = parser.parse_args(argv)
     if args.execute is not None:
         paths = [Path(p) for p in args.execute] or sorted(SOLUTIONS.glob("*.ipynb"))

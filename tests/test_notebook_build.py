@@ -18,7 +18,13 @@ def test_committed_notebooks_match_the_build():
 
 
 def _cell(source, tags=()):
-    return {"cell_type": "code", "metadata": {"tags": list(tags)}, "source": source, "outputs": [1], "execution_count": 3}
+    return {
+        "cell_type": "code",
+        "metadata": {"tags": list(tags)},
+        "source": source,
+        "outputs": [1],
+        "execution_count": 3,
+    }
 
 
 def test_stub_replaces_only_the_answer_and_keeps_indentation():

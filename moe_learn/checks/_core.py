@@ -34,7 +34,8 @@ def call_learner(exercise: str, fn, *args, **kwargs):
             f"{tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}" if isinstance(a, torch.Tensor) else repr(a)
             for a in args
         )
-        raise CheckFailed(f"{exercise}: your function raised {type(exc).__name__}: {exc}\n  on inputs: {shapes}") from exc
+        message = f"{exercise}: your function raised {type(exc).__name__}: {exc}\n  on inputs: {shapes}"
+        raise CheckFailed(message) from exc
 
 
 def expect_tensor(exercise: str, name: str, got, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
