@@ -1,0 +1,1 @@
+"""Triton kernels of the course, one module per chapter (the importable answers)."""
