@@ -41,16 +41,40 @@ def program_grid_figure(rows: int, cols: int, block_rows: int, block_cols: int, 
             ax.add_patch(Rectangle((x0, y0), inside_w, inside_h, facecolor=color, edgecolor="black", lw=1.0, alpha=0.6))
             # ... and the lanes past the edge (hatched), which its masks switch off.
             if inside_w < block_cols:
-                ax.add_patch(Rectangle((x0 + inside_w, y0), block_cols - inside_w, block_rows, facecolor="none", edgecolor=color, hatch="//", lw=0.6))
+                ax.add_patch(
+                    Rectangle(
+                        (x0 + inside_w, y0),
+                        block_cols - inside_w,
+                        block_rows,
+                        facecolor="none",
+                        edgecolor=color,
+                        hatch="//",
+                        lw=0.6,
+                    )
+                )
             if inside_h < block_rows:
-                ax.add_patch(Rectangle((x0, y0 + inside_h), inside_w, block_rows - inside_h, facecolor="none", edgecolor=color, hatch="//", lw=0.6))
+                ax.add_patch(
+                    Rectangle(
+                        (x0, y0 + inside_h),
+                        inside_w,
+                        block_rows - inside_h,
+                        facecolor="none",
+                        edgecolor=color,
+                        hatch="//",
+                        lw=0.6,
+                    )
+                )
             label = f"pid {pid_n}" if one_d else f"({pid_m}, {pid_n})"
             ax.text(x0 + block_cols / 2, y0 + block_rows / 2, label, ha="center", va="center", fontsize=9)
     ax.add_patch(Rectangle((0, 0), cols, rows, fill=False, edgecolor="black", lw=2.5))
     ax.set_xlim(-0.5, total_w + 0.5)
     ax.set_ylim(total_h + 0.5, -0.5)  # row 0 on top, as a matrix is printed
     ax.set_aspect("auto" if one_d else "equal")
-    ax.set_xlabel(f"column (N = {cols}, BLOCK = {block_cols})" if not one_d else f"element (n = {cols}, BLOCK_SIZE = {block_cols})")
+    ax.set_xlabel(
+        f"column (N = {cols}, BLOCK = {block_cols})"
+        if not one_d
+        else f"element (n = {cols}, BLOCK_SIZE = {block_cols})"
+    )
     if one_d:
         ax.set_yticks([])
     else:
