@@ -221,7 +221,7 @@ def _scale_add_shifted_load(x_ptr, y_ptr, out_ptr, alpha, n_elements, BLOCK_SIZE
         (_scale_add_stub, r"out was never written.*\n.*still `pass`"),
         (_scale_add_no_store_mask, r"wrote outside out: .* past the end.*\n.*mask=offs < n_elements"),
         (_scale_add_mask_off_by_one, r"wrote outside out: 1 element\(s\) past the end"),
-        (_scale_add_mask_too_short, r"elements \d+ of out were never written.*\n.*the last block's mask"),
+        (_scale_add_mask_too_short, r"elements? \d+ of out were never written.*\n.*the last block's mask"),
         (_scale_add_offsets_without_block, r"never written.*\n.*program\(s\) .* wrote nothing .* pid \* BLOCK_SIZE"),
         (_scale_add_alpha_ignored, r"alpha is ignored"),
         (_scale_add_shifted_load, r"holds the value of element \d+.*\n.*off by one"),

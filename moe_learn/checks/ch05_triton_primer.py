@@ -356,8 +356,8 @@ def _explain_scale_add(ex, case, n, block, alpha, x64, y64, got, ref, bad, run, 
                 )
             fail(
                 ex,
-                f"elements {_ranges(never)} of out were never written (n_elements={n}, BLOCK_SIZE={block}); "
-                f"case {case}.",
+                f"{'element' if len(never) == 1 else 'elements'} {_ranges(never)} of out were never written "
+                f"(n_elements={n}, BLOCK_SIZE={block}); case {case}.",
                 hint,
             )
         nan_at = torch.isnan(got).nonzero().flatten().tolist()
