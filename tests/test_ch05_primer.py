@@ -668,3 +668,20 @@ def _matmul_pids_swapped_store(
 def test_check_matmul_rejects_wrong_kernels(kernel, match):
     with pytest.raises(CheckFailed, match=match):
         checks.check_matmul(kernel)
+
+
+@triton.jit
+def _scale_add_bad_block(x_ptr, y_ptr, out_ptr, alpha, n_elements, BLOCK_SIZE: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, 3)  # not a power of two: does not compile
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs), mask=offs < n_elements)
+
+
+def test_a_kernel_that_crashes_is_reported_with_its_case():
+    with pytest.raises(CheckFailed, match=r"your kernel raised \w+ on n_elements=\d+, BLOCK_SIZE=\d+"):
+        checks.check_scale_add(_scale_add_bad_block)
+
+
+def test_every_exercise_is_listed_for_the_course():
+    from moe_learn.exercises import all_exercises
+
+    assert {"05.1", "05.2", "05.3"} <= set(all_exercises())
