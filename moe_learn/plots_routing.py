@@ -41,7 +41,7 @@ def routing_heatmap(topk_ids: torch.Tensor, num_experts: int, topk_weights: torc
         check_tensor("topk_weights", topk_weights, ndim=2)
         if topk_weights.shape != topk_ids.shape:
             raise ValueError(
-                f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must have the same shape"
+                f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} must match"
             )
         values = topk_weights.detach().float().cpu()
         label = "routing weight"

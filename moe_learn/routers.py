@@ -19,8 +19,8 @@ four choices, which :data:`ROUTERS` records for each model:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -216,10 +216,19 @@ class RouterInfo:
 ROUTERS: dict[str, RouterInfo] = {
     info.model: info
     for info in (
-        RouterInfo("Qwen3-MoE", qwen3_moe_router, "softmax", "probabilities (pre-act)", "if norm_topk_prob", "expert output"),
+        RouterInfo(
+            "Qwen3-MoE", qwen3_moe_router, "softmax", "probabilities (pre-act)", "if norm_topk_prob", "expert output"
+        ),
         RouterInfo("Mixtral", mixtral_router, "softmax", "probabilities (pre-act)", "yes", "expert output"),
         RouterInfo("Llama 4", llama4_router, "sigmoid", "logits (post-act)", "no", "expert input"),
-        RouterInfo("gpt-oss", gpt_oss_router, "softmax over k", "logits + bias (post-act)", "implicit (softmax over k)", "expert output"),
+        RouterInfo(
+            "gpt-oss",
+            gpt_oss_router,
+            "softmax over k",
+            "logits + bias (post-act)",
+            "implicit (softmax over k)",
+            "expert output",
+        ),
         RouterInfo(
             "DeepSeek-V3",
             deepseek_v3_router,

@@ -65,6 +65,15 @@ def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.to(torch.int32)
 
 
+def gather_indices_by_expert(flat_ids: torch.Tensor) -> torch.Tensor:
+    """Flat (token, slot) positions sorted by expert id, ties kept in token order (int32).
+
+    ``stable=True`` matters: a plain argsort may shuffle the tokens of one expert, and then
+    the expert's rows no longer come in token order (tests and kernels compare against it).
+    """
+    return torch.argsort(flat_ids, stable=True).to(torch.int32)
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """``inv`` with ``inv[perm[i]] == i``: one scatter, no second sort."""
     inv = torch.empty_like(perm)
@@ -92,7 +101,7 @@ def get_routing_indices(
     flat_ids = selected_experts.reshape(-1)
     check_index_range("selected_experts", flat_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
     token_counts_by_expert = expert_counts(flat_ids, num_experts)
-    gather_indices = torch.argsort(flat_ids, stable=True).to(torch.int32)
+    gather_indices = gather_indices_by_expert(flat_ids)
     if not return_scatter_indices:
         return token_counts_by_expert, gather_indices
     return token_counts_by_expert, gather_indices, inverse_permutation(gather_indices)
