@@ -133,6 +133,8 @@ class _Case:
     weights_for: Callable[[torch.Tensor], torch.Tensor]
     # name of a plausible mistake -> (ids, weights) it would produce.
     mistakes: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    # name of a mistake that picks the right experts -> the weights it gives YOUR ids (tie-proof).
+    weight_mistakes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 def _diagnose(case: _Case, ids: torch.Tensor, weights: torch.Tensor) -> str | None:
@@ -144,6 +146,11 @@ def _diagnose(case: _Case, ids: torch.Tensor, weights: torch.Tensor) -> str | No
             continue
         if _same_routing(ids, weights, m_ids, m_weights, rtol, atol):
             return mistake
+    if ids.shape == weights.shape and ids.ndim == 2:
+        for mistake, weights_for in case.weight_mistakes.items():
+            expected = weights_for(ids.long().to(case.selection_key.device)).detach().double().cpu()
+            if torch.allclose(weights.detach().double().cpu(), expected, rtol=rtol, atol=atol):
+                return mistake
     return None
 
 
@@ -230,34 +237,36 @@ def _calculate_topk_case(logits: torch.Tensor, top_k: int, use_sigmoid: bool, re
 
     def weights_with(**change):
         flags = dict(use_sigmoid=use_sigmoid, renormalize=renormalize, pre_act=pre_act) | change
+        return lambda ids: _topk_weights_for(logits32, ids, **flags)
 
-        def produce():
-            ids = logits32.topk(top_k, dim=-1).indices
-            return ids, _topk_weights_for(logits32, ids, **flags)
-
-        return produce
-
-    mistakes = {}
+    mistakes, weight_mistakes = {}, {}
+    if not use_sigmoid and pre_act and not renormalize:
+        # softmax over the k chosen == their renormalized share of the full softmax: one symptom, two causes.
+        weight_mistakes[
+            "your k weights sum to 1: softmax taken over only the k chosen logits (post_act), or renormalized; "
+            "pre_act=True means softmax over all E experts, then top-k, and without renormalize the k weights "
+            "sum to less than 1"
+        ] = weights_with(pre_act=False)
     if renormalize:
-        mistakes["the weights are not renormalized: divide the k weights by their sum"] = weights_with(
+        weight_mistakes["the weights are not renormalized: divide the k weights by their sum"] = weights_with(
             renormalize=False
         )
     else:
-        mistakes["the weights are renormalized although renormalize=False"] = weights_with(renormalize=True)
+        weight_mistakes["the weights are renormalized although renormalize=False"] = weights_with(renormalize=True)
     other = "softmax" if use_sigmoid else "sigmoid"
-    mistakes[f"{other} used where use_sigmoid={use_sigmoid} asks for {name}"] = weights_with(
+    weight_mistakes[f"{other} used where use_sigmoid={use_sigmoid} asks for {name}"] = weights_with(
         use_sigmoid=not use_sigmoid
     )
-    if not use_sigmoid and pre_act:
-        mistakes[
-            "softmax taken over only the k chosen logits (post_act); pre_act=True means softmax over all "
-            "E experts, then top-k"
-        ] = weights_with(pre_act=False)
     if not use_sigmoid and not pre_act:
-        mistakes[
+        weight_mistakes[
             "softmax taken over all E experts (pre_act); post_act=True means top-k on the raw logits, "
             "then softmax over those k"
         ] = weights_with(pre_act=True)
+    if not use_sigmoid:
+        # One token: a softmax over dim=0 is all ones, so the picks are arbitrary; judge the weights.
+        weight_mistakes["softmax over dim=0 (across tokens); each token's softmax runs over its experts: dim=-1"] = (
+            lambda ids: _topk_weights_for(logits32, ids, use_sigmoid, renormalize, pre_act, 0)
+        )
     if not use_sigmoid and logits.shape[0] > 1:
         ids_dim0 = torch.softmax(logits32, dim=0).topk(top_k, dim=-1).indices
         mistakes["softmax over dim=0 (across tokens); each token's softmax runs over its experts: dim=-1"] = lambda: (
@@ -279,6 +288,7 @@ def _calculate_topk_case(logits: torch.Tensor, top_k: int, use_sigmoid: bool, re
         selection_key=logits32,  # softmax and sigmoid keep each row's order: rank by logits
         weights_for=lambda ids: _topk_weights_for(logits32, ids, use_sigmoid, renormalize, pre_act),
         mistakes=mistakes,
+        weight_mistakes=weight_mistakes,
     )
 
 
@@ -397,7 +407,12 @@ def _post_act_cases(kind: str) -> list[_Case]:
 
         mistakes = {}
         if use_sigmoid:
-            if top_k > 1:
+            if top_k == 1:
+                mistakes[
+                    "every weight is 1.0: with top_k=1 a renormalization (or a softmax over the one chosen logit) "
+                    "always gives 1; Llama 4 keeps the plain sigmoid score of its expert"
+                ] = lambda ids=ids_true: (ids, torch.ones(ids.shape))
+            else:
                 mistakes["the weights are renormalized; Llama 4 keeps the k sigmoid scores as they are"] = (
                     lambda ids=ids_true, f=weights: (ids, f(ids, renorm=True))
                 )
@@ -472,6 +487,11 @@ def check_gpt_oss_router(fn) -> None:
     _check_router("01.4", "gpt-oss", fn, _post_act_cases("gpt-oss"), lambda x, w, b, *_: x @ w.T + b)
 
 
+def _group_limited(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """``choice`` with -inf outside each token's best groups."""
+    return choice.masked_fill(~group_limited_mask(choice, n_group, topk_group), float("-inf"))
+
+
 def _deepseek_case(num_tokens, hidden, num_experts, top_k, n_group, topk_group, norm, scale) -> _Case:
     x, w = _router_inputs(num_tokens, hidden, num_experts)
     # A bias as large as the scores themselves, so it really changes who gets picked.
@@ -479,8 +499,7 @@ def _deepseek_case(num_tokens, hidden, num_experts, top_k, n_group, topk_group, 
     logits32 = x @ w.T
     scores = torch.sigmoid(logits32)
     biased = scores + bias
-    allowed = group_limited_mask(biased, n_group, topk_group)
-    key = biased.masked_fill(~allowed, float("-inf"))
+    key = _group_limited(biased, n_group, topk_group)
 
     def weights(ids, scores=scores, norm=norm, scale=scale):
         wts = scores.gather(1, ids)
@@ -502,11 +521,12 @@ def _deepseek_case(num_tokens, hidden, num_experts, top_k, n_group, topk_group, 
         "the weights include e_score_correction_bias; the bias only chooses the experts, the weights are the "
         "plain sigmoid scores": variant(key, biased),
         "the experts are chosen without e_score_correction_bias (add it to the scores before the top-k)": variant(
-            scores.masked_fill(~group_limited_mask(scores, n_group, topk_group), float("-inf")), scores
+            _group_limited(scores, n_group, topk_group), scores
         ),
         "routed_scaling_factor is missing: multiply the final weights by it": variant(key, scores, scale=1.0),
         "softmax instead of sigmoid: DeepSeek-V3 scores each expert with a sigmoid": variant(
-            key, torch.softmax(logits32, dim=-1)
+            _group_limited(torch.softmax(logits32, dim=-1) + bias, n_group, topk_group),
+            torch.softmax(logits32, dim=-1),
         ),
     }
     if topk_group < n_group:
