@@ -137,7 +137,7 @@ class _Case:
     weight_mistakes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
-def _diagnose(case: _Case, ids: torch.Tensor, weights: torch.Tensor) -> str | None:
+def _diagnose(case: _Case, ids: torch.Tensor, weights: torch.Tensor, selection_ok: bool = True) -> str | None:
     rtol, atol = _tolerance(case.dtype)
     for mistake, produce in case.mistakes.items():
         try:
@@ -146,7 +146,7 @@ def _diagnose(case: _Case, ids: torch.Tensor, weights: torch.Tensor) -> str | No
             continue
         if _same_routing(ids, weights, m_ids, m_weights, rtol, atol):
             return mistake
-    if ids.shape == weights.shape and ids.ndim == 2:
+    if selection_ok and ids.shape == weights.shape and ids.ndim == 2:
         for mistake, weights_for in case.weight_mistakes.items():
             expected = weights_for(ids.long().to(case.selection_key.device)).detach().double().cpu()
             if torch.allclose(weights.detach().double().cpu(), expected, rtol=rtol, atol=atol):
@@ -172,7 +172,7 @@ def _compare(exercise: str, case: _Case, ids, weights) -> None:
             fail(exercise, f"[{case.label}] token {t} picked expert(s) {_fmt(row)}: each of the k experts must differ")
         got = key[t, row].sort(descending=True).values
         if not torch.allclose(got, best[t], rtol=rtol, atol=atol):
-            mistake = _diagnose(case, ids, weights)
+            mistake = _diagnose(case, ids, weights, selection_ok=False)
             expect = key[t].topk(k).indices
             fail(
                 exercise,
@@ -298,11 +298,12 @@ def _calculate_topk_cases() -> list[_Case]:
     for use_sigmoid in (False, True):
         for renormalize in (False, True):
             for pre_act in (True, False):
-                num_tokens, num_experts = random.choice([(1, 4), (7, 8), (33, 16), (16, 6)])
+                num_tokens, num_experts = random.choice([(7, 8), (33, 16), (16, 6)])
                 top_k = random.choice([1, 2, min(4, num_experts)])
                 logits = torch.randn(num_tokens, num_experts) * 2
                 cases.append(_calculate_topk_case(logits, top_k, use_sigmoid, renormalize, pre_act))
-    # Edge cases: top_k == E, ties, half precision, zero tokens.
+    # Edge cases: one token, top_k == E, ties, half precision, zero tokens.
+    cases.append(_calculate_topk_case(torch.randn(1, 4), 2, False, True, True))
     cases.append(_calculate_topk_case(torch.randn(5, 4), 4, False, False, True))
     ties = torch.randint(-2, 3, (12, 8)).float()
     cases.append(_calculate_topk_case(ties, 3, False, False, True))
@@ -334,6 +335,12 @@ def check_calculate_topk(fn) -> None:
         out = _expect_tuple(ex, call_learner(ex, fn, *case.args), 2, "topk_weights, topk_ids")
         weights, ids = out
         shape = (logits.shape[0], case.top_k)
+        if isinstance(weights, torch.Tensor) and weights.shape == (case.top_k, logits.shape[1]) != shape:
+            fail(
+                ex,
+                f"[{case.label}] topk_weights has shape {tuple(weights.shape)}, expected {shape}",
+                "top-k ran over the tokens (dim=0); each token picks among its experts: dim=-1",
+            )
         expect_tensor(ex, "topk_weights", weights, shape)
         expect_tensor(ex, "topk_ids", ids, shape)
         if weights.dtype != logits.dtype:
