@@ -1,10 +1,13 @@
 """Chapter 01 checks: the reference passes, plausible wrong answers fail with a pointed message."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe_learn import calculate_topk
+from moe_learn import notebook_build as nb_build
 from moe_learn.checks import ch01_gating as ch01
 from moe_learn.checks._core import CheckFailed
 from moe_learn.exercises import all_exercises
@@ -231,3 +234,10 @@ def test_crash_in_learner_code_is_explained():
 
     with pytest.raises(CheckFailed, match=r"(?s)your function raised IndexError.*on inputs"):
         ch01.check_llama4_router(crashes)
+
+
+def test_solved_notebook_has_an_exercise_and_a_check_cell_per_exercise():
+    nb = json.loads((nb_build.SOLUTIONS / "01_gating.ipynb").read_text())
+    tags = {t for cell in nb["cells"] for t in cell.get("metadata", {}).get("tags", [])}
+    for ex in ch01.EXERCISES:
+        assert {f"exercise-{ex.id}", f"check-{ex.id}"} <= tags, ex.id

@@ -1,9 +1,12 @@
 """Chapter 02 checks: the reference passes, plausible wrong answers fail with a pointed message."""
 
+import json
+
 import pytest
 import torch
 
 from moe_learn import get_routing_indices
+from moe_learn import notebook_build as nb_build
 from moe_learn.checks import ch02_routing as ch02
 from moe_learn.checks._core import CheckFailed
 from moe_learn.exercises import all_exercises
@@ -110,3 +113,10 @@ def test_get_routing_indices_wrong_answers(wrong, match, capsys):
         return
     with pytest.raises(CheckFailed, match=match):
         ch02.check_get_routing_indices(wrong)
+
+
+def test_solved_notebook_has_an_exercise_and_a_check_cell_per_exercise():
+    nb = json.loads((nb_build.SOLUTIONS / "02_routing_indices.ipynb").read_text())
+    tags = {t for cell in nb["cells"] for t in cell.get("metadata", {}).get("tags", [])}
+    for ex in ch02.EXERCISES:
+        assert {f"exercise-{ex.id}", f"check-{ex.id}"} <= tags, ex.id
