@@ -42,9 +42,9 @@ def calculate_topk(
             f"pass exactly one of pre_act/post_act as True (got pre_act={pre_act}, post_act={post_act}): "
             "pre_act activates before top-k, post_act after"
         )
-    # Everything in float32, one cast at the end (as transformers does): a bf16 softmax over
-    # 128 experts loses the small probabilities and can turn distinct scores into ties.
-    logits32 = gating_output.to(torch.float32)
+    # Everything in (at least) float32, one cast at the end, as transformers does: a bf16
+    # softmax over 128 experts loses the small probabilities and turns distinct scores into ties.
+    logits32 = gating_output.to(torch.promote_types(gating_output.dtype, torch.float32))
     if pre_act:
         topk_weights, topk_ids = torch.topk(_activate(logits32, use_sigmoid), top_k, dim=-1)
     else:
