@@ -6,7 +6,7 @@ notebook shows each one once: make the call the cell's last expression, or ``dis
 
     routing_heatmap(selected_experts, num_experts, weights=None)   token x expert
     expert_load_bars(counts)                                        tokens per expert, imbalance
-    permutation_diagram(selected_experts, num_experts)              token order -> expert order
+    permutation_diagram(selected_experts, num_experts)              token order → expert order
     roofline_plot(points, peak_tflops, bandwidth_tbs)              achieved vs attainable TFLOP/s
     tile_schedule_plot(records)                                     which program wrote which tile
 """
@@ -138,6 +138,7 @@ def expert_load_bars(
     mean = float(values.mean())
     ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.1f}")
     ax.set_xticks(range(values.size))
+    ax.set_ylim(0, max(float(values.max()), 1.0) * 1.25)  # headroom for the legend
     ax.set_xlabel("expert")
     ax.set_ylabel("tokens")
     shown = f"{ratio:.2f}" if np.isfinite(ratio) else "n/a (no tokens)"
@@ -151,7 +152,7 @@ def permutation_diagram(
     num_experts: int,
     *,
     ax: Axes | None = None,
-    title: str = "Token order -> expert order",
+    title: str = "Token order → expert order",
 ) -> Figure:
     """Each (token, slot) row on the left joined to its place in expert order on the right.
 
@@ -297,7 +298,8 @@ def tile_schedule_plot(
     cols = max(t["col_end"] for t in tiles)
     key = color_by
     palette = expert_colors(max(t[key] for t in tiles) + 1)
-    fig, ax = _new_axes(ax, (min(3 + cols / max(rows, cols) * 6, 10), min(2.5 + rows / max(rows, cols) * 6, 9)))
+    longest = max(rows, cols, 1)
+    fig, ax = _new_axes(ax, (3.5 + 4.5 * cols / longest, 2.0 + 3.5 * rows / longest))
     for t in tiles:
         width, height = t["col_end"] - t["col_start"], t["row_end"] - t["row_start"]
         ax.add_patch(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,8 @@ def execute_notebook(path: Path, timeout: int) -> dict:
         allow_errors=True,
         resources={"metadata": {"path": str(path.parent)}},
     )
-    client.execute(env=kernel_env())
+    # The kernel's own stderr holds only start-up chatter; cell output comes over its channels.
+    client.execute(env=kernel_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(nbformat.writes(nb))
 
 
