@@ -355,6 +355,8 @@ def test_progress_over_the_repositorys_fresh_notebooks(monkeypatch, capsys):
     exercises = all_exercises()
     code = cli.main(["progress", "--notebooks", str(nb_build.NOTEBOOKS)])
     captured = capsys.readouterr()
+    assert cli.main(["progress", "00", "--notebooks", str(nb_build.NOTEBOOKS)]) == 0
+    assert "Chapter 00 has no exercises" in capsys.readouterr().out
     if not exercises:
         assert code == 0 and "No exercises" in captured.out
         return
