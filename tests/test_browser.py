@@ -300,3 +300,13 @@ def test_a_solved_notebook_shows_the_checks_pass(browser, lab):
         _show(page, passed, "exercise-solved")
     finally:
         page.close()
+
+
+def test_a_missing_browser_skips_or_fails_as_configured(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("MOE_LEARN_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        _require_browser()
+    monkeypatch.setenv("MOE_LEARN_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="MOE_LEARN_REQUIRE_BROWSER=1 makes this a failure"):
+        _require_browser()
