@@ -94,11 +94,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     out = _console()
     results = doctor.run_checks()
     for r in results:
-        line = Text()
-        line.append("[OK]  " if r.ok else "[FAIL]", style="bold green" if r.ok else "bold red")
-        line.append(f" {r.name}: {r.found}")
-        if not r.ok and r.fix:
-            line.append(f"  -> fix: {r.fix}", style="yellow")
+        line = Text(r.line())  # the same words as chapter 00 prints, in color
+        line.stylize("bold green" if r.ok else "bold red", 0, 6)
+        fix_at = line.plain.find("  -> fix: ")
+        if fix_at >= 0:
+            line.stylize("yellow", fix_at)
         out.print(line)
     failed = [r for r in results if not r.ok]
     if failed:

@@ -52,7 +52,7 @@ class Requirement:
     def line(self) -> str:
         text = f"[{'OK' if self.ok else 'FAIL'}]".ljust(7) + f"{self.name}: {self.found}"
         if not self.ok and self.fix:
-            text += f"\n       fix: {self.fix}"
+            text += f"  -> fix: {self.fix}"
         return text
 
 

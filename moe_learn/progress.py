@@ -48,25 +48,25 @@ def tagged_cells(nb: dict, tag: str) -> list[dict]:
     return [c for c in nb.get("cells", []) if tag in c.get("metadata", {}).get("tags", [])]
 
 
-def stub_sources(solutions: Path, notebook: str) -> dict[str, str] | None:
-    """Exercise id -> the stub the build writes for it; None without the solved notebook."""
+def stub_sources(solutions: Path, notebook: str) -> dict[str, list[str]] | None:
+    """Exercise id -> the stubs the build writes for its cells (in order); None without the solved notebook."""
     path = solutions / notebook
     if not path.is_file():
         return None
     built = nb_build.build_notebook(json.loads(path.read_text(encoding="utf-8")))
-    stubs = {}
+    stubs: dict[str, list[str]] = {}
     for cell in built["cells"]:
         ex = nb_build.exercise_id(cell)
         if ex is not None:
-            stubs[ex] = _normalized(nb_build.cell_source(cell))
+            stubs.setdefault(ex, []).append(_normalized(nb_build.cell_source(cell)))
     return stubs
 
 
-def is_untouched(nb: dict, exercise: Exercise, stubs: dict[str, str] | None) -> bool:
+def is_untouched(nb: dict, exercise: Exercise, stubs: dict[str, list[str]] | None) -> bool:
     if not stubs or exercise.id not in stubs:
         return False
     cells = tagged_cells(nb, f"exercise-{exercise.id}")
-    return bool(cells) and all(_normalized(nb_build.cell_source(c)) == stubs[exercise.id] for c in cells)
+    return [_normalized(nb_build.cell_source(c)) for c in cells] == stubs[exercise.id]
 
 
 def kernel_env() -> dict[str, str]:
@@ -130,7 +130,7 @@ def _describe_error(ename: str, message: str) -> str:
     return message if ename == "CheckFailed" and message else f"{ename}: {message}".rstrip(": ")
 
 
-def judge(nb: dict, exercise: Exercise, stubs: dict[str, str] | None, executed: bool) -> ExerciseStatus:
+def judge(nb: dict, exercise: Exercise, stubs: dict[str, list[str]] | None, executed: bool) -> ExerciseStatus:
     """The status of one exercise in a notebook (executed, unless every exercise was untouched)."""
     ex_cells = tagged_cells(nb, f"exercise-{exercise.id}")
     chapter = exercise.chapter

@@ -169,7 +169,7 @@ def _error(ename, evalue):
 
 def test_judge_reads_every_kind_of_outcome():
     ex = FIXTURE_EXERCISES["90.1"]
-    stubs = {"90.1": "def double(x):\n    raise NotImplementedError"}
+    stubs = {"90.1": ["def double(x):\n    raise NotImplementedError"]}
     stream = v4.new_output("stream", name="stdout", text="[PASS] 90.1 double: 3 cases\n")
     cases = [
         (_executed("def double(x):\n    raise NotImplementedError  \n", [], []), "not started", "still holds the stub"),
