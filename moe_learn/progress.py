@@ -186,7 +186,11 @@ def notebook_progress(
             ExerciseStatus(ex, MISSING, f"{path} not found: `moe-learn reset {ex.chapter}` writes it")
             for ex in exercises
         ]
-    nb = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        why = f"{path.name} is not a readable notebook ({exc}); `moe-learn reset` writes a fresh one, keeping yours"
+        return [ExerciseStatus(ex, FAILED, why) for ex in exercises]
     stubs = stub_sources(solutions, path.name)
     if all(is_untouched(nb, ex, stubs) for ex in exercises):
         return [judge(nb, ex, stubs, executed=False) for ex in exercises]

@@ -147,6 +147,12 @@ def test_progress_says_which_notebook_is_missing(course, capsys):
     assert "missing" in _row(out, "90.1") and "moe-learn reset 90" in _row(out, "90.1")
 
 
+def test_progress_on_a_broken_notebook_file(course, capsys):
+    (course.notebooks / FIXTURE_NB).write_text('{"cells": [')
+    assert _progress(course) == 1
+    assert "not a readable notebook" in _row(capsys.readouterr().out, "90.1")
+
+
 def test_progress_usage_errors(course, capsys):
     assert _progress(course, "13") == 2
     assert "there is no chapter 13; chapters: 90" in capsys.readouterr().err
