@@ -1,0 +1,7 @@
+"""``python -m moe_learn``: the same command as ``moe-learn``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
