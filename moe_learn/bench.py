@@ -1,10 +1,15 @@
-"""``python -m moe_learn bench``: our grouped GEMM against the per-expert loop,
-``torch._grouped_mm``, a dense matmul and the roofline, on real MoE shapes (bf16, GPU).
+"""``python -m moe_learn bench``: the course's kernels against their baselines on a GPU.
 
-For each case it prints TFLOP/s and the fraction of the roofline floor
-``max(FLOPs / measured bf16 matmul peak, bytes / measured copy bandwidth)``, where
-bytes = X + all expert weights + Y, each read or written once. Results go to JSON and
-a roofline plot (PNG). Without a GPU it says so and exits cleanly.
+- grouped GEMM (bf16): the two expert GEMMs of four MoE models at T = 1024 and 8192,
+  ours against the per-expert loop, ``torch._grouped_mm``, a dense matmul of the same
+  size and the roofline floor ``max(FLOPs / bf16 matmul peak, bytes / copy bandwidth)``
+  (both ceilings measured in the same run; bytes = X + all expert weights + Y once);
+- routing: router logits -> top-k, counts, gather and scatter indices, fused vs eager;
+- MoE forward: the fused block against transformers' ``Qwen3MoeSparseMoeBlock`` (eager);
+- MoE backward: the same, for the backward pass, when ``moe_learn.autograd`` exists.
+
+Prints tables, writes ``results.json`` and ``roofline.png``. Without a GPU it says so
+and exits cleanly.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ MODELS = {
 }
 TOKENS = (1024, 8192)
 GEMMS = ("gate_up", "down")
+SECTIONS = ("gemm", "routing", "moe")
 
 
 @dataclass
@@ -64,31 +70,53 @@ def cases(models=None, tokens=TOKENS) -> list[Case]:
     return out
 
 
-def measure_peaks(bench) -> dict:
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def do_bench(fn) -> float:
+    """Median seconds per call (CUDA events via Triton, after warm-up)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+
+
+def do_bench_graph(fn) -> float:
+    """Median seconds per call replayed from a CUDA graph: device time without launch overhead."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
+
+
+def measure_peaks() -> dict:
     """The two ceilings, measured here: bf16 matmul TFLOP/s and copy bandwidth (TB/s)."""
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t_mm = bench(lambda: a @ b)
+    t_mm = do_bench(lambda: a @ b)
     src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
     dst = torch.empty_like(src)
-    t_copy = bench(lambda: dst.copy_(src))
-    del a, b, src, dst
-    return {"matmul_tflops": 2 * n**3 / t_mm / 1e12, "copy_tbs": 2 * (1 << 30) * 2 / t_copy / 1e12}
+    t_copy = do_bench(lambda: dst.copy_(src))
+    return {"matmul_tflops": 2 * n**3 / t_mm / 1e12, "copy_tbs": 2 * src.numel() * 2 / t_copy / 1e12}
 
 
-def routing_for(case: Case, top_k: int, seed: int):
+def routing_counts(tokens: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
     """m_sizes from top-k routing of random router logits (balanced only on average)."""
     from .routing import calculate_topk, get_routing_indices
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    logits = torch.randn(case.tokens, case.E, device="cuda", generator=g)
+    logits = torch.randn(tokens, num_experts, device="cuda", generator=g)
     _, ids = calculate_topk(logits, top_k, use_sigmoid=False, renormalize=True)
-    counts, _ = get_routing_indices(ids, case.E)
-    return counts
+    return get_routing_indices(ids, num_experts)[0]
 
 
-def per_expert_loop(X, W, sizes):
+def per_expert_loop(X, W, sizes: list[int]) -> torch.Tensor:
+    """The plain PyTorch baseline: one matmul launch per expert that has rows."""
     outs, start = [], 0
     for e, m in enumerate(sizes):
         if m:
@@ -97,69 +125,102 @@ def per_expert_loop(X, W, sizes):
     return torch.cat(outs)
 
 
-def run_gemm_cases(selected: list[Case], bench, peaks, progress=None, ours=None, with_loop=True) -> list[dict]:
-    from .kernels.grouped_gemm_hopper import grouped_gemm_hopper
+def bench_gemm_case(case: Case, W: torch.Tensor, peaks: dict, seed: int, with_loop: bool) -> dict:
+    from .kernels.grouped_gemm import grouped_gemm
 
-    ours = ours or grouped_gemm_hopper
-    rows = []
-    weights: dict[tuple, torch.Tensor] = {}
-    for i, case in enumerate(selected):
-        key = (case.model, case.gemm)
-        if key not in weights:
-            weights.clear()
-            torch.cuda.empty_cache()
-            H, I, E, k = MODELS[case.model]
-            weights[key] = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
-        W = weights[key]
-        top_k = MODELS[case.model][3]
-        m_sizes = routing_for(case, top_k, seed=i)
-        sizes = m_sizes.tolist()
-        offs = torch.cumsum(m_sizes, 0, dtype=torch.int32)
-        X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
-        Wt = W.transpose(1, 2)  # [E, K, N] view, column-major per expert: what _grouped_mm wants
-        ref = torch._grouped_mm(X, Wt, offs=offs)
-        y = torch.full_like(ref, float("nan"))
-        ours(X, W, m_sizes, out=y)
-        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-        times = {
-            "grouped_mm": bench(lambda: torch._grouped_mm(X, Wt, offs=offs)),
-            "ours": bench(lambda: ours(X, W, m_sizes, out=y)),
-            "dense": bench(lambda: X @ W[0].T),
-        }
-        if with_loop:
-            times["loop"] = bench(lambda: per_expert_loop(X, W, sizes))
-        floor = max(case.flops / (peaks["matmul_tflops"] * 1e12), case.bytes() / (peaks["copy_tbs"] * 1e12))
-        row = {
-            **asdict(case),
-            "name": case.name,
-            "rel_err_vs_grouped_mm": err,
-            "floor_ms": floor * 1e3,
-            "roofline_tflops": case.flops / floor / 1e12,
-            "ms": {k: v * 1e3 for k, v in times.items()},
-            "tflops": {k: case.flops / v / 1e12 for k, v in times.items()},
-            "frac_roofline": {k: floor / v for k, v in times.items()},
-        }
-        rows.append(row)
-        del X, ref, y
-        if progress is not None:
-            progress()
-    return rows
+    m_sizes = routing_counts(case.tokens, case.E, MODELS[case.model][3], seed)
+    sizes = m_sizes.tolist()
+    offs = torch.cumsum(m_sizes, 0, dtype=torch.int32)
+    X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
+    Wt = W.transpose(1, 2)  # [E, K, N] view, column-major per expert: the layout _grouped_mm takes
+    ref = torch._grouped_mm(X, Wt, offs=offs)
+    y = torch.full_like(ref, float("nan"))  # poisoned: an unwritten row shows up as NaN
+    grouped_gemm(X, W, m_sizes, out=y)
+    times = {
+        "grouped_mm": do_bench(lambda: torch._grouped_mm(X, Wt, offs=offs)),
+        "ours": do_bench(lambda: grouped_gemm(X, W, m_sizes, out=y)),
+        "dense": do_bench(lambda: X @ W[0].T),
+    }
+    if with_loop:
+        times["loop"] = do_bench(lambda: per_expert_loop(X, W, sizes))
+    floor = max(case.flops / (peaks["matmul_tflops"] * 1e12), case.bytes() / (peaks["copy_tbs"] * 1e12))
+    return {
+        **asdict(case),
+        "name": case.name,
+        "rel_err_vs_grouped_mm": rel_err(y, ref),
+        "floor_ms": floor * 1e3,
+        "roofline_tflops": case.flops / floor / 1e12,
+        "ms": {k: v * 1e3 for k, v in times.items()},
+        "tflops": {k: case.flops / v / 1e12 for k, v in times.items()},
+        "frac_roofline": {k: floor / v for k, v in times.items()},
+    }
 
 
-def geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
-
-
-def summarize(rows: list[dict]) -> dict:
+def summarize_gemm(rows: list[dict]) -> dict:
     speedup = [r["ms"]["grouped_mm"] / r["ms"]["ours"] for r in rows]
     return {
         "geomean_speedup_vs_grouped_mm": geomean(speedup),
         "min_speedup_vs_grouped_mm": min(speedup),
         "geomean_frac_roofline_ours": geomean(r["frac_roofline"]["ours"] for r in rows),
         "geomean_frac_roofline_grouped_mm": geomean(r["frac_roofline"]["grouped_mm"] for r in rows),
-        "max_rel_err": max(r["rel_err_vs_grouped_mm"] for r in rows),
+        "max_rel_err_vs_grouped_mm": max(r["rel_err_vs_grouped_mm"] for r in rows),
     }
+
+
+def bench_routing(T: int = 8192, E: int = 128, k: int = 8) -> dict:
+    from .kernels.fused_routing import fused_routing
+    from .routing import calculate_topk, get_routing_indices
+
+    def eager(logits):
+        w, ids = calculate_topk(logits, k, use_sigmoid=False, renormalize=True)
+        return (w, ids, *get_routing_indices(ids, E, return_scatter_indices=True))
+
+    logits32 = torch.randn(T, E, device="cuda")  # fp32: no ties, so both must agree exactly
+    same = all(torch.equal(a, b) for a, b in zip(eager(logits32)[1:], fused_routing(logits32, k)[1:], strict=True))
+    logits = logits32.to(torch.bfloat16)
+    return {
+        "shape": {"T": T, "E": E, "top_k": k, "dtype": "bfloat16"},
+        "same_as_eager_fp32": same,
+        "eager_us": do_bench(lambda: eager(logits)) * 1e6,
+        "fused_us": do_bench(lambda: fused_routing(logits, k)) * 1e6,
+        "fused_graph_us": do_bench_graph(lambda: fused_routing(logits, k)) * 1e6,
+    }
+
+
+def qwen3_block(T: int):
+    """transformers' Qwen3-30B-A3B MoE block (eager experts), random bf16 weights, and an input."""
+    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    H, I, E, k = MODELS["qwen3-30b-a3b"]
+    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k,
+                            norm_topk_prob=True)
+    config._experts_implementation = "eager"  # the per-expert loop, whatever the default
+    block = Qwen3MoeSparseMoeBlock(config).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
+    return block, x
+
+
+def bench_moe_forward(T: int = 1024) -> dict:
+    from .fused_moe import fused_moe_forward
+
+    block, x = qwen3_block(T)
+    gate, experts = block.gate.weight, block.experts
+    k = MODELS["qwen3-30b-a3b"][3]
+
+    def ours():
+        return fused_moe_forward(x.view(-1, x.shape[-1]), gate, experts.gate_up_proj, experts.down_proj, top_k=k,
+                                 renormalize=True)
+
+    with torch.no_grad():
+        ref = block(x).view(T, -1)
+        got = ours()
+        t_hf, t_ours = do_bench(lambda: block(x)), do_bench(ours)
+    return {"shape": {"T": T, "model": "qwen3-30b-a3b", "dtype": "bfloat16"}, "rel_err": rel_err(got, ref),
+            "hf_eager_ms": t_hf * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_hf / t_ours}
 
 
 def environment() -> dict:
@@ -175,28 +236,48 @@ def environment() -> dict:
     }
 
 
-def print_table(rows: list[dict], console) -> None:
+def gemm_table(rows: list[dict]):
     from rich.table import Table
 
-    table = Table(title="grouped GEMM, bf16 (TFLOP/s; fraction of roofline floor)")
-    for col in ("case", "M", "N", "K", "E", "loop", "dense", "_grouped_mm", "ours", "roofline", "ours/roof", "ours/gmm"):
-        table.add_column(col, justify="right" if col != "case" else "left")
+    table = Table(title="grouped GEMM, bf16: TFLOP/s (ours as a fraction of the roofline floor)")
+    for col in ("case", "M", "N", "K", "E", "loop", "dense", "_grouped_mm", "ours", "roofline", "ours/roof",
+                "ours/_gmm"):
+        table.add_column(col, justify="left" if col == "case" else "right")
     for r in rows:
         t = r["tflops"]
         table.add_row(
             r["name"], str(r["M"]), str(r["N"]), str(r["K"]), str(r["E"]),
-            f"{t['loop']:.0f}" if "loop" in t else "-", f"{t['dense']:.0f}", f"{t['grouped_mm']:.0f}", f"{t['ours']:.0f}",
-            f"{r['roofline_tflops']:.0f}", f"{r['frac_roofline']['ours']:.0%}",
+            f"{t['loop']:.0f}" if "loop" in t else "-", f"{t['dense']:.0f}", f"{t['grouped_mm']:.0f}",
+            f"{t['ours']:.0f}", f"{r['roofline_tflops']:.0f}", f"{r['frac_roofline']['ours']:.0%}",
             f"{r['ms']['grouped_mm'] / r['ms']['ours']:.2f}x",
         )
-    console.print(table)
+    return table
+
+
+def save_roofline(rows: list[dict], peaks: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .plots import roofline_plot
+
+    short = {"qwen3-30b-a3b": "qwen3", "mixtral-8x7b": "mixtral", "llama4-scout": "llama4", "gpt-oss-20b": "gpt-oss"}
+    points = []
+    for r in rows:
+        case = Case(r["model"], r["gemm"], r["tokens"], r["M"], r["N"], r["K"], r["E"])
+        label = f"{short[case.model]} {case.gemm} {case.tokens // 1024}k"
+        points.append({"label": label, "flops": case.flops, "bytes": case.bytes(), "seconds": r["ms"]["ours"] / 1e3})
+    fig = roofline_plot(points, round(peaks["matmul_tflops"]), round(peaks["copy_tbs"], 2),
+                        title=f"grouped GEMM (ours), bf16, {torch.cuda.get_device_name()}")
+    fig.set_size_inches(11, 7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-learn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json and roofline.png")
-    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="models to run (default: all four)")
-    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
+    parser.add_argument("--only", nargs="*", choices=SECTIONS + ("backward",), help="sections to run (default: all)")
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="GEMM models (default: all four)")
+    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS), help="GEMM token counts")
     parser.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop baseline")
     args = parser.parse_args(argv)
 
@@ -205,28 +286,74 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     if not torch.cuda.is_available():
-        console.print("[yellow]No CUDA GPU here: the benchmark needs one.[/] Stored H100 results: docs/benchmarks.md")
+        console.print("No CUDA GPU here: the benchmarks need one. Stored H100 results: docs/benchmarks.md")
         return 0
-    import triton.testing
-
-    def bench(fn):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
-
-    selected = cases(args.models, tuple(args.tokens))
+    sections = args.only or [*SECTIONS, "backward"]
+    selected = cases(args.models, tuple(args.tokens)) if "gemm" in sections else []
+    result: dict = {"environment": environment(),
+                    "command": "python -m moe_learn bench " + " ".join(sys.argv[1:] if argv is None else argv)}
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("measuring peaks", total=len(selected) + 1)
-        peaks = measure_peaks(bench)
-        progress.update(task, advance=1, description="grouped GEMM cases")
-        rows = run_gemm_cases(selected, bench, peaks, progress=lambda: progress.advance(task), with_loop=not args.no_loop)
-    print_table(rows, console)
-    summary = summarize(rows)
-    console.print(summary)
+        task = progress.add_task("measuring peaks", total=1 + len(selected) + len(sections))
+        result["peaks"] = peaks = measure_peaks()
+        progress.advance(task)
+        rows, W, last = [], None, None
+        for i, case in enumerate(selected):
+            progress.update(task, description=case.name)
+            if (case.model, case.gemm) != last:  # one weight tensor alive at a time
+                W = None
+                torch.cuda.empty_cache()
+                W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
+                last = (case.model, case.gemm)
+            rows.append(bench_gemm_case(case, W, peaks, seed=i, with_loop=not args.no_loop))
+            progress.advance(task)
+        W = None
+        torch.cuda.empty_cache()
+        if rows:
+            result["gemm"], result["gemm_summary"] = rows, summarize_gemm(rows)
+        for name, fn in (("routing", bench_routing), ("moe", bench_moe_forward), ("backward", bench_moe_backward)):
+            if name in sections:
+                progress.update(task, description=name)
+                result[name] = fn()
+                progress.advance(task)
+
+    if rows:
+        console.print(gemm_table(rows))
+        console.print(result["gemm_summary"])
+    for name in ("routing", "moe", "backward"):
+        if name in result:
+            console.print(f"{name}: {result[name]}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(), "peaks": peaks, "gemm": rows, "summary": summary,
-              "command": "python -m moe_learn bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {args.out / 'results.json'}")
+    if rows:
+        save_roofline(rows, peaks, args.out / "roofline.png")
+    console.print(f"wrote {args.out / 'results.json'}" + (f" and {args.out / 'roofline.png'}" if rows else ""))
     return 0
+
+
+def bench_moe_backward(T: int = 1024) -> dict:
+    """Backward pass of the fused block vs transformers' eager block (needs moe_learn.autograd)."""
+    try:
+        from .autograd import fused_moe_forward_autograd
+    except ImportError:
+        return {"skipped": "moe_learn.autograd is not available"}
+    block, x = qwen3_block(T)
+    x.requires_grad_(True)
+    gate, experts = block.gate.weight, block.experts
+    k = MODELS["qwen3-30b-a3b"][3]
+    params = [x, gate, experts.gate_up_proj, experts.down_proj]
+    dy = torch.randn(T, x.shape[-1], device="cuda", dtype=torch.bfloat16)
+
+    y_ref = block(x).view(T, -1)
+    y_ours = fused_moe_forward_autograd(x.view(T, -1), gate, experts.gate_up_proj, experts.down_proj, top_k=k,
+                                        renormalize=True)
+    g_ref = torch.autograd.grad(y_ref, params, dy, retain_graph=True)
+    g_ours = torch.autograd.grad(y_ours, params, dy, retain_graph=True)
+    errs = {n: rel_err(a, b) for n, a, b in zip(("x", "router", "gate_up_proj", "down_proj"), g_ours, g_ref,
+                                                strict=True)}
+    t_hf = do_bench(lambda: torch.autograd.grad(y_ref, params, dy, retain_graph=True))
+    t_ours = do_bench(lambda: torch.autograd.grad(y_ours, params, dy, retain_graph=True))
+    return {"shape": {"T": T, "model": "qwen3-30b-a3b", "dtype": "bfloat16"}, "grad_rel_err": errs,
+            "hf_eager_backward_ms": t_hf * 1e3, "ours_backward_ms": t_ours * 1e3, "speedup": t_hf / t_ours}
 
 
 if __name__ == "__main__":
