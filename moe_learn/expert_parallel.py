@@ -179,6 +179,55 @@ def _stay_in_graph(y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def simulate_expert_parallel(
+    hidden_states: list[torch.Tensor],
+    topk_ids: list[torch.Tensor],
+    topk_weights: list[torch.Tensor],
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    dispatch_plan_fn: Callable = dispatch_plan,
+    local_sizes_fn: Callable = local_expert_sizes,
+    local_order_fn: Callable = local_expert_order,
+    combine_fn: Callable = combine,
+    local_experts_fn: LocalExpertsFn | None = None,
+) -> list[torch.Tensor]:
+    """Expert parallelism for W pretend ranks in one process: the exchanges are list shuffles.
+
+    Rank r's inputs are ``hidden_states[r]``, ``topk_ids[r]``, ``topk_weights[r]``; the
+    full weights are sliced per rank as the real layer does. An all-to-all is just "rank
+    s's chunk d goes to rank d", so the data movement can be watched (and the learner's
+    pieces, passed as ``*_fn``, tried) without starting any process.
+    """
+    world_size, num_experts = len(hidden_states), gate_up_proj.shape[0]
+    per_rank = experts_per_rank(num_experts, world_size)
+    experts = torch_local_experts if local_experts_fn is None else local_experts_fn
+    plans = [dispatch_plan_fn(ids, num_experts, world_size) for ids in topk_ids]
+    # Exchange 1, the counts: rank r learns what every rank s sends to each of r's experts.
+    recv_counts = [
+        torch.stack([plans[s].expert_counts[r * per_rank : (r + 1) * per_rank] for s in range(world_size)])
+        for r in range(world_size)
+    ]
+    # Exchange 2, the rows: rank s cuts its expert-sorted rows into one chunk per destination.
+    chunks = [
+        permute(x, plan.gather_indices, ids.shape[1]).split(plan.send_counts.tolist())
+        for x, ids, plan in zip(hidden_states, topk_ids, plans, strict=True)
+    ]
+    y_back = []
+    for r in range(world_size):
+        x_recv = torch.cat([chunks[s][r] for s in range(world_size)])
+        order = local_order_fn(recv_counts[r])
+        own = local_expert_slice(num_experts, r, world_size)
+        y_local = experts(x_recv[order], gate_up_proj[own], down_proj[own], local_sizes_fn(recv_counts[r]))
+        y_recv = unpermute(y_local, order.to(torch.int64))
+        y_back.append(y_recv.split(recv_counts[r].sum(dim=1).tolist()))  # one chunk per source rank
+    # Exchange 3, the results go home; then each rank combines its own tokens.
+    return [
+        combine_fn(torch.cat([y_back[r][s] for r in range(world_size)]), plans[s].gather_indices, topk_weights[s])
+        for s in range(world_size)
+    ]
+
+
 # ----------------------------------------------------------------------------------
 # The exchanges (torch.distributed all_to_all_single) and the layer.
 # ----------------------------------------------------------------------------------
@@ -454,7 +503,9 @@ class ExpertParallelMoE(torch.nn.Module):
         """Keep this rank's contiguous slice of ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
         num_experts = gate_up_proj.shape[0]
         own = local_expert_slice(num_experts, dist.get_rank(group), dist.get_world_size(group))
-        return cls(gate_up_proj[own].detach().clone(), down_proj[own].detach().clone(), num_experts, group=group, **kwargs)
+        return cls(
+            gate_up_proj[own].detach().clone(), down_proj[own].detach().clone(), num_experts, group=group, **kwargs
+        )
 
     def forward(self, hidden_states, topk_ids=None, topk_weights=None):
         if topk_ids is None or topk_weights is None:
@@ -479,8 +530,17 @@ class ExpertParallelMoE(torch.nn.Module):
 # ----------------------------------------------------------------------------------
 
 
-def demo_problem(world_size: int, *, num_experts: int = 8, hidden: int = 16, inter: int = 8, top_k: int = 2,
-                 tokens_per_rank: tuple[int, ...] | None = None, dtype=torch.float32, seed: int = 0):
+def demo_problem(
+    world_size: int,
+    *,
+    num_experts: int = 8,
+    hidden: int = 16,
+    inter: int = 8,
+    top_k: int = 2,
+    tokens_per_rank: tuple[int, ...] | None = None,
+    dtype=torch.float32,
+    seed: int = 0,
+):
     """The same random problem on every rank: per-rank tokens and routing, full weights."""
     gen = torch.Generator().manual_seed(seed)
     if tokens_per_rank is None:
