@@ -202,7 +202,8 @@ def simulate_expert_parallel(
     world_size, num_experts = len(hidden_states), gate_up_proj.shape[0]
     per_rank = experts_per_rank(num_experts, world_size)
     experts = torch_local_experts if local_experts_fn is None else local_experts_fn
-    plans = [dispatch_plan_fn(ids, num_experts, world_size) for ids in topk_ids]
+    # Unpack by position: a learner's plan may be a plain (gather_indices, expert_counts, send_counts) tuple.
+    plans = [DispatchPlan(*dispatch_plan_fn(ids, num_experts, world_size)) for ids in topk_ids]
     # Exchange 1, the counts: rank r learns what every rank s sends to each of r's experts.
     recv_counts = [
         torch.stack([plans[s].expert_counts[r * per_rank : (r + 1) * per_rank] for s in range(world_size)])
@@ -571,6 +572,15 @@ def demo_worker(rank: int, world_size: int, num_experts: int = 8) -> dict:
     x = leaf(problem["hidden_states"][rank])
     ids, weights = problem["topk_ids"][rank].to(device), problem["topk_weights"][rank].to(device)
     gate_up, down = leaf(problem["gate_up_proj"][own]), leaf(problem["down_proj"][own])
+    # First a mistake: the last rank passes tokens of a different width. Every rank must
+    # raise the same ValueError (nobody waits for rows that never come).
+    last = rank == world_size - 1
+    try:
+        expert_parallel_moe(x.detach()[:, :-1] if last else x, ids, weights, gate_up, down, num_experts)
+        bad_config_error = "no error"
+    except ValueError as exc:
+        bad_config_error = str(exc)
+
     out = expert_parallel_moe(x, ids, weights, gate_up, down, num_experts)
     out.square().sum().backward()  # any loss works; this one gives non-trivial gradients
 
@@ -585,6 +595,7 @@ def demo_worker(rank: int, world_size: int, num_experts: int = 8) -> dict:
     mine = slice(start, start + x.shape[0])
     plan = dispatch_plan(ids, num_experts, world_size)
     return {
+        "bad_config_error": bad_config_error,
         "rank": rank,
         "experts": (own.start, own.stop - 1),
         "tokens": x.shape[0],
@@ -604,6 +615,12 @@ def run_demo(world_size: int = 2, backend: str = "gloo", num_experts: int = 8, t
 
     reports = launch(demo_worker, world_size, backend=backend, args=(num_experts,), timeout_s=timeout_s)
     print(f"{world_size} ranks ({backend}), {num_experts} experts, {num_experts // world_size} per rank")
+    errors = {rep["bad_config_error"] for rep in reports}
+    same = "the same ValueError" if len(errors) == 1 else "DIFFERENT errors"
+    print(f"  a call with a bad argument on rank {world_size - 1}: every rank raised {same}:")
+    for message in sorted(errors):
+        print(f"    {message}")
+    print("  then a good call, forward and backward:")
     for rep in reports:
         print(
             f"  rank {rep['rank']}: experts {rep['experts'][0]}..{rep['experts'][1]}, {rep['tokens']:2d} tokens, "

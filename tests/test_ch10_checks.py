@@ -163,9 +163,16 @@ def combine_weights_in_expert_order(y_sorted, gather_indices, topk_weights):
     return out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+def combine_view_minus_one(y_sorted, gather_indices, topk_weights):
+    num_tokens, top_k = topk_weights.shape
+    y = torch.empty_like(y_sorted).index_copy_(0, gather_indices.long(), y_sorted).view(num_tokens, top_k, -1)
+    return (y * topk_weights[..., None]).sum(dim=1)
+
+
 @pytest.mark.parametrize(
     "wrong, match",
     [
+        (combine_view_minus_one, r"a rank with no tokens: T=0(.|\n)*use the hidden size y_sorted.shape\[1\]"),
         (combine_unweighted, r"token \d+ \(slot 0: expert \d+, weight (.|\n)*without the routing weights"),
         (combine_gather_direction, r"token \d+(.|\n)*wrong direction"),
         (combine_weights_in_expert_order, r"token \d+(.|\n)*flat \(token, slot\) id"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..exercises import Exercise
-from ._core import call_learner, expect_tensor, fail, first_mismatch_row, passed
+from ._core import CheckFailed, call_learner, expect_tensor, fail, first_mismatch_row, passed
 
 NOTEBOOK = "10_expert_parallel.ipynb"
 
@@ -283,7 +283,16 @@ def check_combine(combine_fn) -> None:
         flat[gather.long()] = y_sorted
         per_slot = flat.view(num_tokens, top_k, hidden)
         want = (per_slot * weights[..., None]).sum(dim=1)
-        got = call_learner(ex, combine_fn, y_sorted.clone(), gather.clone(), weights.clone())
+        try:
+            got = call_learner(ex, combine_fn, y_sorted.clone(), gather.clone(), weights.clone())
+        except CheckFailed as exc:
+            if num_tokens:
+                raise
+            fail(
+                ex,
+                f"{str(exc).removeprefix(f'{ex}: ')}\n  (a rank with no tokens: T=0, y_sorted is [0, {hidden}])",
+                "view(T, k, -1) cannot infer -1 from 0 elements; use the hidden size y_sorted.shape[1]",
+            )
         expect_tensor(ex, "combine output", got, (num_tokens, hidden))
         if num_tokens == 0:
             continue
