@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     world_size = 2
 
+    if args.tokens % world_size or args.experts % world_size:
+        parser.error(f"--tokens and --experts must be divisible by {world_size} (the number of GPUs)")
     if args.cpu_smoke:
         backend = "gloo"
         args.tokens, args.hidden, args.inter, args.experts, args.top_k = 16, 8, 4, 4, 2
@@ -222,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"skipped": reason}, indent=1) + "\n")
             return 0
-    if args.tokens % world_size or args.experts % world_size:
-        parser.error(f"--tokens and --experts must be divisible by {world_size}")
 
     cfg = {
         "backend": backend,

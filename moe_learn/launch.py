@@ -46,7 +46,7 @@ def _worker_entry(rank, fn, world_size, backend, port, collective_timeout_s, res
     try:
         if backend == "nccl":
             for key, value in NCCL_ENV.items():
-                os.environ.setdefault(key, value)
+                os.environ[key] = value  # forced: the course never wants NVLink multicast
             torch.cuda.set_device(rank)  # one GPU per rank; all_gather_object needs it set
         dist.init_process_group(
             backend,
