@@ -292,8 +292,9 @@ def ep_dispatch(
     world_size = dist.get_world_size(group)
     plan = dispatch_plan(topk_ids, num_experts, world_size)
     recv_counts = exchange_counts(plan.expert_counts, world_size, group)
-    send_splits = plan.send_counts.tolist()
-    recv_splits = recv_counts.sum(dim=1).tolist()
+    # One host sync for both lists: the uneven exchange needs its split sizes on the CPU.
+    splits = torch.cat([plan.send_counts, recv_counts.sum(dim=1)]).tolist()
+    send_splits, recv_splits = splits[:world_size], splits[world_size:]
     x_sorted = permute(hidden_states, plan.gather_indices, topk_ids.shape[1])
     x_recv = all_to_all_rows(x_sorted, recv_splits, send_splits, group)
     local_order = local_expert_order(recv_counts)

@@ -373,7 +373,7 @@ def _hangs_on_rank_0(rank, world_size):
 def test_launcher_reports_worker_errors_and_kills_hung_workers():
     with pytest.raises(WorkerError, match="rank 0 raised RuntimeError: boom on rank 0"):
         launch(_raises_on_last_rank, 1, timeout_s=40)
-    with pytest.raises(TimeoutError, match=r"ranks \[0\] were still running after 5 s"):
-        launch(_hangs_on_rank_0, 1, timeout_s=5)
+    with pytest.raises(TimeoutError, match=r"ranks \[0\] were still running after 3 s"):
+        launch(_hangs_on_rank_0, 1, timeout_s=3)
     with pytest.raises(ValueError, match="backend must be 'gloo'"):
         launch(_raises_on_last_rank, 2, backend="mpi")
