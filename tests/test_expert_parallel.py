@@ -165,7 +165,16 @@ def _problem(world_size, tokens, num_experts, top_k, dtype, seed, only_experts=N
     gate_up = torch.randn(num_experts, 2 * I, H, generator=gen, dtype=dtype) / H**0.5
     down = torch.randn(num_experts, H, I, generator=gen, dtype=dtype) / I**0.5
     upstream = torch.randn(sum(tokens), H, generator=gen, dtype=dtype)  # d loss / d out
-    return xs, [w for w, _ in routing], [i for _, i in routing], gate_up, down, upstream
+    dev = _device()
+    xs, ws, ids = ([t.to(dev) for t in ts] for ts in (xs, [w for w, _ in routing], [i for _, i in routing]))
+    return xs, ws, ids, gate_up.to(dev), down.to(dev), upstream.to(dev)
+
+
+def _device():
+    """This rank's GPU under NCCL, else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", dist.get_rank())
+    return torch.device("cpu")
 
 
 def _leaf(t):
@@ -204,7 +213,7 @@ def _compare_with_single_process(rank, world_size, tokens, num_experts, top_k, d
 def _module_with_router(rank, world_size):
     num_experts, top_k, tokens = 2 * world_size, 2, [4 + r for r in range(world_size)]
     xs, _, _, gate_up, down, upstream = _problem(world_size, tokens, num_experts, top_k, torch.float64, seed=7)
-    router = torch.randn(num_experts, H, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    router = torch.randn(num_experts, H, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).to(_device())
     layer = ExpertParallelMoE.from_full_weights(gate_up, down, router_weight=router.clone(), top_k=top_k)
     x = _leaf(xs[rank])
     start = sum(tokens[:rank])
@@ -284,8 +293,21 @@ def _scenario_worker(rank, world_size):
 
 
 @functools.cache
-def _results(world_size):
-    return launch(_scenario_worker, world_size, backend="gloo", timeout_s=100)
+def _results(run):
+    world_size, backend = run
+    return launch(_scenario_worker, world_size, backend=backend, timeout_s=100 if backend == "gloo" else 300)
+
+
+# 2 and 4 gloo processes on the CPU everywhere; 2 NCCL processes where there are 2 GPUs.
+RUNS = [
+    pytest.param((2, "gloo"), id="2-gloo"),
+    pytest.param((4, "gloo"), id="4-gloo"),
+    pytest.param(
+        (2, "nccl"),
+        id="2-nccl",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")],
+    ),
+]
 
 
 SCENARIOS = {
@@ -297,10 +319,10 @@ SCENARIOS = {
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_real_processes_match_single_process(world_size, scenario):
-    for rank, report in enumerate(_results(world_size)):
+def test_real_processes_match_single_process(run, scenario):
+    for rank, report in enumerate(_results(run)):
         numbers = report[scenario]
         for key, err in numbers.items():
             if key.startswith("grad") or key == "out":
@@ -308,9 +330,9 @@ def test_real_processes_match_single_process(world_size, scenario):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_ragged_case_really_is_ragged(world_size):
-    reports = [r["ragged"] for r in _results(world_size)]
+@pytest.mark.parametrize("run", RUNS)
+def test_ragged_case_really_is_ragged(run):
+    reports = [r["ragged"] for r in _results(run)]
     assert reports[1]["shape"] == (0, H)  # rank 1 had no tokens and got an empty output
     # every rank sent rows only to rank 0: ranks 1.. received none
     assert all(sum(r["sent"][1:]) == 0 for r in reports)
@@ -318,9 +340,9 @@ def test_ragged_case_really_is_ragged(world_size):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_module_with_router_matches_single_process(world_size):
-    for rank, report in enumerate(_results(world_size)):
+@pytest.mark.parametrize("run", RUNS)
+def test_module_with_router_matches_single_process(run):
+    for rank, report in enumerate(_results(run)):
         for key, err in report["module with router"].items():
             assert err <= 1e-12, f"rank {rank}: {key} differs by {err}"
 
@@ -337,10 +359,10 @@ BAD = {
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_raises_the_same_error_on_every_rank(world_size, case):
-    outcomes = [r["bad inputs"][case] for r in _results(world_size)]
+def test_bad_input_raises_the_same_error_on_every_rank(run, case):
+    outcomes = [r["bad inputs"][case] for r in _results(run)]
     kinds = {kind for kind, _ in outcomes}
     assert kinds == {"ValueError"}, f"{case}: ranks ended with {outcomes}"
     messages = {msg for _, msg in outcomes}
@@ -349,9 +371,9 @@ def test_bad_input_raises_the_same_error_on_every_rank(world_size, case):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_group_still_works_after_bad_input(world_size):
-    for rank, report in enumerate(_results(world_size)):
+@pytest.mark.parametrize("run", RUNS)
+def test_group_still_works_after_bad_input(run):
+    for rank, report in enumerate(_results(run)):
         assert report["bad inputs"]["still works"] <= 1e-5, f"rank {rank}"
 
 
