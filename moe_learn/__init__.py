@@ -6,6 +6,8 @@ GPU, or on the CPU through Triton's interpreter.
 
 from . import device  # noqa: F401  (must come first: sets TRITON_INTERPRET)
 from .device import DEVICE, ON_GPU
+from .fused_moe import fused_moe_experts
+from .kernels.grouped_gemm import grouped_gemm
 from .permutation import permute, unpermute
 from .routing import calculate_topk, get_routing_indices
 from .torch_moe import moe_experts_torch, swiglu, torch_grouped_gemm
@@ -22,4 +24,6 @@ __all__ = [
     "swiglu",
     "torch_grouped_gemm",
     "unpermute",
+    "grouped_gemm",
+    "fused_moe_experts",
 ]
