@@ -148,3 +148,13 @@ def test_block_rejects_bad_options():
         FusedMoEBlock(8, 8, 4, 2, routing="relu")
     with pytest.raises(ValueError, match="top_k must be"):
         FusedMoEBlock(8, 8, 4, 5)
+
+
+def test_forward_matches_fused_moe_experts():
+    """moe_experts keeps the forward contract of the chapter 07 fused_moe_experts."""
+    from moe_learn.fused_moe import fused_moe_experts
+
+    ids, (x, w, w1, w2) = _case("empty_experts", H=16, I=8, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_experts(x, ids, w, w1, w2), fused_moe_experts(x, ids, w, w1, w2),
+                                   rtol=1e-5, atol=1e-5)
