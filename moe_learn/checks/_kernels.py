@@ -128,7 +128,7 @@ def explain_rows(
         and not bool(row_ok[last + 1])
         and group(last + 1) == group(first)
         and kind(last + 1)[0] == what[0]
-        and (what[0] != "mistake" or kind(last + 1) == what)
+        and (what[0] in ("unwritten", "wrong") or kind(last + 1) == what)
     ):
         last += 1
     rows = describe(first, last)
