@@ -360,3 +360,39 @@ def test_schedule_group_order_and_plot():
     plt.close(fig)
     with pytest.raises(ValueError, match="BLOCK_M must be a positive int"):
         tile_schedule([1, 2], 8, 0, 16, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_replay_with_new_routing():
+    """No host sync in the launch: capture once, then replay with different m_sizes and gather indices."""
+    T, E, K, N, topk, dtype = 64, 8, 64, 96, 2, torch.bfloat16
+    X = torch.randn(T, K, device=DEVICE, dtype=dtype)
+    W = torch.randn(E, N, K, device=DEVICE, dtype=dtype)
+    weights = torch.rand(T, topk, device=DEVICE, dtype=dtype)
+    counts = torch.zeros(E, dtype=torch.int32, device=DEVICE)
+    gather = torch.zeros(T * topk, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(T * topk, N, device=DEVICE, dtype=dtype)
+
+    def route(skew):
+        _, c, g = _routing(T, E, topk, skew=skew)
+        counts.copy_(c)
+        gather.copy_(g)
+
+    def launch():
+        grouped_gemm(X, W, counts, gather_indices=gather, topk=topk, permute_x=True, permute_y=True,
+                     topk_weights=weights, out=out)  # fmt: skip
+
+    route(None)
+    launch()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for skew in (3, None, 0):
+        route(skew)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(X, W, counts, gather, topk, permute_x=True, permute_y=True, topk_weights=weights)
+        assert relative_error(out, ref) <= BOUNDS[dtype]
