@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_learn import get_routing_indices, torch_grouped_gemm
 from moe_learn.checks._core import relative_error
@@ -360,3 +362,69 @@ def test_schedule_group_order_and_plot():
     plt.close(fig)
     with pytest.raises(ValueError, match="BLOCK_M must be a positive int"):
         tile_schedule([1, 2], 8, 0, 16, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_replay_with_new_routing():
+    """No host sync in the launch: capture once, then replay with different m_sizes and gather indices."""
+    T, E, K, N, topk, dtype = 64, 8, 64, 96, 2, torch.bfloat16
+    X = torch.randn(T, K, device=DEVICE, dtype=dtype)
+    W = torch.randn(E, N, K, device=DEVICE, dtype=dtype)
+    weights = torch.rand(T, topk, device=DEVICE, dtype=dtype)
+    counts = torch.zeros(E, dtype=torch.int32, device=DEVICE)
+    gather = torch.zeros(T * topk, dtype=torch.int32, device=DEVICE)
+    out = torch.empty(T * topk, N, device=DEVICE, dtype=dtype)
+
+    def route(skew):
+        _, c, g = _routing(T, E, topk, skew=skew)
+        counts.copy_(c)
+        gather.copy_(g)
+
+    def launch():
+        grouped_gemm(X, W, counts, gather_indices=gather, topk=topk, permute_x=True, permute_y=True,
+                     topk_weights=weights, out=out)  # fmt: skip
+
+    route(None)
+    launch()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for skew in (3, None, 0):
+        route(skew)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(X, W, counts, gather, topk, permute_x=True, permute_y=True, topk_weights=weights)
+        assert relative_error(out, ref) <= BOUNDS[dtype]
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@given(
+    m_list=st.lists(st.one_of(st.just(0), st.integers(1, 40)), min_size=1, max_size=6),
+    K=st.integers(1, 50),
+    N=st.integers(1, 70),
+    topk=st.integers(1, 3),
+    programs=st.integers(1, 5),
+    group_m=st.integers(1, 3),
+)
+def test_property_any_sizes(m_list, K, N, topk, programs, group_m):
+    """Random ragged sizes, any K and N, any program count: plain and fully fused both match."""
+    E, M = len(m_list), sum(m_list)
+    cfg = SMALL | {"NUM_PROGRAMS": programs, "GROUP_M": group_m}
+    m_sizes = torch.tensor(m_list, device=DEVICE)
+    X = torch.randn(M, K, device=DEVICE)
+    W = torch.randn(E, N, K, device=DEVICE)
+    got = grouped_gemm(X, W, m_sizes, out=_poisoned(M, N, torch.float32), config=cfg)
+    if M:
+        assert relative_error(got, _reference(X, W, m_sizes)) <= 5e-4
+    if M % topk == 0 and M:
+        T = M // topk
+        gather = torch.randperm(M, device=DEVICE)  # any permutation of the (token, slot) rows
+        weights = torch.rand(T, topk, device=DEVICE)
+        Xt = X[:T]
+        got = grouped_gemm(Xt, W, m_sizes, gather_indices=gather, topk=topk, permute_x=True, permute_y=True,
+                           topk_weights=weights, out=_poisoned(M, N, torch.float32), config=cfg)  # fmt: skip
+        ref = _reference(Xt, W, m_sizes, gather, topk, permute_x=True, permute_y=True, topk_weights=weights)
+        assert relative_error(got, ref) <= 5e-4

@@ -21,6 +21,8 @@ Fusions (chapter 07):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -156,15 +158,21 @@ CONFIG_KEYS = (
 )
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def default_config(device: torch.device | str | None = None) -> dict:
     """Launch parameters for ``device``: what ``grouped_gemm`` uses unless told otherwise.
 
     GPU: 64x128x64 tiles and one persistent program per SM. CPU (interpreter): every
     program and loop step is Python, so few programs and large tiles are fastest.
+    Returns a new dict each call (safe to modify).
     """
     device = torch.device(device) if device is not None else _device.DEVICE
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         return {
             "BLOCK_M": 64,
             "BLOCK_N": 128,
@@ -339,7 +347,8 @@ def grouped_gemm(
     cfg = _resolve_config(config, X.device)
     if use_int64 is None:
         use_int64 = max(X_run.numel(), W_run.numel(), target.numel()) > INT32_MAX
-    gather = gather_indices if gather_indices is not None else m_sizes  # placeholder pointer when unused
+    m_sizes = m_sizes.contiguous()  # the kernel reads m_sizes[e] and gather_indices[i] at unit stride
+    gather = gather_indices.contiguous() if gather_indices is not None else m_sizes  # placeholder when unused
     weights = topk_weights.reshape(-1).contiguous() if topk_weights is not None else m_sizes
     stride_wn, stride_wk = (W_run.stride(1), W_run.stride(2)) if transpose else (W_run.stride(2), W_run.stride(1))
 
@@ -366,7 +375,7 @@ def grouped_gemm(
         PERMUTE_Y=permute_y,
         HAS_WEIGHTS=topk_weights is not None,
         USE_INT64=bool(use_int64),
-        INPUT_PRECISION=cfg["input_precision"],
+        INPUT_PRECISION=cfg["input_precision"] if X_run.dtype == torch.float32 else "tf32",  # only fp32 reads it
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
