@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from .routing import calculate_topk, get_routing_indices
 from .torch_moe import swiglu, torch_grouped_gemm
@@ -106,6 +107,7 @@ class FusedMoEFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward is hand-written kernels, not itself differentiable
     def backward(ctx, d_out):
         hidden_states, weights, gate_up_proj, down_proj, counts, gather_indices, gate_up, y = ctx.saved_tensors
         backend, transpose = ctx.backend, ctx.transpose
