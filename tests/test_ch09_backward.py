@@ -93,3 +93,79 @@ def test_dx_check_passes_reference(capsys):
 def test_dx_check_rejects(wrong, message):
     with pytest.raises(CheckFailed, match=message):
         check_grouped_gemm_dx(wrong)
+
+
+# ---------------------------------------------------------------- planted bugs in a real Triton kernel
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
+                       stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwn, stride_dwk,
+                       TOPK: tl.constexpr, PERMUTE_X: tl.constexpr, BUG: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    expert = tl.program_id(0)
+    if BUG == "previous_expert_rows":
+        # offsets[e-1] .. offsets[e] (clamped for expert 0, which then reads nothing)
+        row_start = tl.load(offsets_ptr + tl.maximum(expert - 1, 0))
+        row_end = tl.load(offsets_ptr + expert)
+        row_end = tl.where(expert == 0, row_start, row_end)
+    else:
+        row_start = tl.load(offsets_ptr + expert)
+        row_end = tl.load(offsets_ptr + expert + 1)
+    if BUG == "skip_empty_expert":
+        if row_end == row_start:
+            return  # "nothing to do" - but dW[e] must still be zeroed
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        if BUG == "mask_with_total_rows":
+            mask_m = offs_m < M  # reads into the next expert's rows
+        else:
+            mask_m = offs_m < row_end
+        if PERMUTE_X:
+            x_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=0) // TOPK
+        else:
+            x_rows = offs_m
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & (offs_n < N)[None, :], other=0.0)
+        acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
+    tl.store(dw_ptr + expert * stride_dwe + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+             acc.to(dw_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
+def _planted(bug):
+    def launch(X, dY, m_sizes, *, gather_indices=None, topk=1, permute_x=False, out=None):
+        E, (M, N), K = m_sizes.numel(), dY.shape, X.shape[1]
+        offsets = torch.zeros(E + 1, dtype=torch.int32, device=X.device)
+        offsets[1:] = torch.cumsum(m_sizes, 0)
+        gather = gather_indices if permute_x else offsets
+        grid = (E, triton.cdiv(N, 32), triton.cdiv(K, 32))
+        _planted_dw_kernel[grid](X, dY, out, offsets, gather, M, N, K, *X.stride(), *dY.stride(), *out.stride(),
+                                 TOPK=topk, PERMUTE_X=permute_x, BUG=bug, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+        return out
+
+    return launch
+
+
+@pytest.mark.parametrize(
+    "bug, message",
+    [
+        ("none", None),
+        ("skip_empty_expert", r"(?s)dW\[3\]\[0, 0\] was never written.*with no rows still stores its zeros"),
+        ("previous_expert_rows", r"dW\[1\] uses expert 0's rows: off-by-one in row offsets"),
+        ("mask_with_total_rows", "loaded without its mask"),
+    ],
+)
+def test_dw_check_on_planted_triton_kernels(bug, message):
+    if message is None:
+        check_grouped_gemm_dw(_planted(bug))
+        return
+    with pytest.raises(CheckFailed, match=message):
+        check_grouped_gemm_dw(_planted(bug))
