@@ -115,9 +115,6 @@ def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
     else:
         row_start = tl.load(offsets_ptr + expert)
         row_end = tl.load(offsets_ptr + expert + 1)
-    if BUG == "skip_empty_expert":
-        if row_end == row_start:
-            return  # "nothing to do" - but dW[e] must still be zeroed
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -136,8 +133,11 @@ def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & (offs_n < N)[None, :], other=0.0)
         acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
+    store_mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    if BUG == "skip_empty_expert":
+        store_mask = store_mask & (row_end > row_start)  # "nothing to do" - but dW[e] must still be zeroed
     tl.store(dw_ptr + expert * stride_dwe + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-             acc.to(dw_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+             acc.to(dw_ptr.dtype.element_ty), mask=store_mask)
 
 
 def _planted(bug):
