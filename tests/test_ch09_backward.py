@@ -135,7 +135,8 @@ def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
         acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
     store_mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     if BUG == "skip_empty_expert":
-        store_mask = store_mask & (row_end > row_start)  # "nothing to do" - but dW[e] must still be zeroed
+        # "nothing to do" for an empty expert - but dW[e] must still be zeroed
+        store_mask = store_mask & ((tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32) + row_end) > row_start)
     tl.store(dw_ptr + expert * stride_dwe + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
              acc.to(dw_ptr.dtype.element_ty), mask=store_mask)
 
