@@ -93,6 +93,7 @@ def learner_kernel(
     BUG_FLOOR_TILES: tl.constexpr = False,
     BUG_BUSY_EXPERT_INDEX: tl.constexpr = False,
     BUG_NO_N_STORE_MASK: tl.constexpr = False,
+    BUG_NO_M_STORE_MASK: tl.constexpr = False,
 ):  # fmt: skip
     """A learner's kernel, with switches that plant one mistake each."""
     pid = tl.program_id(0)
@@ -136,6 +137,8 @@ def learner_kernel(
             y_ptrs = y_ptr + (row_start + offs_m)[:, None] * stride_ym + offs_n[None, :] * stride_yn
             if BUG_NO_N_STORE_MASK:
                 tl.store(y_ptrs, acc, mask=mask_m[:, None])
+            elif BUG_NO_M_STORE_MASK:
+                tl.store(y_ptrs, acc, mask=mask_n[None, :])
             else:
                 tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
             next_tile += NUM_PROGRAMS
@@ -176,6 +179,7 @@ def pass_kernel(
         ("BUG_FLOOR_TILES", r"(?s)rows 0-4 of expert 0 .*never written.*partly full row block"),
         ("BUG_BUSY_EXPERT_INDEX", r"(?s)rows 0-15 of expert 1 .* hold expert 0's product.*tile -> expert mapping"),
         ("BUG_NO_N_STORE_MASK", r"(?s)wrote column 4\d of row .*only 40 columns.*offs_n < N"),
+        ("BUG_NO_M_STORE_MASK", r"(?s)wrote past the last output row.*mask the store with the rows that exist"),
     ],
 )
 def test_kernel_rejects(bug, match):

@@ -428,3 +428,13 @@ def test_property_any_sizes(m_list, K, N, topk, programs, group_m):
                            topk_weights=weights, out=_poisoned(M, N, torch.float32), config=cfg)  # fmt: skip
         ref = _reference(Xt, W, m_sizes, gather, topk, permute_x=True, permute_y=True, topk_weights=weights)
         assert relative_error(got, ref) <= 5e-4
+
+
+def test_int64_chosen_from_offsets_not_sizes():
+    """A view whose strides reach past 2**31 elements needs the int64 path even if it is small."""
+    from moe_learn.kernels.grouped_gemm import INT32_MAX, _max_offset
+
+    assert _max_offset(torch.randn(4, 8)) == 3 * 8 + 7
+    wide = torch.empty_strided((3, 2), (2**30, 1), device="meta")  # 6 elements, offsets up to 2**31 + 1
+    assert _max_offset(wide) > INT32_MAX
+    assert _max_offset(torch.empty(0, 5)) == 0

@@ -119,9 +119,10 @@ def check_locate_tile(locate_tile) -> None:
             if got_t == want:
                 continue
             e, tm, tn = want
-            rows = f"rows {tm * block_m}-{min((tm + 1) * block_m, m_sizes[e]) - 1} of expert {e}"
-            first_row, last_row = row_start[e] + tm * block_m, row_start[e] + min((tm + 1) * block_m, m_sizes[e]) - 1
-            rows += f" (expert-order rows {first_row}-{last_row})"
+            lo, hi = tm * block_m, min((tm + 1) * block_m, m_sizes[e]) - 1
+            span = f"row {lo}" if lo == hi else f"rows {lo}-{hi}"
+            glob = f"row {row_start[e] + lo}" if lo == hi else f"rows {row_start[e] + lo}-{row_start[e] + hi}"
+            rows = f"{span} of expert {e}, expert-order {glob}"
             if got_t[0] != e:
                 hint = (
                     "an expert with m rows has cdiv(m, BLOCK_M) row blocks: m // BLOCK_M forgets the partial last one, "
@@ -144,7 +145,7 @@ def check_locate_tile(locate_tile) -> None:
                 )
             fail(
                 ex,
-                f"tile {tile_id} is expert {e}'s row block {tm}, column block {tn} ({rows}), "
+                f"tile {tile_id} is expert {e}'s row block {tm}, column block {tn} (covering {rows}), "
                 f"but you returned {got_t}. {setting}",
                 hint,
             )

@@ -237,7 +237,8 @@ def check_fused_kernel(kernel) -> None:
             def describe(r0, r1, topk=topk):
                 if r0 == r1:
                     return f"row {r0} (token {r0 // topk}, slot {r0 % topk})"
-                return f"rows {r0}-{r1} (tokens {r0 // topk}-{r1 // topk})"
+                tokens = f"token {r0 // topk}" if r0 // topk == r1 // topk else f"tokens {r0 // topk}-{r1 // topk}"
+                return f"rows {r0}-{r1} ({tokens})"
 
             def group(r):
                 return 0
@@ -314,7 +315,7 @@ def _moe_variants(x, ids, w, gu, dp):
         ),
         Mistake(
             (right * w[..., None]).mean(1),
-            "hold(s) the average over the k slots instead of summed",
+            "hold(s) the average over the k slots instead of their sum",
             "the weights already scale each slot: .view(T, k, H).sum(dim=1), not .mean",
         ),
         Mistake(

@@ -222,6 +222,11 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset the kernel can form into ``t`` (a view's strides can exceed its numel)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0)
+
+
 def grouped_gemm(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -248,7 +253,7 @@ def grouped_gemm(
        ``out.view(T, topk, N).sum(1)`` is the combined MoE output.
     out: optional ``[M, N]`` buffer (same dtype/device as X); every row is written.
     config: launch parameters overriding ``default_config`` (keys: ``CONFIG_KEYS``).
-    use_int64: force 64-bit offsets (default: only when a tensor exceeds 2**31 - 1 elements).
+    use_int64: force 64-bit offsets (default: only when an offset into X, W or out can exceed 2**31 - 1).
     validate: check values that need a device->host copy (m_sizes sum, index ranges).
        Default: on CPU tensors only, so the GPU path never syncs and can be graph-captured.
        Shapes, dtypes and devices are always checked.
@@ -346,7 +351,7 @@ def grouped_gemm(
 
     cfg = _resolve_config(config, X.device)
     if use_int64 is None:
-        use_int64 = max(X_run.numel(), W_run.numel(), target.numel()) > INT32_MAX
+        use_int64 = max(_max_offset(X_run), _max_offset(W_run), _max_offset(target)) > INT32_MAX
     m_sizes = m_sizes.contiguous()  # the kernel reads m_sizes[e] and gather_indices[i] at unit stride
     gather = gather_indices.contiguous() if gather_indices is not None else m_sizes  # placeholder when unused
     weights = topk_weights.reshape(-1).contiguous() if topk_weights is not None else m_sizes
