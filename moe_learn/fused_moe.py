@@ -1,0 +1,92 @@
+"""The expert half of an MoE MLP with the permutations fused into the grouped GEMMs.
+
+Compared with ``moe_experts_torch`` (permute -> GEMM -> SwiGLU -> GEMM -> unpermute ->
+weighted sum), the permuted copy of the hidden states and the unpermuted copy of the
+output never exist: GEMM1 gathers token rows in its prologue, GEMM2 scatters its rows
+back to (token, slot) order and applies the routing weights in its epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.grouped_gemm import grouped_gemm
+from .routing import get_routing_indices
+from .torch_moe import swiglu
+from .validation import check_floating, check_integer, check_same_device, check_tensor
+
+
+def fused_moe_experts(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Same contract as ``moe_experts_torch``: returns ``[T, H]``.
+
+    hidden_states ``[T, H]``; topk_ids/topk_weights ``[T, k]``;
+    gate_up_proj ``[E, 2I, H]``, down_proj ``[E, H, I]`` (transformers 5.x layout).
+    config: launch parameters passed to both grouped GEMMs.
+    """
+    check_tensor("hidden_states", hidden_states, ndim=2)
+    check_floating("hidden_states", hidden_states)
+    check_tensor("topk_ids", topk_ids, ndim=2)
+    check_integer("topk_ids", topk_ids)
+    check_tensor("topk_weights", topk_weights, ndim=2)
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3)
+    check_tensor("down_proj", down_proj, ndim=3)
+    check_same_device(
+        hidden_states=hidden_states,
+        topk_ids=topk_ids,
+        topk_weights=topk_weights,
+        gate_up_proj=gate_up_proj,
+        down_proj=down_proj,
+    )
+    num_tokens, hidden = hidden_states.shape
+    num_experts = gate_up_proj.shape[0]
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [T, k] with T={num_tokens}"
+        )
+    if gate_up_proj.shape[2] != hidden or down_proj.shape[1] != hidden:
+        raise ValueError(
+            f"gate_up_proj {tuple(gate_up_proj.shape)} must be [E, 2I, H] and down_proj "
+            f"{tuple(down_proj.shape)} [E, H, I] with H={hidden}"
+        )
+    if down_proj.shape[0] != num_experts or gate_up_proj.shape[1] != 2 * down_proj.shape[2]:
+        raise ValueError(
+            f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} disagree: "
+            "expected [E, 2I, H] and [E, H, I]"
+        )
+    top_k = topk_ids.shape[1]
+    # get_routing_indices validates the expert ids; its counts and indices are consistent
+    # by construction, so the GEMMs skip their own (syncing) value checks.
+    counts, gather_indices = get_routing_indices(topk_ids, num_experts)
+    # GEMM1: rows gathered from token order in the prologue -> [T*k, 2I] in expert order.
+    gate_up = grouped_gemm(
+        hidden_states,
+        gate_up_proj,
+        counts,
+        gather_indices=gather_indices,
+        topk=top_k,
+        permute_x=True,
+        config=config,
+        validate=False,
+    )
+    h = swiglu(gate_up)
+    # GEMM2: rows scattered to (token, slot) order and scaled by their routing weight.
+    y = grouped_gemm(
+        h,
+        down_proj,
+        counts,
+        gather_indices=gather_indices,
+        permute_y=True,
+        topk_weights=topk_weights,
+        config=config,
+        validate=False,
+    )
+    return y.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -1,0 +1,394 @@
+"""A Triton grouped GEMM over all experts in one launch, with optional fused permutation.
+
+Rows of the (virtual) expert-ordered input are grouped by expert: ``m_sizes[e]`` rows
+for expert e, in expert order, no padding. Each expert e multiplies its rows by its own
+weight ``W[e]``. The output of expert e is cut into ``cdiv(m_sizes[e], BLOCK_M) x
+cdiv(N, BLOCK_N)`` tiles; the tiles of all experts are numbered one after the other
+(expert 0's tiles first) and tile ``t`` is computed by program ``t % NUM_PROGRAMS``.
+
+The kernel discovers that layout on the device: every program walks the experts in
+order, reads ``m_sizes[e]``, counts the expert's tiles and computes the ones that are
+its own. Nothing is read back to the host, so the launch can be captured in a CUDA
+graph, and an empty expert costs one scalar load.
+
+Fusions (chapter 07):
+  PERMUTE_X  the prologue gathers rows straight from the token-ordered input:
+             expert-order row i reads ``X[gather_indices[i] // TOPK]`` (no permuted copy).
+  PERMUTE_Y  the epilogue scatters rows to (token, slot) order: ``out[gather_indices[i]] = Y[i]``.
+  HAS_WEIGHTS  (with PERMUTE_Y) each stored row is scaled by its routing weight
+             ``topk_weights.flatten()[gather_indices[i]]``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import device as _device
+from ..validation import (
+    check_index_range,
+    check_integer,
+    check_m_sizes,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
+
+INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    x_ptr,  # [M, K] expert order, or [T, K] token order with PERMUTE_X
+    w_ptr,  # [E, N, K] (transpose=True) or [E, K, N]; strides tell the kernel which
+    y_ptr,  # [M, N]: expert order, or (token, slot) order with PERMUTE_Y
+    m_sizes_ptr,  # [E] rows per expert
+    gather_ptr,  # [M] expert-order row -> flat (token, slot) index (PERMUTE_X / PERMUTE_Y)
+    topk_weights_ptr,  # [T * TOPK] routing weights, flat (token, slot) order (HAS_WEIGHTS)
+    M,  # rows of the expert-ordered problem (sum of m_sizes); a bound that keeps bad m_sizes in memory
+    N,
+    K,
+    NUM_EXPERTS,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_ym,
+    stride_yn,
+    TOPK: tl.constexpr,
+    PERMUTE_X: tl.constexpr,
+    PERMUTE_Y: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    USE_INT64: tl.constexpr,  # offsets in int64: some tensor has more than 2**31 - 1 elements
+    INPUT_PRECISION: tl.constexpr,  # "ieee" (exact fp32) or "tf32" for fp32 inputs on GPU
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # tiles of GROUP_M row blocks are visited column by column (L2 reuse of W)
+    NUM_PROGRAMS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+
+    # The persistent walk: tiles are numbered over all experts, expert 0 first; this
+    # program owns tile ids pid, pid + NUM_PROGRAMS, pid + 2 * NUM_PROGRAMS, ...
+    next_tile = pid  # the next tile id this program owns (it may lie in a later expert)
+    tiles_before = 0  # tiles of experts 0..e-1
+    row_start = 0  # first expert-order row of expert e
+    w_expert_ptr = w_ptr  # W[e]
+    for e in range(NUM_EXPERTS):
+        m_size = tl.load(m_sizes_ptr + e).to(tl.int32)
+        num_m_tiles = tl.cdiv(m_size, BLOCK_M)
+        tiles_end = tiles_before + num_m_tiles * num_n_tiles
+        # An empty expert has no tiles: the loop body never runs.
+        while next_tile < tiles_end:
+            local = next_tile - tiles_before
+            # L2-friendly order inside the expert: GROUP_M row blocks share each W column block.
+            tiles_per_group = GROUP_M * num_n_tiles
+            first_m = (local // tiles_per_group) * GROUP_M
+            group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
+            tile_m = first_m + (local % tiles_per_group) % group_rows
+            tile_n = (local % tiles_per_group) // group_rows
+
+            offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows inside expert e
+            offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_k = tl.arange(0, BLOCK_K)
+            rows = row_start + offs_m  # expert-order rows
+            mask_m = (offs_m < m_size) & (rows < M)  # ragged last row block of the expert
+            mask_n = offs_n < N
+
+            if PERMUTE_X or PERMUTE_Y:
+                flat = tl.load(gather_ptr + rows, mask=mask_m, other=0)  # (token, slot) of each row
+            if PERMUTE_X:
+                x_rows = flat // TOPK  # the token whose hidden state this row multiplies
+            else:
+                x_rows = rows
+            if PERMUTE_Y:
+                y_rows = flat
+            else:
+                y_rows = rows
+            if USE_INT64:
+                x_rows = x_rows.to(tl.int64)
+                y_rows = y_rows.to(tl.int64)
+                offs_n = offs_n.to(tl.int64)
+                offs_k = offs_k.to(tl.int64)
+
+            x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            # B[k, n] = W[e, n, k] (transpose=True) or W[e, k, n]: the strides decide.
+            w_ptrs = w_expert_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask_k = offs_k < K - k0  # ragged K tail
+                a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+
+            if HAS_WEIGHTS:
+                weight = tl.load(topk_weights_ptr + flat, mask=mask_m, other=0.0).to(tl.float32)
+                acc = acc * weight[:, None]
+
+            y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            next_tile += NUM_PROGRAMS
+        tiles_before = tiles_end
+        row_start += m_size
+        w_expert_ptr += stride_we  # a pointer step, never e * stride_we: no int32 overflow
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------
+
+CONFIG_KEYS = (
+    "BLOCK_M",
+    "BLOCK_N",
+    "BLOCK_K",
+    "GROUP_M",
+    "NUM_PROGRAMS",
+    "num_warps",
+    "num_stages",
+    "input_precision",
+)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(device: torch.device | str | None = None) -> dict:
+    """Launch parameters for ``device``: what ``grouped_gemm`` uses unless told otherwise.
+
+    GPU: 64x128x64 tiles and one persistent program per SM. CPU (interpreter): every
+    program and loop step is Python, so few programs and large tiles are fastest.
+    Returns a new dict each call (safe to modify).
+    """
+    device = torch.device(device) if device is not None else _device.DEVICE
+    if device.type == "cuda":
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return {
+            "BLOCK_M": 64,
+            "BLOCK_N": 128,
+            "BLOCK_K": 64,
+            "GROUP_M": 8,
+            "NUM_PROGRAMS": sms,
+            "num_warps": 4,
+            "num_stages": 3,
+            "input_precision": "ieee",  # exact fp32; "tf32" trades ~1e-3 error for speed
+        }
+    return {
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "BLOCK_K": 64,
+        "GROUP_M": 8,
+        "NUM_PROGRAMS": 2,
+        "num_warps": 4,
+        "num_stages": 1,
+        "input_precision": "ieee",
+    }
+
+
+def _resolve_config(config: dict | None, device: torch.device) -> dict:
+    cfg = default_config(device)
+    if config:
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
+        cfg.update(config)
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        value = cfg[key]
+        if not isinstance(value, int) or value < 16 or value & (value - 1):
+            raise ValueError(f"config[{key!r}] must be a power of two >= 16 (tl.dot needs it), got {value!r}")
+    for key in ("GROUP_M", "NUM_PROGRAMS", "num_warps", "num_stages"):
+        check_positive_int(f"config[{key!r}]", cfg[key])
+    if cfg["input_precision"] not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(
+            f"config['input_precision'] must be 'ieee', 'tf32' or 'tf32x3', got {cfg['input_precision']!r}"
+        )
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# The wrapper
+# ---------------------------------------------------------------------------------------
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset the kernel can form into ``t`` (a view's strides can exceed its numel)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0)
+
+
+def grouped_gemm(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    m_sizes: torch.Tensor,
+    *,
+    gather_indices: torch.Tensor | None = None,
+    topk: int = 1,
+    permute_x: bool = False,
+    permute_y: bool = False,
+    topk_weights: torch.Tensor | None = None,
+    transpose: bool = True,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+    use_int64: bool | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """``Y_e = X_e @ W_e.T`` for every expert e in one Triton launch (see the module doc).
+
+    X: ``[M, K]`` in expert order, or ``[T, K]`` in token order with ``permute_x``
+       (then ``M = T * topk``). W: ``[E, N, K]`` (transpose=True) or ``[E, K, N]``.
+    m_sizes: ``[E]`` integer rows per expert, summing to M.
+    gather_indices: ``[M]`` from ``get_routing_indices``; needed by permute_x / permute_y.
+    topk_weights: ``[T, topk]``; only with permute_y: rows are scaled by their weight, so
+       ``out.view(T, topk, N).sum(1)`` is the combined MoE output.
+    out: optional ``[M, N]`` buffer (same dtype/device as X); every row is written.
+    config: launch parameters overriding ``default_config`` (keys: ``CONFIG_KEYS``).
+    use_int64: force 64-bit offsets (default: only when an offset into X, W or out can exceed 2**31 - 1).
+    validate: check values that need a device->host copy (m_sizes sum, index ranges).
+       Default: on CPU tensors only, so the GPU path never syncs and can be graph-captured.
+       Shapes, dtypes and devices are always checked.
+    Returns the output ``[M, N]`` (``out`` when given).
+    """
+    check_tensor("X", X, ndim=2)
+    check_tensor("W", W, ndim=3)
+    check_tensor("m_sizes", m_sizes, ndim=1)
+    check_integer("m_sizes", m_sizes)
+    check_positive_int("topk", topk)
+    if permute_x and gather_indices is None:
+        raise ValueError(
+            "permute_x=True needs gather_indices (from get_routing_indices) to know which token each row reads"
+        )
+    if permute_y and gather_indices is None:
+        raise ValueError("permute_y=True needs gather_indices (from get_routing_indices) to know where each row goes")
+    if topk_weights is not None and not permute_y:
+        raise ValueError(
+            "topk_weights is only applied with permute_y=True (weights belong to (token, slot) rows); "
+            "pass permute_y=True or multiply the weights yourself"
+        )
+    tensors = {"X": X, "W": W, "m_sizes": m_sizes}
+    if gather_indices is not None:
+        check_tensor("gather_indices", gather_indices, ndim=1)
+        check_integer("gather_indices", gather_indices)
+        tensors["gather_indices"] = gather_indices
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, ndim=2)
+        if not topk_weights.dtype.is_floating_point:
+            raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+        tensors["topk_weights"] = topk_weights
+    if out is not None:
+        check_tensor("out", out, ndim=2)
+        tensors["out"] = out
+    check_same_device(**tensors)
+
+    num_experts = W.shape[0]
+    K = W.shape[2] if transpose else W.shape[1]
+    N = W.shape[1] if transpose else W.shape[2]
+    layout = "[E, N, K]" if transpose else "[E, K, N]"
+    if X.shape[1] != K:
+        raise ValueError(
+            f"X has {X.shape[1]} columns but W {tuple(W.shape)} (layout {layout}, transpose={transpose}) "
+            f"expects K={K}; check the layout or the transpose flag"
+        )
+    if X.dtype != W.dtype:
+        raise TypeError(f"X is {X.dtype} but W is {W.dtype}; cast one so they match")
+    if X.dtype not in _GPU_DTYPES:
+        raise TypeError(f"X must be float32, float16 or bfloat16, got {X.dtype}")
+    if m_sizes.numel() != num_experts:
+        raise ValueError(
+            f"m_sizes has {m_sizes.numel()} entries but W has {num_experts} experts; "
+            "pass one row count per expert (zeros for experts with no tokens)"
+        )
+    M = X.shape[0] * topk if permute_x else X.shape[0]
+    if gather_indices is not None and gather_indices.numel() != M:
+        want = f"X rows ({X.shape[0]}) x topk ({topk})" if permute_x else f"X rows ({X.shape[0]})"
+        raise ValueError(f"gather_indices has {gather_indices.numel()} entries, expected {M} = {want}")
+    if topk_weights is not None and topk_weights.numel() != M:
+        raise ValueError(
+            f"topk_weights {tuple(topk_weights.shape)} has {topk_weights.numel()} entries; "
+            f"expected [T, topk] with T * topk = {M} (one weight per output row)"
+        )
+    if out is not None:
+        if tuple(out.shape) != (M, N):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(M, N)}")
+        if out.dtype != X.dtype:
+            raise TypeError(f"out is {out.dtype} but X is {X.dtype}; they must match")
+
+    on_cpu = X.device.type == "cpu"
+    if validate is None:
+        validate = on_cpu
+    if validate:
+        check_m_sizes(m_sizes, num_experts, M)
+        if gather_indices is not None:
+            check_index_range("gather_indices", gather_indices, max(M, 1), "it must be a permutation of 0..M-1")
+    if on_cpu and not _device.INTERPRETER:
+        raise RuntimeError(
+            "grouped_gemm got CPU tensors but Triton is not in interpreter mode; "
+            "import moe_learn before triton (it sets TRITON_INTERPRET=1) or move the tensors to a GPU"
+        )
+
+    result = out if out is not None else X.new_empty(M, N)
+    if M == 0 or N == 0:
+        return result
+    if K == 0:
+        return result.zero_()
+
+    # Triton's interpreter computes bf16 wrong: on the CPU do the work in fp32 and cast back.
+    if on_cpu and X.dtype == torch.bfloat16:
+        target = torch.empty(M, N, dtype=torch.float32)
+        X_run, W_run = X.float(), W.float()
+    else:
+        target, X_run, W_run = result, X, W
+
+    cfg = _resolve_config(config, X.device)
+    if use_int64 is None:
+        use_int64 = max(_max_offset(X_run), _max_offset(W_run), _max_offset(target)) > INT32_MAX
+    m_sizes = m_sizes.contiguous()  # the kernel reads m_sizes[e] and gather_indices[i] at unit stride
+    gather = gather_indices.contiguous() if gather_indices is not None else m_sizes  # placeholder when unused
+    weights = topk_weights.reshape(-1).contiguous() if topk_weights is not None else m_sizes
+    stride_wn, stride_wk = (W_run.stride(1), W_run.stride(2)) if transpose else (W_run.stride(2), W_run.stride(1))
+
+    _grouped_gemm_kernel[(cfg["NUM_PROGRAMS"],)](
+        X_run,
+        W_run,
+        target,
+        m_sizes,
+        gather,
+        weights,
+        M,
+        N,
+        K,
+        num_experts,
+        X_run.stride(0),
+        X_run.stride(1),
+        W_run.stride(0),
+        stride_wn,
+        stride_wk,
+        target.stride(0),
+        target.stride(1),
+        TOPK=topk,
+        PERMUTE_X=permute_x,
+        PERMUTE_Y=permute_y,
+        HAS_WEIGHTS=topk_weights is not None,
+        USE_INT64=bool(use_int64),
+        INPUT_PRECISION=cfg["input_precision"] if X_run.dtype == torch.float32 else "tf32",  # only fp32 reads it
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        NUM_PROGRAMS=cfg["NUM_PROGRAMS"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if target is not result:
+        result.copy_(target)
+    return result
