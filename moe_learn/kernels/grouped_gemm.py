@@ -36,8 +36,10 @@ from ..validation import (
     check_same_device,
     check_tensor,
 )
+from .grouped_gemm_hopper import grouped_gemm_hopper, hopper_path_applies, unsupported_reason
 
 INT32_MAX = 2**31 - 1
+KERNELS = ("auto", "portable", "hopper")
 
 
 @triton.jit
@@ -242,6 +244,7 @@ def grouped_gemm(
     config: dict | None = None,
     use_int64: bool | None = None,
     validate: bool | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """``Y_e = X_e @ W_e.T`` for every expert e in one Triton launch (see the module doc).
 
@@ -257,6 +260,9 @@ def grouped_gemm(
     validate: check values that need a device->host copy (m_sizes sum, index ranges).
        Default: on CPU tensors only, so the GPU path never syncs and can be graph-captured.
        Shapes, dtypes and devices are always checked.
+    kernel: "portable" (this module's kernel), "hopper" (``grouped_gemm_hopper``: TMA loads,
+       tile map in registers; chapter 08) or "auto": hopper for bf16/fp16 on an sm90+ GPU
+       when no ``config`` is given, else portable.
     Returns the output ``[M, N]`` (``out`` when given).
     """
     check_tensor("X", X, ndim=2)
@@ -348,6 +354,20 @@ def grouped_gemm(
         X_run, W_run = X.float(), W.float()
     else:
         target, X_run, W_run = result, X, W
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "hopper" or (kernel == "auto" and config is None and hopper_path_applies(X_run, W_run, transpose)):
+        reason = unsupported_reason(X_run, W_run, transpose)
+        if reason:
+            raise ValueError(f"kernel='hopper' cannot run these operands: {reason}; use kernel='portable'")
+        grouped_gemm_hopper(
+            X_run, W_run, m_sizes, target, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
+            permute_y=permute_y, topk_weights=topk_weights, config=config,
+        )
+        if target is not result:
+            result.copy_(target)
+        return result
 
     cfg = _resolve_config(config, X.device)
     if use_int64 is None:

@@ -110,24 +110,34 @@ _NUM_SMS: dict[int, int] = {}
 
 
 def num_sms(device: torch.device) -> int:
+    """Programs of the persistent grid: one per SM (2 under the CPU interpreter, where fewer is faster)."""
+    if device.type != "cuda":
+        return 2
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _NUM_SMS:
         _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _NUM_SMS[index]
 
 
+def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str | None:
+    """Why the TMA kernel cannot take these operands, or None when it can."""
+    if TensorDescriptor is None:
+        return "this Triton has no tensor descriptors (needs 3.4 or newer)"
+    if not transpose:
+        return "it reads W in the [E, N, K] layout only (transpose=True)"
+    if X.is_cuda and torch.cuda.get_device_capability(X.device)[0] < 9:
+        return "TMA needs a Hopper (sm90) or newer GPU"
+    if not W.is_contiguous() or X.stride(-1) != 1:
+        return "W must be contiguous and X must have unit stride along K"
+    elem = X.element_size()
+    if (W.shape[2] * elem) % 16 or (X.stride(0) * elem) % 16 or W.data_ptr() % 16 or X.data_ptr() % 16:
+        return "TMA needs 16-byte aligned rows (K * element size a multiple of 16)"
+    return None
+
+
 def hopper_path_applies(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> bool:
-    """TMA needs a Hopper-or-newer GPU, 16-bit data here, unit stride and 16-byte aligned rows."""
-    if TensorDescriptor is None or not X.is_cuda or not transpose:
-        return False
-    if X.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(X.device)[0] < 9:
-        return False
-    row_bytes = W.shape[2] * W.element_size()
-    return (
-        W.is_contiguous() and X.stride(1) == 1 and row_bytes % 16 == 0
-        and (X.stride(0) * X.element_size()) % 16 == 0
-        and W.data_ptr() % 16 == 0 and X.data_ptr() % 16 == 0
-    )
+    """The automatic choice: bf16/fp16 on a Hopper GPU (fp32 would run its dots in tf32)."""
+    return X.is_cuda and X.dtype in (torch.bfloat16, torch.float16) and unsupported_reason(X, W, transpose) is None
 
 
 def grouped_gemm_hopper(

@@ -1,0 +1,110 @@
+"""The Hopper grouped GEMM (TMA loads, tile map in registers) against a float64 reference.
+
+Under the CPU interpreter the tensor descriptors are emulated, so the same kernel runs in
+CI (``kernel="hopper"``); on an H100 ``kernel="auto"`` picks it for bf16/fp16.
+"""
+
+import pytest
+import torch
+
+from moe_learn import get_routing_indices, grouped_gemm, permute, torch_grouped_gemm, unpermute
+from moe_learn.checks._core import relative_error
+from moe_learn.device import DEVICE, ON_GPU
+from moe_learn.kernels.grouped_gemm_hopper import CONFIGS_BY_ROWS_PER_EXPERT, pick_config
+
+BOUNDS = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# fp32 on a GPU would run its dots in tf32 (the portable kernel serves fp32 there)
+DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
+# tiny tiles so tiny problems have ragged row blocks, N edges and several K steps
+TINY = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "NUM_PROGRAMS": 3}
+
+
+def _routing(T, E, topk, empty=(), skew=None):
+    scores = torch.rand(T, E)
+    for e in empty:
+        scores[:, e] = -1.0  # nobody picks it
+    if skew is not None:
+        scores[:, skew] += 10.0
+    ids = scores.topk(topk, dim=1).indices
+    counts, gather = get_routing_indices(ids, E)
+    return counts.to(DEVICE), gather.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,E,topk,N,K,empty,skew", [
+    (37, 6, 2, 40, 72, (1, 4), None),  # ragged, two empty experts, N and K not multiples of a block
+    (1, 5, 1, 24, 40, (), None),  # one token
+    (29, 4, 3, 56, 48, (), 2),  # every token picks expert 2
+    (64, 8, 1, 32, 64, (0, 7), None),  # sizes that are multiples of nothing in particular
+])
+def test_all_fusions_match_float64(dtype, T, E, topk, N, K, empty, skew):
+    counts, gather = _routing(T, E, topk, empty, skew)
+    X = torch.randn(T, K, device=DEVICE).to(dtype)
+    W1 = (torch.randn(E, N, K, device=DEVICE) / K**0.5).to(dtype)
+    W2 = (torch.randn(E, K, N, device=DEVICE) / N**0.5).to(dtype)
+    weights = torch.rand(T, topk, device=DEVICE).to(dtype)
+    M = T * topk
+
+    # plain: X already in expert order
+    Xp = permute(X, gather, topk)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # unwritten rows stay NaN
+    grouped_gemm(Xp, W1, counts, out=out, kernel="hopper", config=TINY)
+    ref = torch_grouped_gemm(Xp.double(), W1.double(), counts)
+    assert relative_error(out, ref) <= BOUNDS[dtype]
+
+    # gather in the prologue
+    out1 = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+    grouped_gemm(X, W1, counts, gather_indices=gather, topk=topk, permute_x=True, out=out1, kernel="hopper",
+                 config=TINY)
+    assert relative_error(out1, ref) <= BOUNDS[dtype]
+
+    # scatter + routing weights in the epilogue
+    out2 = torch.full((M, K), float("nan"), dtype=dtype, device=DEVICE)
+    grouped_gemm(out1, W2, counts, gather_indices=gather, topk=topk, permute_y=True, topk_weights=weights,
+                 out=out2, kernel="hopper", config=TINY)
+    ref2 = unpermute(torch_grouped_gemm(ref, W2.double(), counts), gather) * weights.double().reshape(-1, 1)
+    assert relative_error(out2, ref2) <= BOUNDS[dtype]
+
+
+def test_default_configs_run():
+    """The H100 configs themselves (big tiles) on a small ragged problem."""
+    T, E, topk, N, K = 50, 4, 2, 72, 136
+    counts, gather = _routing(T, E, topk, empty=(3,))
+    dtype = DTYPES[0]
+    X = torch.randn(T * topk, K, device=DEVICE).to(dtype)
+    W = torch.randn(E, N, K, device=DEVICE).to(dtype)
+    ref = torch_grouped_gemm(X.double(), W.double(), counts)
+    for _, config in CONFIGS_BY_ROWS_PER_EXPERT:
+        out = torch.full((T * topk, N), float("nan"), dtype=dtype, device=DEVICE)
+        grouped_gemm(X, W, counts, out=out, kernel="hopper", config={**config, "NUM_PROGRAMS": 2})
+        assert relative_error(out, ref) <= BOUNDS[dtype], config
+
+
+def test_zero_rows():
+    W = torch.randn(3, 16, 32, device=DEVICE, dtype=DTYPES[0])
+    X = torch.empty(0, 32, device=DEVICE, dtype=DTYPES[0])
+    m_sizes = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    assert grouped_gemm(X, W, m_sizes, kernel="hopper").shape == (0, 16)
+
+
+def test_pick_config_buckets():
+    assert pick_config(64 * 128, 128)["BLOCK_M"] == 128 and pick_config(64 * 128, 128)["BLOCK_K"] == 128
+    assert pick_config(128 * 32, 32)["BLOCK_M"] == 64
+    assert pick_config(2048 * 8, 8)["BLOCK_N"] == 256
+    assert all(c["FLATTEN"] for c in (pick_config(m, 8) for m in (1, 1000, 10**6)))
+
+
+def test_refusals_name_the_fix():
+    X = torch.randn(8, 24, device=DEVICE, dtype=DTYPES[0])
+    m_sizes = torch.tensor([8, 0], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="transpose=True.*kernel='portable'"):
+        grouped_gemm(X, torch.randn(2, 24, 16, device=DEVICE, dtype=X.dtype), m_sizes, transpose=False,
+                     kernel="hopper")
+    with pytest.raises(ValueError, match="16-byte aligned"):  # K = 6: rows of 12 or 24 bytes
+        grouped_gemm(X[:, :6].contiguous(), torch.randn(2, 16, 6, device=DEVICE, dtype=X.dtype), m_sizes,
+                     kernel="hopper")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        grouped_gemm(X, torch.randn(2, 16, 24, device=DEVICE, dtype=X.dtype), m_sizes, kernel="fast")
+    with pytest.raises(ValueError, match="unknown keys"):
+        grouped_gemm(X, torch.randn(2, 16, 24, device=DEVICE, dtype=X.dtype), m_sizes, kernel="hopper",
+                     config={"GROUP_M": 8})
