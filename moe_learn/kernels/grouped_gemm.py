@@ -224,7 +224,9 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _max_offset(t: torch.Tensor) -> int:
     """The largest element offset the kernel can form into ``t`` (a view's strides can exceed its numel)."""
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0)
+    if t.numel() == 0:
+        return 0
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
 def grouped_gemm(
