@@ -40,7 +40,8 @@ from ..validation import (
 INT32_MAX = 2**31 - 1
 
 
-@triton.jit
+# M changes with every routing; don't compile a variant per M % 16 (or M == 1).
+@triton.jit(do_not_specialize=["M"])
 def _grouped_gemm_kernel(
     x_ptr,  # [M, K] expert order, or [T, K] token order with PERMUTE_X
     w_ptr,  # [E, N, K] (transpose=True) or [E, K, N]; strides tell the kernel which
