@@ -42,7 +42,8 @@ INT32_MAX = 2**31 - 1
 KERNELS = ("auto", "portable", "hopper")
 
 
-@triton.jit
+# M changes with every routing; don't compile a variant per M % 16 (or M == 1).
+@triton.jit(do_not_specialize=["M"])
 def _grouped_gemm_kernel(
     x_ptr,  # [M, K] expert order, or [T, K] token order with PERMUTE_X
     w_ptr,  # [E, N, K] (transpose=True) or [E, K, N]; strides tell the kernel which
@@ -226,7 +227,9 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _max_offset(t: torch.Tensor) -> int:
     """The largest element offset the kernel can form into ``t`` (a view's strides can exceed its numel)."""
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0)
+    if t.numel() == 0:
+        return 0
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
 def grouped_gemm(
