@@ -331,29 +331,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_moe_backward(T: int = 1024) -> dict:
-    """Backward pass of the fused block vs transformers' eager block (needs moe_learn.autograd)."""
-    try:
-        from .autograd import fused_moe_forward_autograd
-    except ImportError:
-        return {"skipped": "moe_learn.autograd is not available"}
+    """Backward pass of the fused block vs transformers' eager block, same weights and dY."""
+    from .autograd import moe_experts
+    from .routing import calculate_topk
+
     block, x = qwen3_block(T)
-    x.requires_grad_(True)
+    x = x.view(T, -1).requires_grad_(True)
     gate, experts = block.gate.weight, block.experts
     k = MODELS["qwen3-30b-a3b"][3]
     params = [x, gate, experts.gate_up_proj, experts.down_proj]
     dy = torch.randn(T, x.shape[-1], device="cuda", dtype=torch.bfloat16)
 
-    y_ref = block(x).view(T, -1)
-    y_ours = fused_moe_forward_autograd(x.view(T, -1), gate, experts.gate_up_proj, experts.down_proj, top_k=k,
-                                        renormalize=True)
+    def ours():
+        logits = x @ gate.T
+        weights, ids = calculate_topk(logits, k, use_sigmoid=False, renormalize=True)
+        return moe_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj)
+
+    y_ref, y_ours = block(x.view(1, T, -1)).view(T, -1), ours()
     g_ref = torch.autograd.grad(y_ref, params, dy, retain_graph=True)
     g_ours = torch.autograd.grad(y_ours, params, dy, retain_graph=True)
-    errs = {n: rel_err(a, b) for n, a, b in zip(("x", "router", "gate_up_proj", "down_proj"), g_ours, g_ref,
-                                                strict=True)}
+    names = ("x", "router", "gate_up_proj", "down_proj")
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, g_ours, g_ref, strict=True)}
     t_hf = do_bench(lambda: torch.autograd.grad(y_ref, params, dy, retain_graph=True))
     t_ours = do_bench(lambda: torch.autograd.grad(y_ours, params, dy, retain_graph=True))
-    return {"shape": {"T": T, "model": "qwen3-30b-a3b", "dtype": "bfloat16"}, "grad_rel_err": errs,
-            "hf_eager_backward_ms": t_hf * 1e3, "ours_backward_ms": t_ours * 1e3, "speedup": t_hf / t_ours}
+    t_hf_fwd = do_bench(lambda: block(x.view(1, T, -1)))
+    t_ours_fwd = do_bench(ours)
+    return {"shape": {"T": T, "model": "qwen3-30b-a3b", "dtype": "bfloat16"}, "forward_rel_err": rel_err(y_ours, y_ref),
+            "grad_rel_err": errs, "hf_eager_backward_ms": t_hf * 1e3, "ours_backward_ms": t_ours * 1e3,
+            "backward_speedup": t_hf / t_ours, "hf_eager_forward_train_ms": t_hf_fwd * 1e3,
+            "ours_forward_train_ms": t_ours_fwd * 1e3,
+            "forward_backward_speedup": (t_hf + t_hf_fwd) / (t_ours + t_ours_fwd)}
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.fused_routing import fused_routing
 from .kernels.grouped_gemm import grouped_gemm
 from .routing import get_routing_indices
 from .torch_moe import swiglu
@@ -62,10 +63,16 @@ def fused_moe_experts(
             f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} disagree: "
             "expected [E, 2I, H] and [E, H, I]"
         )
-    top_k = topk_ids.shape[1]
     # get_routing_indices validates the expert ids; its counts and indices are consistent
     # by construction, so the GEMMs skip their own (syncing) value checks.
     counts, gather_indices = get_routing_indices(topk_ids, num_experts)
+    return _experts(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, config)
+
+
+def _experts(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, config):
+    """GEMM1 (gather) -> SwiGLU -> GEMM2 (scatter, weights) -> sum over the k slots."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = topk_weights.shape[1]
     # GEMM1: rows gathered from token order in the prologue -> [T*k, 2I] in expert order.
     gate_up = grouped_gemm(
         hidden_states,
@@ -90,3 +97,38 @@ def fused_moe_experts(
         validate=False,
     )
     return y.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def fused_moe_forward(
+    hidden_states: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k: int,
+    *,
+    renormalize: bool = True,
+    use_sigmoid: bool = False,
+    pre_act: bool = True,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """A whole MoE MLP (inference): router -> fused routing -> fused experts.
+
+    hidden_states ``[T, H]`` or ``[B, S, H]``; router_weight ``[E, H]``; experts in the
+    transformers 5.x layout. Routing options as in ``calculate_topk`` (the defaults are
+    Qwen3-MoE's and Mixtral's: softmax over all experts, top-k, renormalised). Five launches
+    after the router matmul: three for routing, two grouped GEMMs (plus SwiGLU and the sum).
+    """
+    check_tensor("hidden_states", hidden_states, ndim=(2, 3))
+    check_tensor("router_weight", router_weight, ndim=2)
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    if router_weight.shape[1] != x.shape[1] or router_weight.shape[0] != gate_up_proj.shape[0]:
+        raise ValueError(
+            f"router_weight {tuple(router_weight.shape)} must be [E, H] = [{gate_up_proj.shape[0]}, {x.shape[1]}]"
+        )
+    logits = x @ router_weight.T
+    weights, _, counts, gather_indices, _ = fused_routing(
+        logits, top_k, use_sigmoid=use_sigmoid, renormalize=renormalize, pre_act=pre_act
+    )
+    out = _experts(x, counts, gather_indices, weights.to(x.dtype), gate_up_proj, down_proj, config)
+    return out.reshape(shape)

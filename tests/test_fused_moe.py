@@ -68,3 +68,21 @@ def test_bad_inputs():
         fused_moe_experts(x, ids.float(), w, gu, dp)
     with pytest.raises(ValueError, match="below num_experts=3"):
         fused_moe_experts(x, ids + 2, w, gu, dp)
+
+
+def test_fused_moe_forward_equals_torch_block():
+    """Router + fused routing + fused experts == the PyTorch MoE MLP of chapter 04."""
+    from moe_learn.fused_moe import fused_moe_forward
+    from moe_learn.moe_block import moe_forward_torch
+
+    T, H, I, E, k = 21, 32, 24, 6, 2
+    x = torch.randn(3, 7, H, device=DEVICE)
+    router = torch.randn(E, H, device=DEVICE)
+    gate_up = torch.randn(E, 2 * I, H, device=DEVICE) / H**0.5
+    down = torch.randn(E, H, I, device=DEVICE) / I**0.5
+    got = fused_moe_forward(x, router, gate_up, down, k, renormalize=True)
+    ref = moe_forward_torch(x.double(), router.double(), gate_up.double(), down.double(), k, True)
+    assert got.shape == x.shape
+    assert relative_error(got, ref) <= 5e-4
+    with pytest.raises(ValueError, match="router_weight"):
+        fused_moe_forward(x, router[:, :5], gate_up, down, k)
