@@ -75,7 +75,7 @@ def test_fused_moe_forward_equals_torch_block():
     from moe_learn.fused_moe import fused_moe_forward
     from moe_learn.moe_block import moe_forward_torch
 
-    T, H, I, E, k = 21, 32, 24, 6, 2
+    H, I, E, k = 32, 24, 6, 2
     x = torch.randn(3, 7, H, device=DEVICE)
     router = torch.randn(E, H, device=DEVICE)
     gate_up = torch.randn(E, 2 * I, H, device=DEVICE) / H**0.5
