@@ -10,7 +10,8 @@ import torch
 from moe_learn import get_routing_indices, grouped_gemm, permute, torch_grouped_gemm, unpermute
 from moe_learn.checks._core import relative_error
 from moe_learn.device import DEVICE, ON_GPU
-from moe_learn.kernels.grouped_gemm_hopper import CONFIGS_BY_ROWS_PER_EXPERT, pick_config
+from moe_learn.kernels import grouped_gemm_hopper as hopper
+from moe_learn.kernels.grouped_gemm_hopper import CANDIDATES_BY_ROWS_PER_EXPERT, pick_config
 
 BOUNDS = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # fp32 on a GPU would run its dots in tf32 (the portable kernel serves fp32 there)
@@ -67,16 +68,16 @@ def test_all_fusions_match_float64(dtype, T, E, topk, N, K, empty, skew):
 
 
 def test_default_configs_run():
-    """The H100 configs themselves (big tiles) on a small ragged problem."""
+    """Every tuning candidate (the H100's big tiles) on a small ragged problem."""
     T, E, topk, N, K = 50, 4, 2, 72, 136
     counts, gather = _routing(T, E, topk, empty=(3,))
     dtype = DTYPES[0]
     X = torch.randn(T * topk, K, device=DEVICE).to(dtype)
     W = torch.randn(E, N, K, device=DEVICE).to(dtype)
     ref = torch_grouped_gemm(X.double(), W.double(), counts)
-    for _, config in CONFIGS_BY_ROWS_PER_EXPERT:
+    for config in {tuple(sorted(c.items())) for _, group in CANDIDATES_BY_ROWS_PER_EXPERT for c in group}:
         out = torch.full((T * topk, N), float("nan"), dtype=dtype, device=DEVICE)
-        grouped_gemm(X, W, counts, out=out, kernel="hopper", config={**config, "NUM_PROGRAMS": 2})
+        grouped_gemm(X, W, counts, out=out, kernel="hopper", config={**dict(config), "NUM_PROGRAMS": 2})
         assert relative_error(out, ref) <= BOUNDS[dtype], config
 
 
@@ -108,3 +109,43 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="unknown keys"):
         grouped_gemm(X, torch.randn(2, 16, 24, device=DEVICE, dtype=X.dtype), m_sizes, kernel="hopper",
                      config={"GROUP_M": 8})
+
+
+def test_tuning_picks_the_fastest_candidate_and_caches_it(monkeypatch):
+    monkeypatch.setattr(hopper, "TUNED", {})
+    configs = ({"name": "a"}, {"name": "broken"}, {"name": "b"}, {"name": "c"})
+    seconds = {"a": 3.0, "b": 1.0, "c": 2.0}
+    launched = []
+
+    def launch(config):
+        if config["name"] == "broken":
+            raise RuntimeError("out of shared memory")  # a candidate that cannot build is skipped
+        launched.append(config["name"])
+
+    def timer(fn):
+        before = len(launched)
+        fn()
+        return seconds[launched[before]]
+
+    key = hopper.tuning_key(1000, 64, 32, 8, torch.bfloat16, True, False, False)
+    assert hopper.choose_config(key, configs, launch, timer) == {"name": "b"}
+    runs = len(launched)
+    assert hopper.choose_config(key, configs, launch, timer) == {"name": "b"}
+    assert len(launched) == runs, "a cached key must not be tuned again"
+    with pytest.raises(RuntimeError, match="no candidate config could run"):
+        hopper.choose_config("other", ({"name": "broken"},), launch, timer)
+
+
+def test_tuning_key_buckets_rows_per_expert():
+    key = lambda rows: hopper.tuning_key(rows, 1536, 2048, 128, torch.bfloat16, False, False, False)
+    assert key(64 * 128) == key(50 * 128), "routings of similar size share a tuned config"
+    assert key(64 * 128) != key(65 * 128)
+    assert key(0) == key(1)
+
+
+def test_no_tuning_under_the_interpreter_or_when_disabled(monkeypatch):
+    X = torch.zeros(2, 2, device=DEVICE)
+    if not ON_GPU:
+        assert not hopper.autotune_enabled(X)
+    monkeypatch.setenv("MOE_LEARN_AUTOTUNE", "0")
+    assert not hopper.autotune_enabled(X)

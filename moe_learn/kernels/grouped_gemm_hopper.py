@@ -17,9 +17,17 @@ here on a Hopper GPU. What makes it fast (perf/NOTES.md has the measurements):
 - Weight tiles, and X tiles when X is not gathered, come through the tensor memory
   accelerator (TMA): hardware address generation, zero fill past the edges. Rows past
   an expert's end are loaded (next expert's rows or zero fill) but never stored.
+- Autotuning keyed on shape buckets: the first call for a (N, K, E, rows-per-expert
+  bucket, dtype, fusion) key times a few candidate configs and caches the fastest in
+  ``TUNED``; later calls with any routing in the same bucket reuse it.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -37,7 +45,7 @@ def _grouped_gemm_tma_kernel(
     N, K, E, stride_xm, stride_ym,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
-    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr,
+    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -51,7 +59,7 @@ def _grouped_gemm_tma_kernel(
     row_begin = tl.cumsum(sizes, axis=0) - sizes
     num_tiles = tl.sum(m_tiles * num_n_tiles)
 
-    for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts whose tiles all come before
         this = offs_e == e
         m_e = tl.sum(tl.where(this, sizes, 0))
@@ -86,24 +94,76 @@ def _grouped_gemm_tma_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
 
 
-# Configs by average rows per expert, from sweeps on an H100 (perf/NOTES.md, sweep 4):
-# few rows -> the weights dominate, small M tiles with deep K; many rows -> 128x256 tiles.
-CONFIGS_BY_ROWS_PER_EXPERT = (
-    (64, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)),
-    (160, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (384, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)),
-    (float("inf"), dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)),
+def _config(m, n, k, warps, stages, warp_specialize=False):
+    # Warp specialisation (producer/consumer warps) and flattening don't go together here.
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages,
+                FLATTEN=not warp_specialize, WARP_SPECIALIZE=warp_specialize)
+
+
+# Candidates by average rows per expert, from the sweeps on an H100 (perf/NOTES.md): few
+# rows -> the weights dominate, deep K tiles; many rows -> 128x256 tiles, where 3 or 4
+# stages and warp specialisation win by turns. The first is the default without tuning.
+CANDIDATES_BY_ROWS_PER_EXPERT = (
+    (64, (_config(128, 128, 128, 8, 3), _config(64, 128, 128, 4, 4))),
+    (160, (_config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4), _config(128, 256, 64, 8, 4))),
+    (384, (_config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4, True))),
+    (float("inf"), (_config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3, True),
+                    _config(128, 256, 64, 8, 4, True))),
 )
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "NUM_PROGRAMS")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
+               "NUM_PROGRAMS")
+TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
+
+
+def candidates(rows: int, num_experts: int) -> tuple[dict, ...]:
+    per_expert = rows / max(num_experts, 1)
+    for limit, configs in CANDIDATES_BY_ROWS_PER_EXPERT:
+        if per_expert <= limit:
+            return configs
+    raise AssertionError("unreachable: the last bucket has no limit")
 
 
 def pick_config(rows: int, num_experts: int) -> dict:
-    """The launch config for ``rows`` expert-ordered rows over ``num_experts`` experts."""
-    per_expert = rows / max(num_experts, 1)
-    for limit, config in CONFIGS_BY_ROWS_PER_EXPERT:
-        if per_expert <= limit:
-            return dict(config, FLATTEN=True)
-    raise AssertionError("unreachable: the last bucket has no limit")
+    """The untuned choice for ``rows`` expert-ordered rows over ``num_experts`` experts."""
+    return dict(candidates(rows, num_experts)[0])
+
+
+def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted) -> tuple:
+    """Routings differ call to call; rows per expert, rounded up to a power of two, do not."""
+    bucket = 1 << max(0, math.ceil(math.log2(max(rows / max(E, 1), 1))))
+    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted)
+
+
+def _median_seconds(fn: Callable[[], None]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e-3
+
+
+def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=_median_seconds) -> dict:
+    """Time ``launch(config)`` for each candidate, cache and return the fastest.
+
+    A candidate that fails to compile (shared memory, a compiler limit) is skipped.
+    """
+    if key in TUNED:
+        return TUNED[key]
+    timings = []
+    for config in configs:
+        try:
+            launch(config)  # compiles, and warms up
+            timings.append((timer(lambda config=config: launch(config)), config))
+        except Exception:  # noqa: BLE001 - an unbuildable candidate is just not a candidate
+            continue
+    if not timings:
+        raise RuntimeError(f"no candidate config could run for {key}")
+    TUNED[key] = min(timings, key=lambda t: t[0])[1]
+    return TUNED[key]
+
+
+def autotune_enabled(X: torch.Tensor) -> bool:
+    """Tune on a GPU, outside CUDA-graph capture, unless MOE_LEARN_AUTOTUNE=0."""
+    return (X.is_cuda and os.environ.get("MOE_LEARN_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -156,19 +216,31 @@ def grouped_gemm_hopper(
     """Fill ``out`` with ``Y_e = X_e @ W_e.T`` for all experts in one persistent launch.
 
     Arguments are taken as valid: ``grouped_gemm`` checks them before it dispatches here.
-    ``config`` overrides the choice of ``pick_config`` (keys: ``CONFIG_KEYS``).
+    ``config`` overrides the tuned (or, without tuning, the default) choice; keys: ``CONFIG_KEYS``.
     """
     E, N, K = W.shape
     M = out.shape[0]
-    cfg = pick_config(M, E)
+    if M == 0:
+        return out
+    run = functools.partial(_launch, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices, topk=topk,
+                            permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights)
     if config:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
-        cfg.update(config)
+        cfg = {**pick_config(M, E), **config}
+    elif autotune_enabled(X):
+        key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None)
+        cfg = choose_config(key, candidates(M, E), run)
+    else:
+        cfg = pick_config(M, E)
+    return run(cfg)
+
+
+def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights):
+    E, N, K = W.shape
+    M = out.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if M == 0:
-        return out
     w_desc = TensorDescriptor.from_tensor(W.view(E * N, K), block_shape=[bn, bk])
     x_desc = TensorDescriptor.from_tensor(X, block_shape=[bm, bk])
     # more programs than tiles would only idle: the tile count is at most this bound
@@ -182,7 +254,7 @@ def grouped_gemm_hopper(
         N, K, E, X.stride(0), out.stride(0),
         TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
         NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
-        WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"],
+        WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
