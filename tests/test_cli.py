@@ -9,12 +9,12 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 import types
 from pathlib import Path
 
 import nbformat
 import pytest
-import tomllib
 from nbformat import v4
 
 from moe_learn import cli, doctor, progress
