@@ -105,7 +105,10 @@ def routing_heatmap(
 
     num_tokens = selected.shape[0]
     fig, ax = _new_axes(ax, (min(2.0 + 0.45 * num_experts, 12), min(1.5 + 0.25 * max(num_tokens, 1), 9)))
-    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    # 0..1 for normalized routers; scaled weights (DeepSeek-V3's routed_scaling_factor, Llama 4's
+    # sigmoids) can exceed 1, so the scale grows rather than clipping them.
+    vmax = max(1.0, float(values.max())) if values.numel() else 1.0
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(num_experts))
     if num_tokens <= 32:
         ax.set_yticks(range(num_tokens))
@@ -236,8 +239,8 @@ def permutation_diagram(
     # No ticks (positions mean nothing), but the axes keep labels that say what is drawn.
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(f"{num_tokens} tokens x top-{top_k} = {rows} rows")
-    ax.set_ylabel("rows, top to bottom")
+    ax.set_xlabel(f"{num_tokens} tokens x top-{top_k} = {rows} rows", fontsize=9)
+    ax.set_ylabel("rows, top to bottom", fontsize=9)
     for spine in ax.spines.values():
         spine.set_visible(False)
     return fig

@@ -54,6 +54,13 @@ def test_routing_heatmap_without_weights_and_into_given_axes():
     plt.close(fig)
 
 
+def test_routing_heatmap_scale_grows_for_weights_above_one():
+    selected = torch.tensor([[0, 1], [2, 3]])
+    assert plots.routing_heatmap(selected, 4, torch.full((2, 2), 0.5)).axes[0].images[0].get_clim() == (0.0, 1.0)
+    scaled = torch.tensor([[2.5, 0.1], [1.2, 0.3]])  # e.g. DeepSeek-V3's routed_scaling_factor
+    assert plots.routing_heatmap(selected, 4, scaled).axes[0].images[0].get_clim() == pytest.approx((0.0, 2.5))
+
+
 def test_routing_heatmap_rejects_bad_input():
     selected, weights = _routing()
     with pytest.raises(ValueError, match=r"selected_experts holds 4, outside \[0, 4\)"):
