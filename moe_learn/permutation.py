@@ -17,37 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import (
-    check_floating,
-    check_index_range,
-    check_integer,
-    check_positive_int,
-    check_same_device,
-    check_tensor,
-)
-
-
-def _check_gather_indices(gather_indices: torch.Tensor, length: int) -> None:
-    """gather_indices must be a 1-D integer permutation of 0..length-1."""
-    check_tensor("gather_indices", gather_indices, ndim=1)
-    check_integer("gather_indices", gather_indices)
-    if gather_indices.numel() != length:
-        raise ValueError(
-            f"gather_indices has {gather_indices.numel()} entries, expected {length} "
-            "(one per (token, top-k slot) pair, as get_routing_indices returns)"
-        )
-    if length == 0:
-        return
-    check_index_range("gather_indices", gather_indices, length, f"it must be a permutation of 0..{length - 1}")
-    # A repeated index would leave some output row of unpermute never written (garbage).
-    seen = torch.zeros(length, dtype=torch.bool, device=gather_indices.device)
-    seen[gather_indices.long()] = True
-    if not bool(seen.all()):
-        missing = int((~seen).nonzero()[0])
-        raise ValueError(
-            f"gather_indices is not a permutation of 0..{length - 1}: {missing} never appears "
-            "(some other index repeats); pass the gather_indices that get_routing_indices returns"
-        )
+from .validation import check_floating, check_gather_indices, check_positive_int, check_same_device, check_tensor
 
 
 def permute(X: torch.Tensor, gather_indices: torch.Tensor, topk: int) -> torch.Tensor:
@@ -61,7 +31,7 @@ def permute(X: torch.Tensor, gather_indices: torch.Tensor, topk: int) -> torch.T
     check_tensor("gather_indices", gather_indices)
     check_same_device(X=X, gather_indices=gather_indices)
     X = X.reshape(-1, X.shape[-1])
-    _check_gather_indices(gather_indices, X.shape[0] * topk)
+    check_gather_indices(gather_indices, X.shape[0] * topk)
     # gather_indices counts (token, slot) pairs; // topk turns a pair into its token.
     token_ids = gather_indices if topk == 1 else gather_indices // topk
     return X[token_ids.long()]
@@ -76,7 +46,7 @@ def unpermute(X: torch.Tensor, gather_indices: torch.Tensor) -> torch.Tensor:
     check_tensor("X", X, ndim=2)
     check_tensor("gather_indices", gather_indices)
     check_same_device(X=X, gather_indices=gather_indices)
-    _check_gather_indices(gather_indices, X.shape[0])
+    check_gather_indices(gather_indices, X.shape[0])
     out = torch.empty_like(X)
     # index_copy_ wants int64 indices; get_routing_indices hands out int32.
     return out.index_copy_(0, gather_indices.long(), X)

@@ -11,7 +11,7 @@ import torch
 
 from ..exercises import Exercise
 from ..routing import get_routing_indices
-from ._core import CheckFailed, call_learner, expect_tensor, fail, passed
+from ._core import call_learner, call_with_hint, expect_tensor, fail, first_mismatch, passed
 
 NOTEBOOK = "03_permutation.ipynb"
 
@@ -53,18 +53,6 @@ EXERCISES = [
 
 
 # ---------------------------------------------------------------- shared helpers
-
-
-def call_with_hint(exercise: str, fn, hints: list[tuple[str, str]], *args):
-    """``call_learner`` plus a likely mistake when the crash message contains a known phrase."""
-    try:
-        return call_learner(exercise, fn, *args)
-    except CheckFailed as exc:
-        text = str(exc)
-        for phrase, hint in hints:
-            if phrase.lower() in text.lower():
-                raise CheckFailed(f"{text}\n  likely mistake: {hint}") from exc.__cause__
-        raise
 
 
 def random_topk_ids(num_tokens: int, num_experts: int, top_k: int, experts: list[int] | None = None) -> torch.Tensor:
@@ -224,10 +212,10 @@ def check_combine(fn) -> None:
         variants = _combine_variants(Y, w)
         ref = variants.pop("right")
         rtol, atol = (2e-3, 2e-3) if Y.dtype == torch.float16 else (1e-5, 1e-6)
-        close = torch.isclose(got.double(), ref, rtol=rtol, atol=atol) & torch.isfinite(got)
-        if close.all():
+        mismatch = first_mismatch(got, ref, rtol, atol)
+        if mismatch is None:
             continue
-        t, c = (int(v) for v in (~close).nonzero()[0])
+        t, c = mismatch
         msg = (
             f"on {what}: token {t}, column {c}: expected {ref[t, c]:.5f}, got {float(got[t, c]):.5f} "
             f"(= sum over j of topk_weights[{t}, j] * Y_flat[{t}*{k} + j, {c}], weights {w[t].tolist()})"
