@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -84,6 +86,15 @@ def first_mismatch(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: floa
     if close.all():
         return None
     return tuple(int(v) for v in (~close).nonzero()[0])
+
+
+def matching_mistake(got: torch.Tensor, mistakes: Iterable[tuple[str, torch.Tensor]], rtol: float, atol: float):
+    """The name of the first known wrong answer that ``got`` equals (within tolerance), else None.
+
+    ``mistakes`` yields ``(name, what that mistake computes)``; a generator keeps costly
+    candidates from being computed once one has matched.
+    """
+    return next((name for name, wrong in mistakes if torch.allclose(got.double(), wrong, rtol=rtol, atol=atol)), None)
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

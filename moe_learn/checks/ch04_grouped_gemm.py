@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..exercises import Exercise
-from ._core import call_learner, call_with_hint, expect_tensor, fail, first_mismatch, passed
+from ._core import call_learner, call_with_hint, expect_tensor, fail, first_mismatch, matching_mistake, passed
 
 NOTEBOOK = "04_naive_grouped_gemm.ipynb"
 
@@ -232,11 +232,6 @@ def check_moe_forward(fn) -> None:
             },
             f"renormalize={renorm} was ignored: pass it on to calculate_topk": {"force_renormalize": not renorm},
         }
-        hint = None
-        for name, switch in wrong.items():
-            candidate = dense_moe(*args, **switch)[0]
-            if torch.allclose(got.double(), candidate, rtol=rtol, atol=atol):
-                hint = name
-                break
-        fail(ex, msg, hint)
+        mistakes = ((name, dense_moe(*args, **switch)[0]) for name, switch in wrong.items())
+        fail(ex, msg, matching_mistake(got, mistakes, rtol, atol))
     passed(ex, "MoE forward", len(cases))
