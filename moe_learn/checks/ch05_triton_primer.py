@@ -358,15 +358,12 @@ def check_scale_add(kernel) -> None:
 
 def _explain_scale_add(ex, case, n, block, alpha, x64, y64, got, ref, bad, run, dtype) -> None:
     if torch.isnan(got[bad]).any():
-        never = _never_written(
-            ex,
-            run,
-            "out",
-            case,
+        nothing_stored = (
             "the kernel stores nothing (is the body still `pass`?), or its mask switches every lane off: "
-            "tl.store(out_ptr + offs, alpha * x + y, mask=offs < n_elements)",
+            "tl.store(out_ptr + offs, alpha * x + y, mask=offs < n_elements)"
         )
-        never = never.nonzero().flatten().tolist()  # the element indices, for the messages below
+        # As element indices, for the messages below.
+        never = _never_written(ex, run, "out", case, nothing_stored).nonzero().flatten().tolist()
         if never:
             programs = sorted({i // block for i in never})
             never_set = set(never)
@@ -523,13 +520,10 @@ def _explain_swiglu(ex, case, M, I, block, in_kind, gate_up, got, ref, bad, run,
         for seen, why in _stride_mistakes("gate_up", gate_up, "stride_gu_row", "stride_gu_col")
     ]
     if torch.isnan(got[bad]).any():
-        never = _never_written(
-            ex,
-            run,
-            "out",
-            case,
-            "the kernel stores nothing: is the body still `pass`? it needs tl.store(out_ptrs, out, mask=mask)",
+        nothing_stored = (
+            "the kernel stores nothing: is the body still `pass`? it needs tl.store(out_ptrs, out, mask=mask)"
         )
+        never = _never_written(ex, run, "out", case, nothing_stored)
         if never.any():
             rows = never.any(dim=1).nonzero().flatten().tolist()
             cols = never.any(dim=0).nonzero().flatten().tolist()
@@ -725,13 +719,10 @@ def _explain_matmul(ex, case, M, N, K, blocks, kinds, a, b, got, ref, bad, run, 
     bm, bn, bk = blocks
     tail = K % bk
     if torch.isnan(got[bad]).any():
-        never = _never_written(
-            ex,
-            run,
-            "C",
-            case,
-            "the kernel stores nothing: is the body still `pass`? it ends with tl.store(c_ptrs, acc, mask=c_mask)",
+        nothing_stored = (
+            "the kernel stores nothing: is the body still `pass`? it ends with tl.store(c_ptrs, acc, mask=c_mask)"
         )
+        never = _never_written(ex, run, "C", case, nothing_stored)
         if never.any():
             tiles = sorted({(r // bm, col // bn) for r, col in never.nonzero().tolist()})
             empty = [
