@@ -424,31 +424,14 @@ def program_grid_figure(rows: int, cols: int, block_rows: int, block_cols: int, 
             inside_h = min(block_rows, rows - y0)
             # The part of the tile inside the output: what this program really writes ...
             ax.add_patch(Rectangle((x0, y0), inside_w, inside_h, facecolor=color, edgecolor="black", lw=1.0, alpha=0.6))
-            # ... and the lanes past the edge (hatched), which its masks switch off.
-            if inside_w < block_cols:
-                ax.add_patch(
-                    Rectangle(
-                        (x0 + inside_w, y0),
-                        block_cols - inside_w,
-                        block_rows,
-                        facecolor="none",
-                        edgecolor=color,
-                        hatch="//",
-                        lw=0.6,
-                    )
-                )
-            if inside_h < block_rows:
-                ax.add_patch(
-                    Rectangle(
-                        (x0, y0 + inside_h),
-                        inside_w,
-                        block_rows - inside_h,
-                        facecolor="none",
-                        edgecolor=color,
-                        hatch="//",
-                        lw=0.6,
-                    )
-                )
+            # ... and the lanes past the edge (hatched), which its masks switch off: right, then below.
+            past_edge = (
+                ((x0 + inside_w, y0), block_cols - inside_w, block_rows),
+                ((x0, y0 + inside_h), inside_w, block_rows - inside_h),
+            )
+            for corner, width, height in past_edge:
+                if width > 0 and height > 0:
+                    ax.add_patch(Rectangle(corner, width, height, fill=False, edgecolor=color, hatch="//", lw=0.6))
             label = f"pid {pid_n}" if one_d else f"({pid_m}, {pid_n})"
             ax.text(x0 + block_cols / 2, y0 + block_rows / 2, label, ha="center", va="center", fontsize=9)
     ax.add_patch(Rectangle((0, 0), cols, rows, fill=False, edgecolor="black", lw=2.5))
