@@ -56,7 +56,8 @@ def combine(Y_flat: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """Flat (token, slot) order ``[T*k, H]`` -> token order ``[T, H]``, weighted.
 
     ``out[t] = sum_j topk_weights[t, j] * Y_flat[t*k + j]``. The products and the sum run
-    in float32 (bf16 sums of k terms lose bits) and the result has ``Y_flat``'s dtype.
+    in float32 or wider (bf16 sums of k terms lose bits; float64 stays float64) and the
+    result has ``Y_flat``'s dtype.
     """
     check_tensor("Y_flat", Y_flat, ndim=2)
     check_tensor("topk_weights", topk_weights, ndim=2)
@@ -69,6 +70,7 @@ def combine(Y_flat: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
             f"Y_flat has {Y_flat.shape[0]} rows but topk_weights {tuple(topk_weights.shape)} needs "
             f"T*k = {num_tokens}*{top_k} = {num_tokens * top_k}; pass unpermute's output (flat (token, slot) order)"
         )
-    rows = Y_flat.reshape(num_tokens, top_k, Y_flat.shape[1]).float()
-    out = (rows * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+    acc = torch.promote_types(Y_flat.dtype, torch.float32)
+    rows = Y_flat.reshape(num_tokens, top_k, Y_flat.shape[1]).to(acc)
+    out = (rows * topk_weights.to(acc).unsqueeze(-1)).sum(dim=1)
     return out.to(Y_flat.dtype)
