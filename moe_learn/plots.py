@@ -1,4 +1,4 @@
-"""Pictures the chapters share: routing, expert load, permutation, roofline, tile schedule.
+"""Every picture of the course: routing, expert load, permutation, roofline, tiles, dispatch.
 
 Every function returns a ``matplotlib.figure.Figure`` (or draws into ``ax`` when one is
 given and returns its figure). Figures made here are closed in pyplot right away so a
@@ -9,10 +9,13 @@ notebook shows each one once: make the call the cell's last expression, or ``dis
     permutation_diagram(selected_experts, num_experts)              token order → expert order
     roofline_plot(points, peak_tflops, bandwidth_tbs)              achieved vs attainable TFLOP/s
     tile_schedule_plot(records)                                     which program wrote which tile
+    program_grid_figure(rows, cols, block_rows, block_cols)         one Triton program per output block
+    dispatch_plot(topk_ids_per_rank, num_experts)                   expert parallelism: rows sent per rank
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import matplotlib
@@ -20,16 +23,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import FancyArrowPatch, Rectangle
 
+from .routing import get_routing_indices
 from .validation import check_index_range, check_integer, check_positive_int, check_tensor
 
 __all__ = [
+    "dispatch_plot",
     "expert_colors",
     "expert_load_bars",
     "imbalance_ratio",
     "permutation_diagram",
+    "program_grid_figure",
     "roofline_plot",
     "routing_heatmap",
     "tile_schedule_plot",
@@ -98,7 +105,10 @@ def routing_heatmap(
 
     num_tokens = selected.shape[0]
     fig, ax = _new_axes(ax, (min(2.0 + 0.45 * num_experts, 12), min(1.5 + 0.25 * max(num_tokens, 1), 9)))
-    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    # 0..1 for normalized routers; scaled weights (DeepSeek-V3's routed_scaling_factor, Llama 4's
+    # sigmoids) can exceed 1, so the scale grows rather than clipping them.
+    vmax = max(1.0, float(values.max())) if values.numel() else 1.0
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(num_experts))
     if num_tokens <= 32:
         ax.set_yticks(range(num_tokens))
@@ -127,7 +137,9 @@ def expert_load_bars(
 
     ``counts``: ``token_counts_by_expert`` from ``get_routing_indices`` (tensor, array or list).
     """
-    values = _as_numpy("counts", counts).reshape(-1)
+    values = _as_numpy("counts", counts)
+    if values.ndim != 1:
+        raise ValueError(f"counts must be 1-D (one token count per expert), got shape {tuple(values.shape)}")
     if values.size == 0:
         raise ValueError("counts is empty; pass one token count per expert")
     if (values < 0).any():
@@ -147,46 +159,90 @@ def expert_load_bars(
     return fig
 
 
+# More (token, slot) rows than this make an unreadable permutation picture.
+MAX_PERMUTATION_ROWS = 64
+
+
 def permutation_diagram(
     selected_experts: torch.Tensor,
     num_experts: int,
     *,
     ax: Axes | None = None,
-    title: str = "Token order → expert order",
+    title: str | None = None,
 ) -> Figure:
-    """Each (token, slot) row on the left joined to its place in expert order on the right.
+    """Draw ``permute``: each token (left) fans out to its ``k`` rows in expert order (right).
 
-    The right column is what ``permute`` produces: rows grouped by expert, tokens in their
-    original order inside each expert (a stable sort). Lines take their expert's color.
+    ``selected_experts``: ``[num_tokens, top_k]`` expert ids. Rows on the right are grouped
+    by expert (its color, with a bracket that counts its rows), tokens in their original
+    order inside each group, as the stable argsort of ``get_routing_indices`` leaves them.
+    The default title names the experts that got no rows.
     """
     selected = _check_selected(selected_experts, num_experts)
-    num_tokens, topk = selected.shape
-    flat = selected.reshape(-1)
-    # gather_indices: position in expert order -> flat (token, slot) index; stable keeps token order.
-    gather = torch.sort(flat, stable=True).indices
+    num_tokens, top_k = selected.shape
+    rows = num_tokens * top_k
+    if rows == 0:
+        raise ValueError("selected_experts has no (token, slot) pairs to draw")
+    if rows > MAX_PERMUTATION_ROWS:
+        raise ValueError(
+            f"selected_experts has {rows} (token, slot) pairs; draw at most {MAX_PERMUTATION_ROWS} (slice a few tokens)"
+        )
+    counts, gather = get_routing_indices(selected, num_experts)
+    counts, gather, flat_ids = counts.tolist(), gather.tolist(), selected.reshape(-1).tolist()
     colors = expert_colors(num_experts)
-    rows = flat.numel()
 
-    fig, ax = _new_axes(ax, (6.5, min(1.5 + 0.32 * max(rows, 1), 12)))
-    for dest, src in enumerate(gather.tolist()):
-        expert = int(flat[src])
-        ax.plot([0, 1], [src, dest], color=colors[expert], linewidth=1.5, alpha=0.8)
-    for i in range(rows):
-        t, k = divmod(i, topk)
-        ax.text(-0.03, i, f"t{t}" + (f"·k{k}" if topk > 1 else ""), ha="right", va="center", fontsize=8)
-        e = int(flat[gather[i]])
-        ax.text(1.03, i, f"e{e} <- t{int(gather[i]) // topk}", ha="left", va="center", fontsize=8, color=colors[e])
-    ax.scatter([0] * rows, range(rows), color="black", s=10, zorder=3)
-    ax.scatter([1] * rows, range(rows), c=[colors[int(flat[g])] for g in gather.tolist()], s=10, zorder=3)
-    ax.set_xlim(-0.45, 1.5)
-    ax.set_ylim(rows - 0.5 if rows else 0.5, -0.5)
-    ax.set_xticks([0, 1], ["token order", "expert order"])
+    fig, ax = _new_axes(ax, (7.0, 0.32 * rows + 1.6))
+    # Rows are drawn top to bottom: y = -i. Tokens are spread over the same height.
+    token_step = rows / num_tokens
+    token_y = [-(t + 0.5) * token_step + 0.5 for t in range(num_tokens)]
+    left_x, right_x, width = 0.0, 3.0, 1.4
+
+    for t in range(num_tokens):
+        ax.add_patch(Rectangle((left_x, token_y[t] - 0.4), width, 0.8, facecolor="0.92", edgecolor="0.3"))
+        ax.text(left_x + width / 2, token_y[t], f"token {t}", ha="center", va="center", fontsize=8)
+
+    for i, flat in enumerate(gather):
+        token, slot = divmod(flat, top_k)
+        expert = flat_ids[flat]
+        y = -i
+        ax.add_patch(Rectangle((right_x, y - 0.4), width, 0.8, facecolor=colors[expert], alpha=0.85, edgecolor="0.3"))
+        ax.text(right_x + width / 2, y, f"row {i}: t{token}·k{slot}", ha="center", va="center", fontsize=7)
+        ax.add_patch(
+            FancyArrowPatch(
+                (left_x + width, token_y[token]),
+                (right_x, y),
+                arrowstyle="-|>",
+                mutation_scale=8,
+                color=colors[expert],
+                lw=1.0,
+                alpha=0.8,
+            )
+        )
+
+    # A bracket label per expert: how many rows it owns (empty experts are named in the title).
+    start = 0
+    for e, m in enumerate(counts):
+        if m:
+            mid = -(start + (m - 1) / 2)
+            ax.plot([right_x + width + 0.1] * 2, [-start + 0.4, -(start + m - 1) - 0.4], color=colors[e], lw=3)
+            ax.text(right_x + width + 0.2, mid, f"expert {e}: {m} row{'s' if m > 1 else ''}", va="center", fontsize=8)
+        start += m
+    empty = [e for e, m in enumerate(counts) if m == 0]
+    note = f"   (no tokens: expert {', '.join(map(str, empty))})" if empty else ""
+
+    ax.text(left_x + width / 2, 1.0, "token order", ha="center", fontsize=9, weight="bold")
+    ax.text(right_x + width / 2, 1.0, "expert order", ha="center", fontsize=9, weight="bold")
+    if title is None:
+        title = f"permute: row i of expert order = X[gather_indices[i] // {top_k}]{note}"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlim(-0.2, right_x + width + 2.0)
+    ax.set_ylim(-rows + 0.2, 1.5)
+    # No ticks (positions mean nothing), but the axes keep labels that say what is drawn.
+    ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_xlabel(f"{num_tokens} tokens x top-{topk} = {rows} rows")
-    ax.set_ylabel("row")
-    ax.set_title(title)
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
+    ax.set_xlabel(f"{num_tokens} tokens x top-{top_k} = {rows} rows", fontsize=9)
+    ax.set_ylabel("rows, top to bottom", fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     return fig
 
 
@@ -336,4 +392,117 @@ def tile_schedule_plot(
     if len(legend_ids) <= 16:
         handles = [Rectangle((0, 0), 1, 1, color=palette[k]) for k in legend_ids]
         ax.legend(handles, [f"{key} {k}" for k in legend_ids], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def program_grid_figure(rows: int, cols: int, block_rows: int, block_cols: int, *, title: str | None = None) -> Figure:
+    """The output ``[rows, cols]`` cut into ``block_rows x block_cols`` tiles, one per program.
+
+    Each tile is labelled with the program ids that own it, ``(pid_m, pid_n)`` (just ``pid``
+    for a one-row output). The grid is ``cdiv(rows, block_rows) x cdiv(cols, block_cols)``,
+    so the last tiles stick out past the edge: that hatched part is what the masks switch off.
+    """
+    for name, value in (("rows", rows), ("cols", cols), ("block_rows", block_rows), ("block_cols", block_cols)):
+        check_positive_int(name, value)
+    grid_m, grid_n = math.ceil(rows / block_rows), math.ceil(cols / block_cols)
+    one_d = rows == 1 and block_rows == 1
+    total_h, total_w = grid_m * block_rows, grid_n * block_cols
+    if one_d:
+        figsize = (9.0, 2.2)
+    else:
+        height = 5.0
+        figsize = (min(10.0, max(4.5, height * total_w / total_h + 1.5)), height + 0.6)
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot()
+    tab20 = matplotlib.colormaps["tab20"]
+    palette = [tab20(i) for i in range(0, 20, 2)] + [tab20(i) for i in range(1, 20, 2)]
+    for pid_m in range(grid_m):
+        for pid_n in range(grid_n):
+            color = palette[(pid_m * grid_n + pid_n) % len(palette)]
+            x0, y0 = pid_n * block_cols, pid_m * block_rows
+            inside_w = min(block_cols, cols - x0)
+            inside_h = min(block_rows, rows - y0)
+            # The part of the tile inside the output: what this program really writes ...
+            ax.add_patch(Rectangle((x0, y0), inside_w, inside_h, facecolor=color, edgecolor="black", lw=1.0, alpha=0.6))
+            # ... and the lanes past the edge (hatched), which its masks switch off: right, then below.
+            past_edge = (
+                ((x0 + inside_w, y0), block_cols - inside_w, block_rows),
+                ((x0, y0 + inside_h), inside_w, block_rows - inside_h),
+            )
+            for corner, width, height in past_edge:
+                if width > 0 and height > 0:
+                    ax.add_patch(Rectangle(corner, width, height, fill=False, edgecolor=color, hatch="//", lw=0.6))
+            label = f"pid {pid_n}" if one_d else f"({pid_m}, {pid_n})"
+            ax.text(x0 + block_cols / 2, y0 + block_rows / 2, label, ha="center", va="center", fontsize=9)
+    ax.add_patch(Rectangle((0, 0), cols, rows, fill=False, edgecolor="black", lw=2.5))
+    ax.set_xlim(-0.5, total_w + 0.5)
+    ax.set_ylim(total_h + 0.5, -0.5)  # row 0 on top, as a matrix is printed
+    ax.set_aspect("auto" if one_d else "equal")
+    ax.set_xlabel(
+        f"column (N = {cols}, BLOCK = {block_cols})"
+        if not one_d
+        else f"element (n = {cols}, BLOCK_SIZE = {block_cols})"
+    )
+    if one_d:
+        ax.set_yticks([])
+    else:
+        ax.set_ylabel(f"row (M = {rows}, BLOCK = {block_rows})")
+    grid_text = f"grid = ({grid_n},)" if one_d else f"grid = ({grid_m}, {grid_n})"
+    ax.set_title(title or f"{grid_text}: one program per block\nhatched = lanes past the edge, masked off", fontsize=10)
+    return fig
+
+
+def dispatch_plot(topk_ids_per_rank: Sequence[torch.Tensor], num_experts: int) -> Figure:
+    """Expert parallelism's dispatch: which (token, slot) rows go to which rank.
+
+    ``topk_ids_per_rank``: one ``[num_tokens_r, top_k]`` tensor of expert ids per rank (the
+    experts lie on the ranks in contiguous blocks, as in ``moe_learn.expert_parallel``).
+    Left: every (token, slot) of every rank, colored by the rank that owns its expert.
+    Right: the all-to-all as a matrix, rows sent from each rank (row) to each rank (column).
+    """
+    # Imported here: expert_parallel pulls in torch.distributed, which the other plots never need.
+    from .expert_parallel import dispatch_plan, experts_per_rank
+
+    world_size = len(topk_ids_per_rank)
+    per_rank = experts_per_rank(num_experts, world_size)
+    colors = plt.get_cmap("tab10").colors[:world_size]
+    cmap = ListedColormap(colors)
+    top_k = topk_ids_per_rank[0].shape[1]
+    most = max(max(ids.shape[0] for ids in topk_ids_per_rank), 1)
+
+    fig, axes = plt.subplots(1, world_size + 1, figsize=(2.2 * world_size + 3.6, 0.32 * most + 1.8))
+    plt.close(fig)  # shown once, by the notebook's display of the return value
+    for rank, (ax, ids) in enumerate(zip(axes[:-1], topk_ids_per_rank, strict=True)):
+        if ids.numel():
+            ax.imshow((ids // per_rank).float().numpy(), cmap=cmap, vmin=-0.5, vmax=world_size - 0.5, aspect="auto")
+        else:
+            ax.text(0.5, 0.5, "no tokens", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        for t in range(ids.shape[0]):
+            for j in range(top_k):
+                ax.text(j, t, f"e{int(ids[t, j])}", ha="center", va="center", fontsize=8, color="white")
+        ax.set_title(f"rank {rank}'s tokens", fontsize=10)
+        ax.set_xlim(-0.5, top_k - 0.5)
+        ax.set_xticks(range(top_k), [f"slot {j}" for j in range(top_k)], fontsize=8)
+        ax.set_yticks(range(ids.shape[0]), [f"t{t}" for t in range(ids.shape[0])], fontsize=7)
+        ax.set_ylim(most - 0.5, -0.5)
+        ax.set_xlabel("top-k slot", fontsize=8)
+        ax.set_ylabel("token", fontsize=8)
+
+    sends = torch.stack([dispatch_plan(ids, num_experts, world_size).send_counts for ids in topk_ids_per_rank])
+    ax = axes[-1]
+    ax.imshow(sends.float().numpy(), cmap="Greys", vmin=0, vmax=max(int(sends.max()), 1) * 1.6)
+    for s in range(world_size):
+        for d in range(world_size):
+            ax.text(d, s, str(int(sends[s, d])), ha="center", va="center", fontsize=11)
+    ax.set_title("rows sent (all-to-all)", fontsize=10)
+    ax.set_xlabel("to rank")
+    ax.set_ylabel("from rank")
+    ax.set_xticks(range(world_size))
+    ax.set_yticks(range(world_size))
+    for d, color in enumerate(colors):
+        ax.get_xticklabels()[d].set_color(color)
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors]
+    labels = [f"experts {r * per_rank}..{(r + 1) * per_rank - 1} on rank {r}" for r in range(world_size)]
+    fig.legend(handles, labels, loc="lower center", ncol=world_size, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig

@@ -130,6 +130,17 @@ def _describe_error(ename: str, message: str) -> str:
     return message if ename == "CheckFailed" and message else f"{ename}: {message}".rstrip(": ")
 
 
+def _raised(exercise: Exercise, cells: list[dict], prefix: str) -> ExerciseStatus | None:
+    """The status when one of ``cells`` raised: a stub's NotImplementedError means not started."""
+    error = _error(cells)
+    if error is None:
+        return None
+    ename, message = error
+    if ename == "NotImplementedError":
+        return ExerciseStatus(exercise, NOT_STARTED, f"the stub still raises: {message}")
+    return ExerciseStatus(exercise, FAILED, prefix + _describe_error(ename, message))
+
+
 def judge(nb: dict, exercise: Exercise, stubs: dict[str, list[str]] | None, executed: bool) -> ExerciseStatus:
     """The status of one exercise in a notebook (executed, unless every exercise was untouched)."""
     ex_cells = tagged_cells(nb, f"exercise-{exercise.id}")
@@ -145,12 +156,9 @@ def judge(nb: dict, exercise: Exercise, stubs: dict[str, list[str]] | None, exec
         return ExerciseStatus(exercise, NOT_STARTED, "the exercise cell still holds the stub")
     if not executed:
         return ExerciseStatus(exercise, NOT_STARTED, "the notebook was not run")
-    error = _error(ex_cells)
-    if error is not None:
-        ename, message = error
-        if ename == "NotImplementedError":
-            return ExerciseStatus(exercise, NOT_STARTED, f"the stub still raises: {message}")
-        return ExerciseStatus(exercise, FAILED, "your exercise cell raised " + _describe_error(ename, message))
+    raised = _raised(exercise, ex_cells, "your exercise cell raised ")
+    if raised is not None:
+        return raised
     check_cells = tagged_cells(nb, f"check-{exercise.id}")
     if not check_cells:
         return ExerciseStatus(
@@ -158,12 +166,9 @@ def judge(nb: dict, exercise: Exercise, stubs: dict[str, list[str]] | None, exec
             FAILED,
             f"no check cell (tag check-{exercise.id}) in {exercise.notebook}; `moe-learn reset {chapter}` restores it",
         )
-    error = _error(check_cells)
-    if error is not None:
-        ename, message = error
-        if ename == "NotImplementedError":
-            return ExerciseStatus(exercise, NOT_STARTED, f"the stub still raises: {message}")
-        return ExerciseStatus(exercise, FAILED, _describe_error(ename, message))
+    raised = _raised(exercise, check_cells, "")
+    if raised is not None:
+        return raised
     if f"[PASS] {exercise.id}" in _stdout(check_cells):
         return ExerciseStatus(exercise, PASSED)
     return ExerciseStatus(exercise, FAILED, f"the check cell printed no [PASS] {exercise.id} line")

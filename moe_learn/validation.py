@@ -43,15 +43,25 @@ def check_index_range(name: str, value: torch.Tensor, upper: int, what: str) -> 
         raise ValueError(f"{name} holds {bad}, outside [0, {upper}) ({what})")
 
 
+def check_index_vector(name: str, value: torch.Tensor, length: int, mismatch: str) -> None:
+    """``value`` must be a 1-D integer tensor of ``length`` entries.
+
+    ``mismatch`` finishes the message "``name`` has N entries..." with what was expected and why.
+    """
+    check_tensor(name, value, ndim=1)
+    check_integer(name, value)
+    if value.numel() != length:
+        raise ValueError(f"{name} has {value.numel()} entries{mismatch}")
+
+
 def check_m_sizes(m_sizes: torch.Tensor, num_experts: int, total_rows: int) -> None:
     """m_sizes: one non-negative row count per expert, summing to the rows of X."""
-    check_tensor("m_sizes", m_sizes, ndim=1)
-    check_integer("m_sizes", m_sizes)
-    if m_sizes.numel() != num_experts:
-        raise ValueError(
-            f"m_sizes has {m_sizes.numel()} entries but W has {num_experts} experts; "
-            "pass one row count per expert (zeros for experts with no tokens)"
-        )
+    check_index_vector(
+        "m_sizes",
+        m_sizes,
+        num_experts,
+        f" but W has {num_experts} experts; pass one row count per expert (zeros for experts with no tokens)",
+    )
     if m_sizes.numel() and int(m_sizes.min()) < 0:
         raise ValueError(f"m_sizes must be non-negative, got {m_sizes.tolist()}")
     total = int(m_sizes.sum()) if m_sizes.numel() else 0
@@ -59,6 +69,28 @@ def check_m_sizes(m_sizes: torch.Tensor, num_experts: int, total_rows: int) -> N
         raise ValueError(
             f"m_sizes sums to {total} but X has {total_rows} rows; "
             "m_sizes[e] must count the rows of X that belong to expert e"
+        )
+
+
+def check_gather_indices(gather_indices: torch.Tensor, length: int) -> None:
+    """gather_indices must be a 1-D integer permutation of 0..length-1."""
+    check_index_vector(
+        "gather_indices",
+        gather_indices,
+        length,
+        f", expected {length} (one per (token, top-k slot) pair, as get_routing_indices returns)",
+    )
+    if length == 0:
+        return
+    check_index_range("gather_indices", gather_indices, length, f"it must be a permutation of 0..{length - 1}")
+    # A repeated index would leave some output row of unpermute never written (garbage).
+    seen = torch.zeros(length, dtype=torch.bool, device=gather_indices.device)
+    seen[gather_indices.long()] = True
+    if not bool(seen.all()):
+        missing = int((~seen).nonzero()[0])
+        raise ValueError(
+            f"gather_indices is not a permutation of 0..{length - 1}: {missing} never appears "
+            "(some other index repeats); pass the gather_indices that get_routing_indices returns"
         )
 
 

@@ -1,4 +1,4 @@
-"""Chapter 05: the reference primer kernels, their wrappers, the figure, and the checks.
+"""Chapter 05: the reference primer kernels, their wrappers and the checks (the figure: test_plots.py).
 
 Every check must pass the reference kernel and reject plausible wrong kernels (a missing
 or off-by-one mask, offsets without the block, a K loop without its tail, swapped or
@@ -10,13 +10,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from matplotlib.figure import Figure
 
 from moe_learn import DEVICE, ON_GPU, swiglu
 from moe_learn.checks import ch05_triton_primer as checks
 from moe_learn.checks._core import CheckFailed
 from moe_learn.kernels import primer
-from moe_learn.plots_triton import program_grid_figure
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32) if ON_GPU else (torch.float32, torch.float16)
 TOL = {torch.float32: 1e-2 if ON_GPU else 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -107,24 +105,6 @@ def test_matmul_with_k_zero_is_zeros():
 def test_wrappers_reject_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
-
-
-# ----------------------------------------------------------------------------- figure
-
-
-def test_program_grid_figure_labels_one_tile_per_program():
-    fig = program_grid_figure(100, 70, 32, 32)
-    assert isinstance(fig, Figure)
-    labels = {t.get_text() for t in fig.axes[0].texts}
-    assert labels == {f"({m}, {n})" for m in range(4) for n in range(3)}
-    assert "grid = (4, 3)" in fig.axes[0].get_title()
-
-
-def test_program_grid_figure_one_d_and_bad_input():
-    fig = program_grid_figure(1, 1100, 1, 256)
-    assert {t.get_text() for t in fig.axes[0].texts} == {f"pid {p}" for p in range(5)}
-    with pytest.raises(ValueError, match="block_cols"):
-        program_grid_figure(4, 4, 2, 0)
 
 
 # ----------------------------------------------------------------------------- checks: references pass

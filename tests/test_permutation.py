@@ -1,6 +1,5 @@
-"""permute / unpermute / combine: properties, bad inputs, the chapter 03 checks, the diagram."""
+"""permute / unpermute / combine: properties, bad inputs, the chapter 03 checks (the diagram: test_plots.py)."""
 
-import matplotlib
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,8 +9,6 @@ from moe_learn import combine, get_routing_indices, permute, unpermute
 from moe_learn.checks import CheckFailed
 from moe_learn.checks import ch03_permutation as ch03
 from moe_learn.device import DEVICE
-
-matplotlib.use("Agg")
 
 
 def routed(T, E, k, H=4, dtype=torch.float32, seed=0):
@@ -302,22 +299,3 @@ def test_check_combine_rejects(wrong, pattern):
 def test_exercises_have_progressive_hints():
     assert [e.id for e in ch03.EXERCISES] == ["03.1", "03.2", "03.3"]
     assert all(2 <= len(e.hints) <= 3 and e.notebook == "03_permutation.ipynb" for e in ch03.EXERCISES)
-
-
-# ------------------------------------------------------------------ the picture
-
-
-def test_permutation_diagram_draws_every_row():
-    from moe_learn.plots_permutation import permutation_diagram
-
-    ids = torch.tensor([[2, 0], [1, 2], [0, 2]])
-    fig = permutation_diagram(ids, 4)
-    texts = [t.get_text() for t in fig.axes[0].texts]
-    assert sum(t.startswith("row ") for t in texts) == 6
-    assert "expert 2: 3 rows" in texts and "expert 1: 1 row" in texts
-    assert "expert 3" in fig.axes[0].get_title()  # the empty expert is named
-    with pytest.raises(ValueError, match="at most 64"):
-        permutation_diagram(torch.zeros(40, 2, dtype=torch.int64), 4)
-    with pytest.raises(TypeError, match="topk_ids must hold integer"):
-        permutation_diagram(ids.float(), 4)
-    matplotlib.pyplot.close("all")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -38,6 +40,18 @@ def call_learner(exercise: str, fn, *args, **kwargs):
         raise CheckFailed(message) from exc
 
 
+def call_with_hint(exercise: str, fn, hints: list[tuple[str, str]], *args):
+    """``call_learner`` plus a likely mistake when the crash message contains a known phrase."""
+    try:
+        return call_learner(exercise, fn, *args)
+    except CheckFailed as exc:
+        text = str(exc)
+        for phrase, hint in hints:
+            if phrase.lower() in text.lower():
+                raise CheckFailed(f"{text}\n  likely mistake: {hint}") from exc.__cause__
+        raise
+
+
 def expect_tensor(exercise: str, name: str, got, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
     if not isinstance(got, torch.Tensor):
         fail(exercise, f"{name} should be a torch.Tensor, got {type(got).__name__}")
@@ -64,6 +78,23 @@ def first_mismatch_row(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: 
     close = torch.isclose(got2, ref2, rtol=rtol, atol=atol) & torch.isfinite(got2)
     bad = (~close.all(dim=1)).nonzero()
     return int(bad[0]) if bad.numel() else None
+
+
+def first_mismatch(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> tuple[int, ...] | None:
+    """Index of the first element of ``got`` that differs from ``ref`` (NaN and inf count as different)."""
+    close = torch.isclose(got.double(), ref.double(), rtol=rtol, atol=atol) & torch.isfinite(got)
+    if close.all():
+        return None
+    return tuple(int(v) for v in (~close).nonzero()[0])
+
+
+def matching_mistake(got: torch.Tensor, mistakes: Iterable[tuple[str, torch.Tensor]], rtol: float, atol: float):
+    """The name of the first known wrong answer that ``got`` equals (within tolerance), else None.
+
+    ``mistakes`` yields ``(name, what that mistake computes)``; a generator keeps costly
+    candidates from being computed once one has matched.
+    """
+    return next((name for name, wrong in mistakes if torch.allclose(got.double(), wrong, rtol=rtol, atol=atol)), None)
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

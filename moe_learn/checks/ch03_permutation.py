@@ -11,7 +11,7 @@ import torch
 
 from ..exercises import Exercise
 from ..routing import get_routing_indices
-from ._core import CheckFailed, call_learner, expect_tensor, fail, passed
+from ._core import call_learner, call_with_hint, expect_tensor, fail, first_mismatch, matching_mistake, passed
 
 NOTEBOOK = "03_permutation.ipynb"
 
@@ -55,18 +55,6 @@ EXERCISES = [
 # ---------------------------------------------------------------- shared helpers
 
 
-def call_with_hint(exercise: str, fn, hints: list[tuple[str, str]], *args):
-    """``call_learner`` plus a likely mistake when the crash message contains a known phrase."""
-    try:
-        return call_learner(exercise, fn, *args)
-    except CheckFailed as exc:
-        text = str(exc)
-        for phrase, hint in hints:
-            if phrase.lower() in text.lower():
-                raise CheckFailed(f"{text}\n  likely mistake: {hint}") from exc.__cause__
-        raise
-
-
 def random_topk_ids(num_tokens: int, num_experts: int, top_k: int, experts: list[int] | None = None) -> torch.Tensor:
     """``[T, k]`` distinct experts per token, drawn from ``experts`` (all by default)."""
     pool = torch.tensor(experts if experts is not None else list(range(num_experts)))
@@ -100,6 +88,21 @@ def _which_row(row: torch.Tensor, table: torch.Tensor) -> int | None:
     return int(hits[0]) if hits.numel() else None
 
 
+def _first_misplaced_row(
+    got: torch.Tensor, table: torch.Tensor, expected: list[int], held_row: str
+) -> tuple[int, int | None, str] | None:
+    """The first output row ``r`` that is not ``table[expected[r]]``, or None when all are right.
+
+    Returns ``(r, source, held)``: ``source`` is the row of ``table`` that ``got[r]`` holds
+    instead (None if none), ``held`` says what it holds (``held_row`` names a table row).
+    """
+    for r, src in enumerate(expected):
+        if not torch.equal(got[r], table[src]):
+            source = _which_row(got[r], table)
+            return r, source, held_row.format(source) if source is not None else _describe(got[r])
+    return None
+
+
 def _describe(row: torch.Tensor) -> str:
     if torch.isnan(row).all():
         return "NaN (never written?)"
@@ -127,12 +130,12 @@ def check_permute(fn) -> None:
         _, gather = get_routing_indices(topk_ids, num_experts)
         got = call_with_hint(ex, fn, crash_hints, X, gather, k)
         expect_tensor(ex, f"permute output ({what})", got, (T * k, X.shape[1]), X.dtype)
-        for i, flat in enumerate(gather.tolist()):
+        flats = gather.tolist()
+        wrong = _first_misplaced_row(got, X, [flat // k for flat in flats], "token {}'s row")
+        if wrong is not None:
+            i, source, held = wrong
+            flat = flats[i]
             token = flat // k
-            if torch.equal(got[i], X[token]):
-                continue
-            source = _which_row(got[i], X)
-            held = f"token {source}'s row" if source is not None else _describe(got[i])
             msg = (
                 f"on {what}: row {i} of your output holds {held}, expected token {token} "
                 f"(gather_indices[{i}] = {flat}, and {flat} // topk = {token}, slot {flat % k})"
@@ -166,11 +169,11 @@ def check_unpermute(fn) -> None:
         _, gather, scatter = get_routing_indices(topk_ids, num_experts, return_scatter_indices=True)
         got = call_with_hint(ex, fn, crash_hints, Y, gather)
         expect_tensor(ex, f"unpermute output ({what})", got, tuple(Y.shape), Y.dtype)
-        for r, src in enumerate(scatter.tolist()):
-            if torch.equal(got[r], Y[src]):
-                continue
-            source = _which_row(got[r], Y)
-            held = f"row {source} of the expert-ordered input" if source is not None else _describe(got[r])
+        sources = scatter.tolist()
+        wrong = _first_misplaced_row(got, Y, sources, "row {} of the expert-ordered input")
+        if wrong is not None:
+            r, source, held = wrong
+            src = sources[r]
             msg = (
                 f"on {what}: output row {r} (token {r // k}, slot {r % k}) holds {held}, expected input row {src} "
                 f"(gather_indices[{src}] = {r}, so input row {src} must land at row {r})"
@@ -224,17 +227,14 @@ def check_combine(fn) -> None:
         variants = _combine_variants(Y, w)
         ref = variants.pop("right")
         rtol, atol = (2e-3, 2e-3) if Y.dtype == torch.float16 else (1e-5, 1e-6)
-        close = torch.isclose(got.double(), ref, rtol=rtol, atol=atol) & torch.isfinite(got)
-        if close.all():
+        mismatch = first_mismatch(got, ref, rtol, atol)
+        if mismatch is None:
             continue
-        t, c = (int(v) for v in (~close).nonzero()[0])
+        t, c = mismatch
         msg = (
             f"on {what}: token {t}, column {c}: expected {ref[t, c]:.5f}, got {float(got[t, c]):.5f} "
             f"(= sum over j of topk_weights[{t}, j] * Y_flat[{t}*{k} + j, {c}], weights {w[t].tolist()})"
         )
-        hint = next(
-            (name for name, v in variants.items() if torch.allclose(got.double(), v, rtol=rtol, atol=atol)),
-            None,
-        )
+        hint = matching_mistake(got, variants.items(), rtol, atol)
         fail(ex, msg, hint)
     passed(ex, "combine", len(cases))

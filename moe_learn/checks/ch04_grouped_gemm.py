@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..exercises import Exercise
-from ._core import call_learner, expect_tensor, fail, passed
-from .ch03_permutation import call_with_hint
+from ._core import call_learner, call_with_hint, expect_tensor, fail, first_mismatch, matching_mistake, passed
 
 NOTEBOOK = "04_naive_grouped_gemm.ipynb"
 
@@ -123,9 +122,9 @@ def check_grouped_gemm(fn) -> None:
             W_e = W[e].double().T if transpose else W[e].double()
             ref = X[start : start + m].double() @ W_e
             blk = got[start : start + m]
-            close = torch.isclose(blk.double(), ref, rtol=rtol, atol=atol) & torch.isfinite(blk)
-            if not close.all():
-                r, c = (int(v) for v in (~close).nonzero()[0])
+            mismatch = first_mismatch(blk, ref, rtol, atol)
+            if mismatch is not None:
+                r, c = mismatch
                 msg = (
                     f"on {what} (m_sizes={sizes}, transpose={transpose}): expert {e} owns rows "
                     f"{start}..{start + m - 1}; row {start + r}, column {c}: expected {ref[r, c]:.4f}, "
@@ -208,10 +207,10 @@ def check_moe_forward(fn) -> None:
         expect_tensor(ex, f"MoE output ({what})", got, (T, H), hidden.dtype)
         ref, ids, weights = dense_moe(hidden, router_weight, gate_up_proj, down_proj, k, renorm)
         rtol, atol = 1e-4, 1e-5
-        close = torch.isclose(got.double(), ref, rtol=rtol, atol=atol) & torch.isfinite(got)
-        if close.all():
+        mismatch = first_mismatch(got, ref, rtol, atol)
+        if mismatch is None:
             continue
-        t, c = (int(v) for v in (~close).nonzero()[0])
+        t, c = mismatch
         msg = (
             f"on {what} (top_k={k}, renormalize={renorm}): token {t}, column {c}: expected {ref[t, c]:.5f}, "
             f"got {float(got[t, c]):.5f}; token {t} goes to experts {ids[t].tolist()} "
@@ -233,11 +232,6 @@ def check_moe_forward(fn) -> None:
             },
             f"renormalize={renorm} was ignored: pass it on to calculate_topk": {"force_renormalize": not renorm},
         }
-        hint = None
-        for name, switch in wrong.items():
-            candidate = dense_moe(*args, **switch)[0]
-            if torch.allclose(got.double(), candidate, rtol=rtol, atol=atol):
-                hint = name
-                break
-        fail(ex, msg, hint)
+        mistakes = ((name, dense_moe(*args, **switch)[0]) for name, switch in wrong.items())
+        fail(ex, msg, matching_mistake(got, mistakes, rtol, atol))
     passed(ex, "MoE forward", len(cases))

@@ -214,6 +214,42 @@ def _matches(got: torch.Tensor, alt: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(_close(got, alt, dtype).all())
 
 
+# ----------------------------------------------------------------------------- diagnosis steps every check takes
+
+
+def _first_run(run: Callable[[float], Guarded], ref: torch.Tensor, dtype: torch.dtype):
+    """Run with the NaN poison: (offsets written outside the output, the output in float64, wrong elements)."""
+    out = run(float("nan"))
+    got = out.view.double().cpu()
+    return _written_outside(out), got, ~_close(got, ref, dtype)
+
+
+def _stray_spots(outside: list[int], strides: tuple[int, int], rows: int, cols: int):
+    """Stray writes of a ``[rows, cols]`` output located as (row, col): (those past the last row, past the last col)."""
+    spots = [_locate(o, strides) if o >= 0 else None for o in outside]
+    past_rows = [s for s in spots if s is not None and s[0] >= rows]
+    past_cols = [s for s in spots if s is not None and s[0] < rows and s[1] >= cols]
+    return past_rows, past_cols
+
+
+def _never_written(ex: str, run: Callable[[float], Guarded], name: str, case: str, hint: str) -> torch.Tensor:
+    """Rerun with the UNWRITTEN poison: the mask of output elements the kernel never writes.
+
+    Fails at once when it writes nothing at all, with ``hint``.
+    """
+    never = run(UNWRITTEN).view.double().cpu() == UNWRITTEN
+    if never.all():
+        fail(ex, f"{name} was never written (every element still holds the NaN poison); case {case}.", hint)
+    return never
+
+
+def _fail_if_matches(ex, got, candidates, dtype, message, *, compare=_matches, hint_prefix="") -> None:
+    """Fail with ``message`` and the hint of the first ``(value, hint)`` candidate that ``got`` equals."""
+    for alt, hint in candidates:
+        if compare(got, alt, dtype):
+            fail(ex, message, hint_prefix + hint)
+
+
 def _dtypes() -> tuple[torch.dtype, ...]:
     # The interpreter computes bf16 wrong, so the CPU uses float32 and float16 only.
     return (torch.bfloat16, torch.float16, torch.float32) if ON_GPU else (torch.float32, torch.float16)
@@ -292,10 +328,7 @@ def check_scale_add(kernel) -> None:
             _launch(ex, case, lambda: launch_scale_add(kernel, x.view, y.view, out.view, alpha, block))
             return out
 
-        out = run(float("nan"))
-        outside = _written_outside(out)
-        got = out.view.double().cpu()
-        bad = ~_close(got, ref, dtype)
+        outside, got, bad = _first_run(run, ref, dtype)
         if outside:
             after = [o - n for o in outside if o >= n]
             where = (
@@ -325,15 +358,12 @@ def check_scale_add(kernel) -> None:
 
 def _explain_scale_add(ex, case, n, block, alpha, x64, y64, got, ref, bad, run, dtype) -> None:
     if torch.isnan(got[bad]).any():
-        rerun = run(UNWRITTEN).view.double().cpu()
-        never = (rerun == UNWRITTEN).nonzero().flatten().tolist()
-        if len(never) == n:
-            fail(
-                ex,
-                f"out was never written (every element still holds the NaN poison); case {case}.",
-                "the kernel stores nothing (is the body still `pass`?), or its mask switches every lane off: "
-                "tl.store(out_ptr + offs, alpha * x + y, mask=offs < n_elements)",
-            )
+        nothing_stored = (
+            "the kernel stores nothing (is the body still `pass`?), or its mask switches every lane off: "
+            "tl.store(out_ptr + offs, alpha * x + y, mask=offs < n_elements)"
+        )
+        # As element indices, for the messages below.
+        never = _never_written(ex, run, "out", case, nothing_stored).nonzero().flatten().tolist()
         if never:
             programs = sorted({i // block for i in never})
             never_set = set(never)
@@ -372,9 +402,8 @@ def _explain_scale_add(ex, case, n, block, alpha, x64, y64, got, ref, bad, run, 
         (x64 + y64, "alpha is ignored: out = alpha * x + y"),
         (alpha * (x64 + y64), "alpha scales y too: only x is scaled, out = alpha * x + y"),
     ]
-    for alt, hint in alternatives:
-        if _matches(got, alt, dtype):
-            fail(ex, f"out differs from alpha * x + y in {int(bad.sum())} of {n} elements; case {case}.", hint)
+    message = f"out differs from alpha * x + y in {int(bad.sum())} of {n} elements; case {case}."
+    _fail_if_matches(ex, got, alternatives, dtype, message)
     i = int(bad.nonzero()[0])
     if i + 1 < n and _matches(got[i : i + 1], ref[i + 1 : i + 2], dtype):
         fail(
@@ -449,14 +478,9 @@ def check_swiglu_rows(kernel) -> None:
             _launch(ex, case, lambda: launch_swiglu(kernel, gate_up.view, out.view, block))
             return out
 
-        out = run(float("nan"))
-        outside = _written_outside(out)
-        got = out.view.double().cpu()
-        bad = ~_close(got, ref, dtype)
+        outside, got, bad = _first_run(run, ref, dtype)
         if outside:
-            spots = [_locate(o, out_strides) if o >= 0 else None for o in outside]
-            past_cols = [s for s in spots if s is not None and s[0] < M and s[1] >= I]
-            past_rows = [s for s in spots if s is not None and s[0] >= M]
+            past_rows, past_cols = _stray_spots(outside, out_strides, M, I)
             if past_cols:
                 r, c = past_cols[0]
                 where = f"row {r}, column {c}, but out has only I={I} columns"
@@ -496,14 +520,10 @@ def _explain_swiglu(ex, case, M, I, block, in_kind, gate_up, got, ref, bad, run,
         for seen, why in _stride_mistakes("gate_up", gate_up, "stride_gu_row", "stride_gu_col")
     ]
     if torch.isnan(got[bad]).any():
-        rerun = run(UNWRITTEN).view.double().cpu()
-        never = rerun == UNWRITTEN
-        if never.all():
-            fail(
-                ex,
-                f"out was never written (every element still holds the NaN poison); case {case}.",
-                "the kernel stores nothing: is the body still `pass`? it needs tl.store(out_ptrs, out, mask=mask)",
-            )
+        nothing_stored = (
+            "the kernel stores nothing: is the body still `pass`? it needs tl.store(out_ptrs, out, mask=mask)"
+        )
+        never = _never_written(ex, run, "out", case, nothing_stored)
         if never.any():
             rows = never.any(dim=1).nonzero().flatten().tolist()
             cols = never.any(dim=0).nonzero().flatten().tolist()
@@ -537,9 +557,15 @@ def _explain_swiglu(ex, case, M, I, block, in_kind, gate_up, got, ref, bad, run,
         # NaN came from reading outside gate_up. Rerun with finite garbage around it to see what was read.
         _fill_outside(gate_up)
         seen = run(float("nan")).view.double().cpu()
-        for wrong, why in _stride_mistakes("gate_up", gate_up, "stride_gu_row", "stride_gu_col"):
-            if _matches(seen, F.silu(wrong[:, :I]) * wrong[:, I:], dtype):
-                fail(ex, f"out is wrong (NaN read from outside gate_up); case {case}.", f"wrong strides: {why}")
+        misread = _stride_mistakes("gate_up", gate_up, "stride_gu_row", "stride_gu_col")
+        _fail_if_matches(
+            ex,
+            seen,
+            ((F.silu(wrong[:, :I]) * wrong[:, I:], why) for wrong, why in misread),
+            dtype,
+            f"out is wrong (NaN read from outside gate_up); case {case}.",
+            hint_prefix="wrong strides: ",
+        )
         r, c = (int(v) for v in torch.isnan(got).nonzero()[0])
         fail(
             ex,
@@ -547,13 +573,8 @@ def _explain_swiglu(ex, case, M, I, block, in_kind, gate_up, got, ref, bad, run,
             "gate is columns offs_i and up is columns offs_i + I of the same row: "
             "gate_up_ptr + row * stride_gu_row + (offs_i + I) * stride_gu_col, loads masked by offs_i < I",
         )
-    for alt, why in misreads:
-        if _same(got, alt, dtype):
-            fail(
-                ex,
-                f"out differs from silu(gate) * up in {int(bad.sum())} of {M * I} elements; case {case}.",
-                f"wrong strides: {why}",
-            )
+    differs = f"out differs from silu(gate) * up in {int(bad.sum())} of {M * I} elements; case {case}."
+    _fail_if_matches(ex, got, misreads, dtype, differs, compare=_same, hint_prefix="wrong strides: ")
     gate, up = gu64[:, :I], gu64[:, I:]
     alternatives = [
         (F.silu(up) * gate, "gate and up are swapped: gate is the FIRST I columns, up the last I"),
@@ -561,9 +582,7 @@ def _explain_swiglu(ex, case, M, I, block, in_kind, gate_up, got, ref, bad, run,
         (gate * up, "the activation is missing: out = silu(gate) * up with silu(g) = g * sigmoid(g)"),
         (F.silu(gate), "up is missing: out = silu(gate) * up"),
     ]
-    for alt, hint in alternatives:
-        if _matches(got, alt, dtype):
-            fail(ex, f"out differs from silu(gate) * up in {int(bad.sum())} of {M * I} elements; case {case}.", hint)
+    _fail_if_matches(ex, got, alternatives, dtype, differs)
     r = int(bad.any(dim=1).nonzero()[0])
     for s in range(M):
         if s != r and _matches(got[r], ref[s], dtype):
@@ -663,14 +682,9 @@ def check_matmul(kernel) -> None:
             _launch(ex, case, lambda: launch_matmul(kernel, a.view, b.view, c.view, *blocks))
             return c
 
-        c = run(float("nan"))
-        outside = _written_outside(c)
-        got = c.view.double().cpu()
-        bad = ~_close(got, ref, dtype)
+        outside, got, bad = _first_run(run, ref, dtype)
         if outside:
-            spots = [_locate(o, c_strides) if o >= 0 else None for o in outside]
-            past_rows = [s for s in spots if s is not None and s[0] >= M]
-            past_cols = [s for s in spots if s is not None and s[0] < M and s[1] >= N]
+            past_rows, past_cols = _stray_spots(outside, c_strides, M, N)
             if past_rows:
                 where = f"row {past_rows[0][0]}, but C has only M={M} rows"
                 hint = "the last row of tiles sticks out past M: the store mask needs offs_m[:, None] < M"
@@ -705,14 +719,10 @@ def _explain_matmul(ex, case, M, N, K, blocks, kinds, a, b, got, ref, bad, run, 
     bm, bn, bk = blocks
     tail = K % bk
     if torch.isnan(got[bad]).any():
-        rerun = run(UNWRITTEN).view.double().cpu()
-        never = rerun == UNWRITTEN
-        if never.all():
-            fail(
-                ex,
-                f"C was never written (every element still holds the NaN poison); case {case}.",
-                "the kernel stores nothing: is the body still `pass`? it ends with tl.store(c_ptrs, acc, mask=c_mask)",
-            )
+        nothing_stored = (
+            "the kernel stores nothing: is the body still `pass`? it ends with tl.store(c_ptrs, acc, mask=c_mask)"
+        )
+        never = _never_written(ex, run, "C", case, nothing_stored)
         if never.any():
             tiles = sorted({(r // bm, col // bn) for r, col in never.nonzero().tolist()})
             empty = [
@@ -769,15 +779,15 @@ def _explain_matmul(ex, case, M, N, K, blocks, kinds, a, b, got, ref, bad, run, 
                     f"{bk} lanes are real; mask BOTH loads with offs_k < K - k * BLOCK_K and other=0.0",
                 )
         a_seen, b_seen = a.view.double().cpu(), b.view.double().cpu()
-        for alt, why in [(m @ b_seen, why) for m, why in _stride_mistakes("A", a, "stride_am", "stride_ak")] + [
-            (a_seen @ m, why) for m, why in _stride_mistakes("B", b, "stride_bk", "stride_bn")
-        ]:
-            if _matches(seen, alt, dtype):
-                fail(
-                    ex,
-                    f"C is wrong ({int(nan.sum())} NaN read from outside A or B); case {case}.",
-                    f"wrong strides: {why}",
-                )
+        _fail_if_matches(
+            ex,
+            seen,
+            [(m @ b_seen, why) for m, why in _stride_mistakes("A", a, "stride_am", "stride_ak")]
+            + [(a_seen @ m, why) for m, why in _stride_mistakes("B", b, "stride_bk", "stride_bn")],
+            dtype,
+            f"C is wrong ({int(nan.sum())} NaN read from outside A or B); case {case}.",
+            hint_prefix="wrong strides: ",
+        )
         r, col = nan.nonzero()[0].tolist()
         fail(
             ex,
@@ -786,13 +796,8 @@ def _explain_matmul(ex, case, M, N, K, blocks, kinds, a, b, got, ref, bad, run, 
             "mask every load: A with (offs_m[:, None] < M) & (offs_k[None, :] < K - k * BLOCK_K), B with "
             "(offs_k[:, None] < K - k * BLOCK_K) & (offs_n[None, :] < N), other=0.0; and check the strides",
         )
-    for alt, why in misreads:
-        if _same(got, alt, dtype):
-            fail(
-                ex,
-                f"C differs from A @ B in {int(bad.sum())} of {M * N} elements; case {case}.",
-                f"wrong strides: {why}",
-            )
+    differs = f"C differs from A @ B in {int(bad.sum())} of {M * N} elements; case {case}."
+    _fail_if_matches(ex, got, misreads, dtype, differs, compare=_same, hint_prefix="wrong strides: ")
     full = K - tail
     alternatives = []
     if tail:
@@ -819,9 +824,7 @@ def _explain_matmul(ex, case, M, N, K, blocks, kinds, a, b, got, ref, bad, run, 
                 "(or acc += tl.dot(a, b)), with acc = tl.zeros(...) before the loop",
             )
         )
-    for alt, hint in alternatives:
-        if _matches(got, alt, dtype):
-            fail(ex, f"C differs from A @ B in {int(bad.sum())} of {M * N} elements; case {case}.", hint)
+    _fail_if_matches(ex, got, alternatives, dtype, differs)
     r, col = bad.nonzero()[0].tolist()
     message = (
         f"C[{r}, {col}] = {got[r, col].item():.5g}, expected (A @ B)[{r}, {col}] = {ref[r, col].item():.5g} "
