@@ -335,15 +335,18 @@ def tile_schedule_plot(
     """The output matrix (rows in expert order x columns) cut into the tiles programs wrote.
 
     ``records``: one per tile, a dict or object with ``program, expert, row_start, row_end,
-    col_start, col_end`` (ends exclusive). Each tile is filled with its expert's color
-    (``color_by="program"`` colors by program instead) and labelled with its program id;
-    dashed lines mark where one expert's rows end.
+    col_start, col_end`` (ends exclusive), e.g. ``moe_learn.kernels.tile_schedule``'s. Each
+    tile is filled with its expert's color (``color_by="program"`` colors by program
+    instead) and labelled with its program id, ``p1.2`` (program 1's third tile) when the
+    record also has a ``step``; dashed lines mark where one expert's rows end.
     """
     if color_by not in ("expert", "program"):
         raise ValueError(f"color_by must be 'expert' or 'program', got {color_by!r}")
     tiles = []
     for i, record in enumerate(records):
         tile = {f: _tile_field(record, i, f) for f in TILE_FIELDS}
+        step = record.get("step", -1) if isinstance(record, Mapping) else getattr(record, "step", -1)
+        tile["label"] = f"p{tile['program']}" + (f".{int(step)}" if int(step) >= 0 else "")
         if tile["row_end"] < tile["row_start"] or tile["col_end"] < tile["col_start"]:
             raise ValueError(f"records[{i}] has an end before its start: {tile}")
         tiles.append(tile)
@@ -372,7 +375,7 @@ def tile_schedule_plot(
             ax.text(
                 t["col_start"] + width / 2,
                 t["row_start"] + height / 2,
-                f"p{t['program']}",
+                t["label"],
                 ha="center",
                 va="center",
                 fontsize=7,

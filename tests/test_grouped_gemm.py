@@ -9,7 +9,7 @@ from moe_learn import get_routing_indices, torch_grouped_gemm
 from moe_learn.checks._core import relative_error
 from moe_learn.device import DEVICE, ON_GPU
 from moe_learn.kernels import grouped_gemm, tile_schedule
-from moe_learn.kernels.schedule import plot_tile_schedule
+from moe_learn.plots import tile_schedule_plot
 
 BOUNDS = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Small tiles so tiny problems still have ragged row blocks, N edges and several K steps.
@@ -354,9 +354,10 @@ def test_schedule_group_order_and_plot():
     sched = tile_schedule([40, 0, 9], 64, 16, 16, num_programs=4, GROUP_M=2)
     first = [(r.tile_m, r.tile_n) for r in sched if r.expert == 0][:4]
     assert first == [(0, 0), (1, 0), (0, 1), (1, 1)]  # two row blocks share each column block
-    fig = plot_tile_schedule(sched)
+    fig = tile_schedule_plot(sched, color_by="program")
     ax = fig.axes[0]
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+    assert {t.get_text() for t in ax.texts} >= {"p0.0", "p1.0", "p0.1"}, "tiles carry program.step labels"
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -2,6 +2,6 @@
 
 from .. import device  # noqa: F401  (sets TRITON_INTERPRET before any @triton.jit below)
 from .grouped_gemm import default_config, grouped_gemm
-from .schedule import TileRecord, plot_tile_schedule, tile_schedule
+from .schedule import TileRecord, tile_schedule
 
-__all__ = ["TileRecord", "default_config", "grouped_gemm", "plot_tile_schedule", "tile_schedule"]
+__all__ = ["TileRecord", "default_config", "grouped_gemm", "tile_schedule"]
