@@ -129,6 +129,8 @@ def test_tuning_picks_the_fastest_candidate_and_caches_it(monkeypatch):
 
     key = hopper.tuning_key(1000, 64, 32, 8, torch.bfloat16, True, False, False)
     assert hopper.choose_config(key, configs, launch, timer) == {"name": "b"}
+    assert launched.count("a") == 2, "the slowest candidate is not timed again"
+    assert launched.count("b") == launched.count("c") == 5, "the two finalists are timed again, in turns"
     runs = len(launched)
     assert hopper.choose_config(key, configs, launch, timer) == {"name": "b"}
     assert len(launched) == runs, "a cached key must not be tuned again"
@@ -149,3 +151,21 @@ def test_no_tuning_under_the_interpreter_or_when_disabled(monkeypatch):
         assert not hopper.autotune_enabled(X)
     monkeypatch.setenv("MOE_LEARN_AUTOTUNE", "0")
     assert not hopper.autotune_enabled(X)
+
+
+def test_finalists_decide_on_their_repeated_timings(monkeypatch):
+    """A lucky first measurement does not win if the repeats say otherwise."""
+    monkeypatch.setattr(hopper, "TUNED", {})
+    first = {"a": 1.0, "b": 2.0, "c": 3.0}
+    later = {"a": 5.0, "b": 1.0, "c": 0.5}  # c is not a finalist: its first timing was the worst
+    seen = {"a": 0, "b": 0, "c": 0}
+    launched = []
+
+    def timer(fn):
+        fn()
+        name = launched[-1]
+        seen[name] += 1
+        return first[name] if seen[name] == 1 else later[name]
+
+    configs = ({"name": "a"}, {"name": "b"}, {"name": "c"})
+    assert hopper.choose_config("k", configs, lambda c: launched.append(c["name"]), timer) == {"name": "b"}
