@@ -134,7 +134,7 @@ def test_tuning_picks_the_fastest_candidate_and_caches_it(monkeypatch):
     runs = len(launched)
     assert hopper.choose_config(key, configs, launch, timer) == {"name": "b"}
     assert len(launched) == runs, "a cached key must not be tuned again"
-    with pytest.raises(RuntimeError, match="no candidate config could run"):
+    with pytest.raises(RuntimeError, match="no candidate config could run(.|\n)*out of shared memory"):
         hopper.choose_config("other", ({"name": "broken"},), launch, timer)
 
 

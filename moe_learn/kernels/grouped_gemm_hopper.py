@@ -151,15 +151,15 @@ def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=_me
     """
     if key in TUNED:
         return TUNED[key]
-    timings = []
+    timings, errors = [], []
     for config in configs:
         try:
             launch(config)  # compiles, and warms up
             timings.append((timer(lambda config=config: launch(config)), config))
-        except Exception:  # noqa: BLE001 - an unbuildable candidate is just not a candidate
-            continue
+        except Exception as exc:  # noqa: BLE001 - an unbuildable candidate is just not a candidate
+            errors.append(f"{config}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
     if not timings:
-        raise RuntimeError(f"no candidate config could run for {key}")
+        raise RuntimeError(f"no candidate config could run for {key}:\n  " + "\n  ".join(errors))
     finalists = [config for _, config in sorted(timings, key=lambda t: t[0])[:2]]
     totals = [0.0] * len(finalists)
     for _ in range(3):
