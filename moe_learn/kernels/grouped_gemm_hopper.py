@@ -52,7 +52,8 @@ def _grouped_gemm_tma_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     # The tile map, per expert: rows, first row, first tile (exclusive prefix sums).
     offs_e = tl.arange(0, BLOCK_E)
-    sizes = tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0)
+    # int32 whatever m_sizes holds: TMA coordinates must be 32-bit
+    sizes = tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
     m_tiles = tl.cdiv(sizes, BLOCK_M)
     tile_end = tl.cumsum(m_tiles * num_n_tiles, axis=0)
     tile_begin = tile_end - m_tiles * num_n_tiles
