@@ -245,8 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         slowest = {p: max(r["ep"][p] for r in reports) for p in PHASES}
+        import platform
+
+        import triton
+
         payload = {
             "config": cfg,
+            "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
+            "command": "python -m moe_learn.bench_expert_parallel " + " ".join(sys.argv[1:]),
             "world_size": world_size,
             "device": reports[0]["device"],
             "single_device_ms": reports[0]["single"],

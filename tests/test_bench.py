@@ -1,0 +1,49 @@
+"""The benchmark command: its cases, its roofline arithmetic, its CPU behaviour, its report."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_learn import bench
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_sixteen_cases_with_the_models_shapes():
+    cases = bench.cases()
+    assert len(cases) == 16
+    qwen = {(c.gemm, c.tokens): c for c in cases if c.model == "qwen3-30b-a3b"}
+    gate_up = qwen[("gate_up", 1024)]
+    assert (gate_up.M, gate_up.N, gate_up.K, gate_up.E) == (8192, 1536, 2048, 128)  # T*k rows, [E, 2I, H]
+    down = qwen[("down", 8192)]
+    assert (down.M, down.N, down.K) == (65536, 2048, 768)  # [E, H, I]
+
+
+def test_flops_and_bytes_count_x_all_weights_and_y_once():
+    case = bench.Case("m", "gate_up", 4, M=8, N=6, K=5, E=3)
+    assert case.flops == 2 * 8 * 6 * 5
+    assert case.bytes() == 2 * (8 * 5 + 3 * 6 * 5 + 8 * 6)
+
+
+def test_geomean():
+    assert bench.geomean([2.0, 8.0]) == pytest.approx(4.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU prints")
+def test_without_a_gpu_it_says_so_and_exits_cleanly(capsys, tmp_path):
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert "No CUDA GPU here" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir()), "nothing is written without a GPU"
+
+
+def test_report_of_the_stored_h100_run(capsys):
+    stored = REPO / "docs" / "bench" / "h100-results.json"
+    assert bench.main(["--report", str(stored)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(stored.read_text())
+    assert result["environment"]["gpu"] in out and result["environment"]["triton"] in out
+    for case in bench.cases():
+        assert f"| {case.name} |" in out, f"{case.name} missing from the report"
+    assert "Routing" in out and "MoE forward" in out
