@@ -105,12 +105,14 @@ def _config(m, n, k, warps, stages, warp_specialize=False):
 # rows -> the weights dominate, deep K tiles; many rows -> 128x256 tiles, where 3 or 4
 # stages and warp specialisation win by turns. The first is the default without tuning.
 CANDIDATES_BY_ROWS_PER_EXPERT = (
-    (64, (_config(128, 128, 128, 8, 3), _config(64, 128, 128, 4, 4))),
-    (160, (_config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4), _config(128, 256, 64, 8, 4))),
-    (384, (_config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4, True),
+    (64, (_config(128, 128, 128, 8, 3), _config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4))),
+    (160, (_config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4), _config(128, 256, 64, 8, 4),
            _config(128, 128, 128, 8, 3))),
+    # few tiles per wave at this size: smaller tiles trade per-tile speed for fuller waves
+    (384, (_config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4, True),
+           _config(128, 128, 128, 8, 3), _config(64, 256, 64, 4, 4))),
     (float("inf"), (_config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3, True),
-                    _config(128, 256, 64, 8, 4, True))),
+                    _config(128, 256, 64, 8, 4, True), _config(256, 128, 64, 8, 3))),
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
                "NUM_PROGRAMS")
