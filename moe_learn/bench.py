@@ -380,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         W = None
         torch.cuda.empty_cache()
         if rows:
+            from .kernels.grouped_gemm_hopper import TUNED
+
             result["gemm"], result["gemm_summary"] = rows, summarize_gemm(rows)
+            result["tuned_configs"] = [{"key": list(map(str, key)), "config": cfg} for key, cfg in TUNED.items()]
         for name, fn in (("routing", bench_routing), ("moe", bench_moe_forward), ("backward", bench_moe_backward)):
             if name in sections:
                 progress.update(task, description=name)

@@ -17,19 +17,27 @@ import moe_learn  # noqa: F401
 from moe_learn import bench as B
 from moe_learn.kernels import grouped_gemm_hopper as H
 
-RULE_CANDIDATES = {
-    "mapF:m128n128k128w8s3": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, FLATTEN=True),
-    "mapF:m64n128k128w4s4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4, FLATTEN=True),
-    "mapF:m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLATTEN=True),
-    "mapF:m128n256k64w8s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, FLATTEN=True),
-    "mapW:m128n256k64w8s3": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLATTEN=False, WARP_SPECIALIZE=True),
-    "mapW:m128n256k64w8s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, FLATTEN=False, WARP_SPECIALIZE=True),
-    "mapW:m64n256k64w8s4": dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, FLATTEN=False, WARP_SPECIALIZE=True),
+def _c(m, n, k, w, st, ws=False, programs=None):
+    cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FLATTEN=not ws, WARP_SPECIALIZE=ws)
+    if programs:
+        cfg["NUM_PROGRAMS"] = programs
+    return cfg
+
+
+# sweep 5: the tuning candidates, plus two programs per SM for tiles whose shared memory allows it
+CONFIGS = {
+    "m128n256k64s3": _c(128, 256, 64, 8, 3),
+    "m128n256k64s4": _c(128, 256, 64, 8, 4),
+    "m128n256k64s3ws": _c(128, 256, 64, 8, 3, True),
+    "m128n256k64s4ws": _c(128, 256, 64, 8, 4, True),
+    "m128n128k128s3": _c(128, 128, 128, 8, 3),
+    "m64n128k128w4s4": _c(64, 128, 128, 4, 4),
+    "m64n256k64w4s4": _c(64, 256, 64, 4, 4),
+    "m128n128k64s3x2": _c(128, 128, 64, 8, 3, programs=264),
+    "m128n128k64w4s3x2": _c(128, 128, 64, 4, 3, programs=264),
+    "m64n256k64w4s3x2": _c(64, 256, 64, 4, 3, programs=264),
+    "m128n128k64s2x2ws": _c(128, 128, 64, 8, 2, True, programs=264),
 }
-CONFIGS = {}
-for _name, _cfg in RULE_CANDIDATES.items():
-    CONFIGS[_name] = ("map", _cfg)
-    CONFIGS[_name + "+ytma"] = ("map", {**_cfg, "Y_TMA": True})
 
 
 def bench(fn):
@@ -65,11 +73,9 @@ def main():
         for name, cfg in CONFIGS.items():
             try:
                 y.fill_(float("nan"))
-                sched, c = cfg
-                sched = "walk" if sched == "walk" else "map"
-                H.grouped_gemm_hopper(X, W, m_sizes, config=c, out=y, schedule=sched)
+                H.grouped_gemm_hopper(X, W, m_sizes, y, config=cfg)
                 err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-                t = bench(lambda: H.grouped_gemm_hopper(X, W, m_sizes, config=c, out=y, schedule=sched))
+                t = bench(lambda: H.grouped_gemm_hopper(X, W, m_sizes, y, config=cfg))
                 res["configs"][name] = {"tflops": case.flops / t / 1e12, "err": err}
             except Exception as exc:  # a config that does not fit (shared memory) is reported, not fatal
                 res["configs"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
@@ -85,7 +91,7 @@ def main():
         rows.append(res)
     # does the compiled kernel use Hopper's wgmma?
     try:
-        for kern in list(H._grouped_gemm_tma_kernel.device_caches[0][0].values())[:4]:
+        for kern in list(H._grouped_gemm_tma_kernel.device_caches[0][0].values())[:4]:  # Triton 3.6 layout
             asm = kern.asm.get("ptx", "")
             print("compiled variant uses wgmma:", "wgmma" in asm, "| regs", getattr(kern, "n_regs", "?"),
                   "spills", getattr(kern, "n_spills", "?"))

@@ -138,10 +138,20 @@ def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted) -> tuple:
     return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted)
 
 
-def _median_seconds(fn: Callable[[], None], rep_ms: int = 25) -> float:
+def _median_seconds(fn: Callable[[], None]) -> float:
+    """Median of at least ~20 runs (a 5 ms kernel gets 100 ms, not 4 runs in a 25 ms window)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e-3
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    one_ms = start.elapsed_time(end)
+    rep = min(max(25.0, 20 * one_ms), 400.0)
+    return triton.testing.do_bench(fn, warmup=max(10.0, 3 * one_ms), rep=rep, return_mode="median") * 1e-3
 
 
 def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=_median_seconds) -> dict:
