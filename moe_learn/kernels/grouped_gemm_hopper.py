@@ -112,7 +112,7 @@ CANDIDATES_BY_ROWS_PER_EXPERT = (
     (384, (_config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4, True),
            _config(128, 128, 128, 8, 3), _config(64, 256, 64, 4, 4))),
     (float("inf"), (_config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3, True),
-                    _config(128, 256, 64, 8, 4, True), _config(256, 128, 64, 8, 3))),
+                    _config(128, 256, 64, 8, 4, True))),
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
                "NUM_PROGRAMS")
