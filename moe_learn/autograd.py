@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from .routing import calculate_topk, get_routing_indices
 from .torch_moe import swiglu, torch_grouped_gemm
-from .validation import check_floating, check_index_range, check_integer, check_same_device, check_tensor
+from .validation import check_index_range, check_moe_args, check_tensor
 
 BACKENDS = ("triton", "torch")
 
@@ -147,39 +147,11 @@ class FusedMoEFunction(torch.autograd.Function):
 
 
 def _check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend):
-    check_tensor("hidden_states", hidden_states, ndim=2)
-    check_floating("hidden_states", hidden_states)
-    check_tensor("topk_ids", topk_ids, ndim=2)
-    check_integer("topk_ids", topk_ids)
-    check_tensor("topk_weights", topk_weights, ndim=2)
-    check_floating("topk_weights", topk_weights)
-    check_tensor("gate_up_proj", gate_up_proj, ndim=3)
-    check_tensor("down_proj", down_proj, ndim=3)
-    check_same_device(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
-                      gate_up_proj=gate_up_proj, down_proj=down_proj)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    num_tokens, hidden = hidden_states.shape
-    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-            f"must both be [T, k] with T={num_tokens}"
-        )
-    # Shapes as [E, N, K] whatever the storage layout.
-    w1 = gate_up_proj.shape if transpose else gate_up_proj.transpose(1, 2).shape
-    w2 = down_proj.shape if transpose else down_proj.transpose(1, 2).shape
-    want = "[E, 2I, H] and [E, H, I]" if transpose else "[E, H, 2I] and [E, I, H]"
-    if w1[2] != hidden or w2[1] != hidden or w1[0] != w2[0] or w1[1] != 2 * w2[2]:
-        raise ValueError(
-            f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} must be {want} "
-            f"with H={hidden} (transpose={transpose})"
-        )
-    if gate_up_proj.dtype != hidden_states.dtype or down_proj.dtype != hidden_states.dtype:
-        raise TypeError(
-            f"hidden_states is {hidden_states.dtype} but gate_up_proj is {gate_up_proj.dtype} and down_proj "
-            f"{down_proj.dtype}; cast them to one dtype"
-        )
-    check_index_range("topk_ids", topk_ids, w1[0], f"expert ids must be below num_experts={w1[0]}")
+    check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=transpose)
+    num_experts = gate_up_proj.shape[0]
+    check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
 
 
 def moe_experts(

@@ -14,7 +14,7 @@ from .kernels.fused_routing import fused_routing
 from .kernels.grouped_gemm import grouped_gemm
 from .routing import get_routing_indices
 from .torch_moe import swiglu
-from .validation import check_floating, check_integer, check_same_device, check_tensor
+from .validation import check_moe_args, check_tensor
 
 
 def fused_moe_experts(
@@ -32,37 +32,8 @@ def fused_moe_experts(
     gate_up_proj ``[E, 2I, H]``, down_proj ``[E, H, I]`` (transformers 5.x layout).
     config: launch parameters passed to both grouped GEMMs.
     """
-    check_tensor("hidden_states", hidden_states, ndim=2)
-    check_floating("hidden_states", hidden_states)
-    check_tensor("topk_ids", topk_ids, ndim=2)
-    check_integer("topk_ids", topk_ids)
-    check_tensor("topk_weights", topk_weights, ndim=2)
-    check_tensor("gate_up_proj", gate_up_proj, ndim=3)
-    check_tensor("down_proj", down_proj, ndim=3)
-    check_same_device(
-        hidden_states=hidden_states,
-        topk_ids=topk_ids,
-        topk_weights=topk_weights,
-        gate_up_proj=gate_up_proj,
-        down_proj=down_proj,
-    )
-    num_tokens, hidden = hidden_states.shape
+    check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj)
     num_experts = gate_up_proj.shape[0]
-    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-            f"must both be [T, k] with T={num_tokens}"
-        )
-    if gate_up_proj.shape[2] != hidden or down_proj.shape[1] != hidden:
-        raise ValueError(
-            f"gate_up_proj {tuple(gate_up_proj.shape)} must be [E, 2I, H] and down_proj "
-            f"{tuple(down_proj.shape)} [E, H, I] with H={hidden}"
-        )
-    if down_proj.shape[0] != num_experts or gate_up_proj.shape[1] != 2 * down_proj.shape[2]:
-        raise ValueError(
-            f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} disagree: "
-            "expected [E, 2I, H] and [E, H, I]"
-        )
     # get_routing_indices validates the expert ids; its counts and indices are consistent
     # by construction, so the GEMMs skip their own (syncing) value checks.
     counts, gather_indices = get_routing_indices(topk_ids, num_experts)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .permutation import combine, permute, unpermute
 from .routing import get_routing_indices
-from .validation import check_floating, check_integer, check_m_sizes, check_same_device, check_tensor
+from .validation import check_m_sizes, check_moe_args, check_same_device, check_tensor
 
 
 def torch_grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor, transpose: bool = True) -> torch.Tensor:
@@ -74,33 +74,9 @@ def moe_experts_torch(
     gate_up_proj ``[E, 2I, H]``, down_proj ``[E, H, I]`` (transformers 5.x layout).
     route -> permute -> grouped GEMM -> SwiGLU -> grouped GEMM -> unpermute -> weighted sum.
     """
-    check_tensor("hidden_states", hidden_states, ndim=2)
-    check_tensor("gate_up_proj", gate_up_proj, ndim=3)
-    check_tensor("down_proj", down_proj, ndim=3)
-    check_tensor("topk_ids", topk_ids)
-    check_tensor("topk_weights", topk_weights)
-    check_integer("topk_ids", topk_ids)
-    check_floating("hidden_states", hidden_states)
-    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        if w.dtype != hidden_states.dtype:
-            raise TypeError(f"hidden_states is {hidden_states.dtype} but {name} is {w.dtype}; cast one so they match")
+    check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj)
     num_tokens, hidden = hidden_states.shape
     num_experts = gate_up_proj.shape[0]
-    if topk_ids.shape != topk_weights.shape or topk_ids.ndim != 2 or topk_ids.shape[0] != num_tokens:
-        raise ValueError(
-            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-            f"must both be [T, k] with T={num_tokens}"
-        )
-    if gate_up_proj.shape[2] != hidden or down_proj.shape[1] != hidden:
-        raise ValueError(
-            f"gate_up_proj {tuple(gate_up_proj.shape)} must be [E, 2I, H] and down_proj "
-            f"{tuple(down_proj.shape)} [E, H, I] with H={hidden}"
-        )
-    if down_proj.shape[0] != num_experts or gate_up_proj.shape[1] != 2 * down_proj.shape[2]:
-        raise ValueError(
-            f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} disagree: "
-            "expected [E, 2I, H] and [E, H, I]"
-        )
     top_k = topk_ids.shape[1]
     counts, gather_indices = get_routing_indices(topk_ids, num_experts)
     x = permute(hidden_states, gather_indices, top_k)

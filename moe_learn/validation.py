@@ -99,3 +99,36 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on one device: {listing}")
+
+
+def check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, *, transpose: bool = True) -> None:
+    """The arguments of an MoE expert layer: hidden ``[T, H]``, routing ``[T, k]``, and the
+    weights ``[E, 2I, H]`` / ``[E, H, I]`` (``transpose=False``: ``[E, H, 2I]`` / ``[E, I, H]``)."""
+    check_tensor("hidden_states", hidden_states, ndim=2)
+    check_floating("hidden_states", hidden_states)
+    check_tensor("topk_ids", topk_ids, ndim=2)
+    check_integer("topk_ids", topk_ids)
+    check_tensor("topk_weights", topk_weights, ndim=2)
+    check_floating("topk_weights", topk_weights)
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3)
+    check_tensor("down_proj", down_proj, ndim=3)
+    check_same_device(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
+                      gate_up_proj=gate_up_proj, down_proj=down_proj)
+    num_tokens, hidden = hidden_states.shape
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+            f"must both be [T, k] with T={num_tokens}"
+        )
+    # shapes as [E, N, K] whatever the storage layout
+    w1 = gate_up_proj.shape if transpose else gate_up_proj.transpose(1, 2).shape
+    w2 = down_proj.shape if transpose else down_proj.transpose(1, 2).shape
+    want = "[E, 2I, H] and [E, H, I]" if transpose else "[E, H, 2I] and [E, I, H]"
+    shapes = f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)}"
+    if w1[2] != hidden or w2[1] != hidden:
+        raise ValueError(f"{shapes} must be {want} with H={hidden} (transpose={transpose})")
+    if w1[0] != w2[0] or w1[1] != 2 * w2[2]:
+        raise ValueError(f"{shapes} disagree: they must be {want} with the same E and I (transpose={transpose})")
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if w.dtype != hidden_states.dtype:
+            raise TypeError(f"hidden_states is {hidden_states.dtype} but {name} is {w.dtype}; cast them to one dtype")
