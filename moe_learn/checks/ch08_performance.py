@@ -150,7 +150,8 @@ def check_roofline_floor(roofline_floor) -> None:
         want_bound = "memory" if t_m >= t_c else "compute"
         regimes[want_bound] += 1
         if not math.isclose(seconds, want, rel_tol=1e-6):
-            head = f"floor {seconds:.4g} s, expected {want:.4g} s (compute {t_c * 1e6:.1f} µs, memory {t_m * 1e6:.1f} µs)"
+            head = (f"floor {seconds:.4g} s, expected {want:.4g} s "
+                    f"(compute {t_c * 1e6:.1f} µs, memory {t_m * 1e6:.1f} µs)")
             per_case = [_roofline_mistakes(*a[0]) for a in answers]
             for i, (_, hint) in enumerate(per_case[0]):
                 if explains([m[i][0] for m in per_case]):
@@ -213,8 +214,8 @@ def check_locate_tile_prefix(locate_tile_prefix) -> None:
                 fail(ex, f"tile {r.tile_id}: you returned {got!r}; expected a tuple of 4 ints "
                          f"(expert, tile_m, tile_n, row_start). {setting}")
             if len(got_t) != 4:
-                fail(ex, f"tile {r.tile_id}: you returned {got!r}; expected 4 values (expert, tile_m, tile_n, row_start)."
-                         f" {setting}")
+                fail(ex, f"tile {r.tile_id}: you returned {got!r}; expected 4 values "
+                         f"(expert, tile_m, tile_n, row_start). {setting}")
             if got_t == want:
                 continue
             e, tm, tn, rs = got_t
@@ -374,27 +375,31 @@ def check_tuning_config(tuned_config, *, time_on_gpu: bool = True) -> None:
 
 
 def _time_on_gpu(tuned_config) -> None:
-    from ..bench import MODELS, cases, do_bench, measure_peaks, routing_counts
-    from ..kernels.grouped_gemm import grouped_gemm
+    from ..bench import cases, measure_peaks
 
     peaks = measure_peaks()
     print(f"measured here: {peaks['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {peaks['copy_tbs']:.2f} TB/s copy")
     print(f"{'case':<30} {'yours':>8} {'default':>8} {'_gmm':>8} {'floor':>8}  yours/floor")
     for case in [c for c in cases(["qwen3-30b-a3b"]) if c.gemm == "gate_up"]:
-        m_sizes = routing_counts(case.tokens, case.E, MODELS[case.model][3], seed=0)
-        X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
-        W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
-        offs = torch.cumsum(m_sizes, 0, dtype=torch.int32)
-        Wt = W.transpose(1, 2)
-        y = torch.empty(case.M, case.N, device="cuda", dtype=torch.bfloat16)
-        config = tuned_config(case.M, case.N, case.K, case.E)
-        from ..kernels.grouped_gemm_hopper import pick_config
+        _time_case(case, tuned_config(case.M, case.N, case.K, case.E), peaks)
 
-        default = pick_config(case.M, case.E)
-        t_yours = do_bench(lambda config=config: grouped_gemm(X, W, m_sizes, out=y, kernel="hopper", config=config))
-        t_default = do_bench(lambda: grouped_gemm(X, W, m_sizes, out=y, kernel="hopper", config=default))
-        t_gmm = do_bench(lambda: torch._grouped_mm(X, Wt, offs=offs))
-        floor = max(case.flops / (peaks["matmul_tflops"] * 1e12), case.bytes() / (peaks["copy_tbs"] * 1e12))
-        print(f"{case.name:<30} {t_yours * 1e6:>6.0f}µs {t_default * 1e6:>6.0f}µs {t_gmm * 1e6:>6.0f}µs "
-              f"{floor * 1e6:>6.0f}µs  {floor / t_yours:.0%}")
-        del X, W, Wt, y
+
+def _time_case(case, config: dict, peaks: dict) -> None:
+    """One line: the learner's config, the untuned default and torch._grouped_mm, against the floor."""
+    from ..bench import MODELS, do_bench, routing_counts
+    from ..kernels.grouped_gemm import grouped_gemm
+    from ..kernels.grouped_gemm_hopper import pick_config
+
+    m_sizes = routing_counts(case.tokens, case.E, MODELS[case.model][3], seed=0)
+    X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
+    offs = torch.cumsum(m_sizes, 0, dtype=torch.int32)
+    Wt = W.transpose(1, 2)  # [E, K, N] view: the layout _grouped_mm takes
+    y = torch.empty(case.M, case.N, device="cuda", dtype=torch.bfloat16)
+    default = pick_config(case.M, case.E)
+    t_yours = do_bench(lambda: grouped_gemm(X, W, m_sizes, out=y, kernel="hopper", config=config))
+    t_default = do_bench(lambda: grouped_gemm(X, W, m_sizes, out=y, kernel="hopper", config=default))
+    t_gmm = do_bench(lambda: torch._grouped_mm(X, Wt, offs=offs))
+    floor = max(case.flops / (peaks["matmul_tflops"] * 1e12), case.bytes() / (peaks["copy_tbs"] * 1e12))
+    print(f"{case.name:<30} {t_yours * 1e6:>6.0f}µs {t_default * 1e6:>6.0f}µs {t_gmm * 1e6:>6.0f}µs "
+          f"{floor * 1e6:>6.0f}µs  {floor / t_yours:.0%}")
