@@ -24,14 +24,20 @@ def _c(m, n, k, w, st, ws=False, programs=None):
     return cfg
 
 
-# sweep 6: the packed tile map and 32-bit offsets (each alone, both, neither) on the usual winners
-CONFIGS = {}
-for _name, _cfg in {"m128n256k64s3": _c(128, 256, 64, 8, 3), "m128n256k64s4": _c(128, 256, 64, 8, 4),
-                    "m128n256k64s3ws": _c(128, 256, 64, 8, 3, True), "m128n128k128s3": _c(128, 128, 128, 8, 3),
-                    "m64n128k128w4s4": _c(64, 128, 128, 4, 4)}.items():
-    for _tag, _packed, _int32 in (("", False, False), ("+pack", True, False), ("+i32", False, True),
-                                  ("+both", True, True)):
-        CONFIGS[_name + _tag] = {**_cfg, "PACKED_MAP": _packed, "INT32_OFFSETS": _int32}
+# sweep 5: the tuning candidates, plus two programs per SM for tiles whose shared memory allows it
+CONFIGS = {
+    "m128n256k64s3": _c(128, 256, 64, 8, 3),
+    "m128n256k64s4": _c(128, 256, 64, 8, 4),
+    "m128n256k64s3ws": _c(128, 256, 64, 8, 3, True),
+    "m128n256k64s4ws": _c(128, 256, 64, 8, 4, True),
+    "m128n128k128s3": _c(128, 128, 128, 8, 3),
+    "m64n128k128w4s4": _c(64, 128, 128, 4, 4),
+    "m64n256k64w4s4": _c(64, 256, 64, 4, 4),
+    "m128n128k64s3x2": _c(128, 128, 64, 8, 3, programs=264),
+    "m128n128k64w4s3x2": _c(128, 128, 64, 4, 3, programs=264),
+    "m64n256k64w4s3x2": _c(64, 256, 64, 4, 3, programs=264),
+    "m128n128k64s2x2ws": _c(128, 128, 64, 8, 2, True, programs=264),
+}
 
 
 def bench(fn):

@@ -169,25 +169,3 @@ def test_finalists_decide_on_their_repeated_timings(monkeypatch):
 
     configs = ({"name": "a"}, {"name": "b"}, {"name": "c"})
     assert hopper.choose_config("k", configs, lambda c: launched.append(c["name"]), timer) == {"name": "b"}
-
-
-@pytest.mark.parametrize("packed,int32", [(True, True), (False, False), (True, False), (False, True)])
-def test_map_and_offset_variants_agree(packed, int32):
-    """The packed tile map and 32-bit offsets are shortcuts: the result must not change."""
-    T, E, topk, N, K = 41, 7, 2, 40, 56
-    counts, gather = _routing(T, E, topk, empty=(2, 5))
-    dtype = DTYPES[0]
-    X = torch.randn(T, K, device=DEVICE).to(dtype)
-    W = torch.randn(E, N, K, device=DEVICE).to(dtype)
-    weights = torch.rand(T, topk, device=DEVICE).to(dtype)
-    cfg = {**TINY, "PACKED_MAP": packed, "INT32_OFFSETS": int32}
-    gathered = grouped_gemm(X, W, counts, gather_indices=gather, topk=topk, permute_x=True, kernel="hopper",
-                            config=cfg)
-    ref = torch_grouped_gemm(permute(X, gather, topk).double(), W.double(), counts)
-    assert relative_error(gathered, ref) <= BOUNDS[dtype]
-    W2 = torch.randn(E, K, N, device=DEVICE).to(dtype)
-    out = torch.full((T * topk, K), float("nan"), dtype=dtype, device=DEVICE)
-    grouped_gemm(gathered, W2, counts, gather_indices=gather, permute_y=True, topk_weights=weights, out=out,
-                 kernel="hopper", config=cfg)
-    ref2 = unpermute(torch_grouped_gemm(ref, W2.double(), counts), gather) * weights.double().reshape(-1, 1)
-    assert relative_error(out, ref2) <= BOUNDS[dtype]

@@ -46,7 +46,6 @@ def _grouped_gemm_tma_kernel(
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
     WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    PACKED_MAP: tl.constexpr, INT32_OFFSETS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -60,23 +59,14 @@ def _grouped_gemm_tma_kernel(
     tile_begin = tile_end - m_tiles * num_n_tiles
     row_begin = tl.cumsum(sizes, axis=0) - sizes
     num_tiles = tl.sum(m_tiles * num_n_tiles)
-    if PACKED_MAP:  # rows | first tile | first row in one int64: one reduction per tile, not three
-        packed = (sizes.to(tl.int64) << 42) | (tile_begin.to(tl.int64) << 21) | row_begin.to(tl.int64)
 
     for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts whose tiles all come before
         this = offs_e == e
-        if PACKED_MAP:
-            info = tl.sum(tl.where(this, packed, 0))
-            m_e = (info >> 42).to(tl.int32)
-            local = tile_id - ((info >> 21) & 0x1FFFFF).to(tl.int32)
-            row_start = (info & 0x1FFFFF).to(tl.int32)
-            num_m_tiles = tl.cdiv(m_e, BLOCK_M)
-        else:
-            m_e = tl.sum(tl.where(this, sizes, 0))
-            num_m_tiles = tl.sum(tl.where(this, m_tiles, 0))
-            local = tile_id - tl.sum(tl.where(this, tile_begin, 0))
-            row_start = tl.sum(tl.where(this, row_begin, 0))
+        m_e = tl.sum(tl.where(this, sizes, 0))
+        num_m_tiles = tl.sum(tl.where(this, m_tiles, 0))
+        local = tile_id - tl.sum(tl.where(this, tile_begin, 0))
+        row_start = tl.sum(tl.where(this, row_begin, 0))
         tile_m = local % num_m_tiles  # M fastest: neighbours share the weight tile
         tile_n = local // num_m_tiles
         offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,11 +78,7 @@ def _grouped_gemm_tma_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if PERMUTE_X:
-                if INT32_OFFSETS:
-                    x_rows = src * stride_xm
-                else:
-                    x_rows = src.to(tl.int64) * stride_xm
-                x = tl.load(x_ptr + x_rows[:, None] + (k0 + offs_k)[None, :],
+                x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :],
                             mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
             else:
                 x = x_desc.load([row_start + tile_m * BLOCK_M, k0])
@@ -105,11 +91,7 @@ def _grouped_gemm_tma_kernel(
             out_rows = rows
         if WEIGHTED:
             acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-        if INT32_OFFSETS:  # cheaper address arithmetic for the 128 x 256 stores of a tile
-            y_rows = out_rows * stride_ym
-        else:
-            y_rows = out_rows.to(tl.int64) * stride_ym
-        y_ptrs = y_ptr + y_rows[:, None] + offs_n[None, :]
+        y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
 
 
@@ -133,9 +115,7 @@ CANDIDATES_BY_ROWS_PER_EXPERT = (
                     _config(128, 256, 64, 8, 4, True))),
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
-               "NUM_PROGRAMS", "PACKED_MAP", "INT32_OFFSETS")
-INT32_MAX = 2**31 - 1
-PACK_LIMIT = 2**21  # rows, first rows and first tiles must fit 21 bits each for the packed map
+               "NUM_PROGRAMS")
 TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
 
 
@@ -287,9 +267,6 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     x_desc = TensorDescriptor.from_tensor(X, block_shape=[bm, bk])
     # more programs than tiles would only idle: the tile count is at most this bound
     max_tiles = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
-    # size-dependent shortcuts, never taken when the numbers do not fit (a config may only turn them off)
-    packed = cfg.get("PACKED_MAP", True) and M < PACK_LIMIT and max_tiles < PACK_LIMIT
-    int32 = cfg.get("INT32_OFFSETS", True) and max(X.numel(), out.numel()) <= INT32_MAX
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
     placeholder = m_sizes  # for pointers a variant never reads
     _grouped_gemm_tma_kernel[(programs,)](
@@ -300,7 +277,6 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
         TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
         NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
         WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
-        PACKED_MAP=packed, INT32_OFFSETS=int32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
