@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     if not torch.cuda.is_available():
-        console.print("No CUDA GPU here: the benchmarks need one. Stored H100 results: docs/benchmarks.md and docs/bench/")
+        console.print("No CUDA GPU here: the benchmarks need one. Stored H100 results: docs/benchmarks.md")
         return 0
     sections = args.only or [*SECTIONS, "backward"]
     selected = cases(args.models, tuple(args.tokens)) if "gemm" in sections else []
