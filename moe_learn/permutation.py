@@ -17,37 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import (
-    check_floating,
-    check_index_range,
-    check_integer,
-    check_positive_int,
-    check_same_device,
-    check_tensor,
-)
-
-
-def _check_gather_indices(gather_indices: torch.Tensor, length: int) -> None:
-    """gather_indices must be a 1-D integer permutation of 0..length-1."""
-    check_tensor("gather_indices", gather_indices, ndim=1)
-    check_integer("gather_indices", gather_indices)
-    if gather_indices.numel() != length:
-        raise ValueError(
-            f"gather_indices has {gather_indices.numel()} entries, expected {length} "
-            "(one per (token, top-k slot) pair, as get_routing_indices returns)"
-        )
-    if length == 0:
-        return
-    check_index_range("gather_indices", gather_indices, length, f"it must be a permutation of 0..{length - 1}")
-    # A repeated index would leave some output row of unpermute never written (garbage).
-    seen = torch.zeros(length, dtype=torch.bool, device=gather_indices.device)
-    seen[gather_indices.long()] = True
-    if not bool(seen.all()):
-        missing = int((~seen).nonzero()[0])
-        raise ValueError(
-            f"gather_indices is not a permutation of 0..{length - 1}: {missing} never appears "
-            "(some other index repeats); pass the gather_indices that get_routing_indices returns"
-        )
+from .validation import check_floating, check_gather_indices, check_positive_int, check_same_device, check_tensor
 
 
 def permute(X: torch.Tensor, gather_indices: torch.Tensor, topk: int) -> torch.Tensor:
@@ -61,7 +31,7 @@ def permute(X: torch.Tensor, gather_indices: torch.Tensor, topk: int) -> torch.T
     check_tensor("gather_indices", gather_indices)
     check_same_device(X=X, gather_indices=gather_indices)
     X = X.reshape(-1, X.shape[-1])
-    _check_gather_indices(gather_indices, X.shape[0] * topk)
+    check_gather_indices(gather_indices, X.shape[0] * topk)
     # gather_indices counts (token, slot) pairs; // topk turns a pair into its token.
     token_ids = gather_indices if topk == 1 else gather_indices // topk
     return X[token_ids.long()]
@@ -76,7 +46,7 @@ def unpermute(X: torch.Tensor, gather_indices: torch.Tensor) -> torch.Tensor:
     check_tensor("X", X, ndim=2)
     check_tensor("gather_indices", gather_indices)
     check_same_device(X=X, gather_indices=gather_indices)
-    _check_gather_indices(gather_indices, X.shape[0])
+    check_gather_indices(gather_indices, X.shape[0])
     out = torch.empty_like(X)
     # index_copy_ wants int64 indices; get_routing_indices hands out int32.
     return out.index_copy_(0, gather_indices.long(), X)
@@ -86,7 +56,7 @@ def combine(Y_flat: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """Flat (token, slot) order ``[T*k, H]`` -> token order ``[T, H]``, weighted.
 
     ``out[t] = sum_j topk_weights[t, j] * Y_flat[t*k + j]``. The products and the sum run
-    in float32 at least (bf16 sums of k terms lose bits; float64 stays float64) and the
+    in float32 or wider (bf16 sums of k terms lose bits; float64 stays float64) and the
     result has ``Y_flat``'s dtype.
     """
     check_tensor("Y_flat", Y_flat, ndim=2)
@@ -100,7 +70,7 @@ def combine(Y_flat: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
             f"Y_flat has {Y_flat.shape[0]} rows but topk_weights {tuple(topk_weights.shape)} needs "
             f"T*k = {num_tokens}*{top_k} = {num_tokens * top_k}; pass unpermute's output (flat (token, slot) order)"
         )
-    compute = torch.promote_types(Y_flat.dtype, torch.float32)
-    rows = Y_flat.reshape(num_tokens, top_k, Y_flat.shape[1]).to(compute)
-    out = (rows * topk_weights.to(compute).unsqueeze(-1)).sum(dim=1)
+    acc = torch.promote_types(Y_flat.dtype, torch.float32)
+    rows = Y_flat.reshape(num_tokens, top_k, Y_flat.shape[1]).to(acc)
+    out = (rows * topk_weights.to(acc).unsqueeze(-1)).sum(dim=1)
     return out.to(Y_flat.dtype)
