@@ -37,7 +37,7 @@ MINIMUM_VERSIONS: dict[str, str] = {
     "nbval": "0.11",
     "matplotlib": "3.8",
 }
-MINIMUM_PYTHON = (3, 10)
+MINIMUM_PYTHON = (3, 11)  # pyproject.toml: requires-python = ">=3.11" (tomllib)
 
 
 @dataclass(frozen=True)

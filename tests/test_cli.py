@@ -346,6 +346,8 @@ def test_version_parsing_and_minimums_match_pyproject():
         declared[name.strip()] = minimum.strip()
     for name, minimum in doctor.MINIMUM_VERSIONS.items():
         assert declared.get(name) == minimum, f"doctor wants {name}>={minimum}, pyproject says {declared.get(name)}"
+    python = ".".join(map(str, doctor.MINIMUM_PYTHON))
+    assert project["requires-python"] == f">={python}", "doctor and pyproject must want the same Python"
 
 
 def test_python_dash_m_entry_point():
