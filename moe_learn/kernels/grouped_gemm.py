@@ -21,8 +21,6 @@ Fusions (chapter 07):
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +34,7 @@ from ..validation import (
     check_same_device,
     check_tensor,
 )
-from .grouped_gemm_hopper import grouped_gemm_hopper, hopper_path_applies, unsupported_reason
+from .grouped_gemm_hopper import grouped_gemm_hopper, hopper_path_applies, num_sms, unsupported_reason
 
 INT32_MAX = 2**31 - 1
 KERNELS = ("auto", "portable", "hopper")
@@ -161,11 +159,6 @@ CONFIG_KEYS = (
 )
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_config(device: torch.device | str | None = None) -> dict:
     """Launch parameters for ``device``: what ``grouped_gemm`` uses unless told otherwise.
 
@@ -175,7 +168,7 @@ def default_config(device: torch.device | str | None = None) -> dict:
     """
     device = torch.device(device) if device is not None else _device.DEVICE
     if device.type == "cuda":
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        sms = num_sms(device)
         return {
             "BLOCK_M": 64,
             "BLOCK_N": 128,

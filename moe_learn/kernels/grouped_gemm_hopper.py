@@ -188,17 +188,16 @@ def autotune_enabled(X: torch.Tensor) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-_NUM_SMS: dict[int, int] = {}
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def num_sms(device: torch.device) -> int:
-    """Programs of the persistent grid: one per SM (2 under the CPU interpreter, where fewer is faster)."""
+    """Programs of a persistent grid: one per SM (2 under the CPU interpreter, where fewer is faster)."""
     if device.type != "cuda":
         return 2
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str | None:
