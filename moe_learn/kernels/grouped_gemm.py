@@ -34,7 +34,7 @@ from ..validation import (
     check_same_device,
     check_tensor,
 )
-from .grouped_gemm_hopper import grouped_gemm_hopper, hopper_path_applies, num_sms, unsupported_reason
+from .grouped_gemm_hopper import auto_candidate, grouped_gemm_hopper, num_sms, unsupported_reason
 
 INT32_MAX = 2**31 - 1
 KERNELS = ("auto", "portable", "hopper")
@@ -353,10 +353,11 @@ def grouped_gemm(
 
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "hopper" or (kernel == "auto" and config is None and hopper_path_applies(X_run, W_run, transpose)):
-        reason = unsupported_reason(X_run, W_run, transpose)
-        if reason:
-            raise ValueError(f"kernel='hopper' cannot run these operands: {reason}; use kernel='portable'")
+    wants_hopper = kernel == "hopper" or (kernel == "auto" and config is None and auto_candidate(X_run))
+    reason = unsupported_reason(X_run, W_run, transpose) if wants_hopper else None
+    if kernel == "hopper" and reason:
+        raise ValueError(f"kernel='hopper' cannot run these operands: {reason}; use kernel='portable'")
+    if wants_hopper and reason is None:
         grouped_gemm_hopper(
             X_run, W_run, m_sizes, target, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
             permute_y=permute_y, topk_weights=topk_weights, config=config,

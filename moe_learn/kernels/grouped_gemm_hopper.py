@@ -216,9 +216,9 @@ def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str
     return None
 
 
-def hopper_path_applies(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> bool:
-    """The automatic choice: bf16/fp16 on a Hopper GPU (fp32 would run its dots in tf32)."""
-    return X.is_cuda and X.dtype in (torch.bfloat16, torch.float16) and unsupported_reason(X, W, transpose) is None
+def auto_candidate(X: torch.Tensor) -> bool:
+    """Whether ``kernel="auto"`` tries this path: bf16/fp16 on a GPU (fp32 would run its dots in tf32)."""
+    return X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
 
 
 def grouped_gemm_hopper(
