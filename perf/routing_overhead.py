@@ -1,12 +1,16 @@
-"""Where the host time of one fused_routing call goes (GPU asynchronous, so host time = enqueue cost).
+"""Where the time of one fused_routing call goes: host enqueue cost and GPU time, per piece.
 
     PYTHONPATH=$PWD python3 perf/routing_overhead.py
+
+The GPU runs asynchronously, so an eager call costs max(host enqueue time, GPU time);
+a CUDA graph replay shows the GPU time alone.
 """
 
 import time
 
 import torch
 import triton
+import triton.testing
 
 import moe_learn  # noqa: F401
 from moe_learn.kernels import fused_routing as fr
@@ -24,38 +28,45 @@ def host_us(fn, n=300):
     return host
 
 
+def graph_us(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
 T, E, k = 8192, 128, 8
 logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
 w, ids, counts, gather, scatter = fr.fused_routing(logits, k)
 block_t = 16
 nb = triton.cdiv(T, block_t)
-bc = torch.empty(nb * E, dtype=torch.int32, device="cuda")
-bp = torch.empty_like(bc)
-buf = torch.empty(1000, dtype=torch.int32, device="cuda")
+buf = torch.empty(2 * nb * E, dtype=torch.int32, device="cuda")
+bc, bp = buf[: nb * E], buf[nb * E:]
+programs = min(nb, fr.num_sms(logits.device))
+counters = fr._counters(logits.device)
 
 
-def launch_topk():
-    fr._topk_histogram[(nb,)](logits, w, ids, bc, T, E, logits.stride(0), TOP_K=k, TOP_K_PAD=8, BLOCK_T=block_t,
-                              BLOCK_E=128, USE_SIGMOID=False, RENORMALIZE=True, PRE_ACT=True, num_warps=4)
-
-
-def launch_scan():
-    fr._expert_scan[(E,)](bc, bp, counts, nb, BLOCK_B=512, num_warps=4)
-
-
-def launch_place():
-    fr._place_slots[(nb,)](ids, bp, counts, gather, scatter, T * k, nb, E, SLOTS_PER_BLOCK=128, BLOCK_S=128,
-                           BLOCK_E=128, num_warps=4)
+def launch():
+    fr._route[(programs,)](logits, w, ids, bc, bp, counts, gather, scatter, counters, T, E, logits.stride(0), nb,
+                           TOP_K=k, TOP_K_PAD=8, BLOCK_T=block_t, BLOCK_E=128, BLOCK_B=512, USE_SIGMOID=False,
+                           RENORMALIZE=True, PRE_ACT=True, COOPERATIVE=True, num_warps=4)
 
 
 def allocate():
-    torch.empty(T, k, device="cuda")
-    torch.empty(T, k, device="cuda")
-    torch.empty(100, device="cuda")
+    torch.empty(T, k, device="cuda", dtype=torch.bfloat16)
+    torch.empty(T, k, device="cuda", dtype=torch.int64)
+    b = torch.empty(2 * nb * E + E + 2 * T * k, device="cuda", dtype=torch.int32)
+    torch.split(b, [nb * E, nb * E, E, T * k, T * k])
 
 
-for name, fn in [("whole call", lambda: fr.fused_routing(logits, k)), ("torch.empty x3", allocate),
-                 ("torch.split 5", lambda: torch.split(buf, [200] * 5)), ("launch topk", launch_topk),
-                 ("launch scan", launch_scan), ("launch place", launch_place),
-                 ("calculate_topk", lambda: moe_learn.calculate_topk(logits, k, False, True))]:
-    print(f"{name:16s} {host_us(fn):6.1f} us host per call", flush=True)
+for name, fn in [("whole call", lambda: fr.fused_routing(logits, k)),
+                 ("whole call, cooperative=False", lambda: fr.fused_routing(logits, k, cooperative=False)),
+                 ("the launch alone", launch), ("allocations + split", allocate),
+                 ("counters lookup", lambda: fr._counters(logits.device)),
+                 ("calculate_topk (PyTorch)", lambda: moe_learn.calculate_topk(logits, k, False, True))]:
+    print(f"{name:32s} {host_us(fn):6.1f} us host per call", flush=True)
+for name, fn in [("cooperative", lambda: fr.fused_routing(logits, k)),
+                 ("last program finishes", lambda: fr.fused_routing(logits, k, cooperative=False))]:
+    print(f"{name:32s} {graph_us(fn):6.1f} us GPU (CUDA graph replay)", flush=True)
+    print(f"{name:32s} {triton.testing.do_bench(fn, return_mode='median') * 1e3:6.1f} us eager (do_bench)",
+          flush=True)
+kern = list(fr._route.device_caches[0][0].values())[0]
+print("compiled _route: regs", getattr(kern, "n_regs", "?"), "spills", getattr(kern, "n_spills", "?"),
+      "shared", kern.metadata.shared)
