@@ -41,12 +41,17 @@ buf = torch.empty(2 * nb * E, dtype=torch.int32, device="cuda")
 bc, bp = buf[: nb * E], buf[nb * E:]
 programs = min(nb, fr.num_sms(logits.device))
 counters = fr._counters(logits.device)
+consts = dict(TOP_K=k, TOP_K_PAD=8, BLOCK_T=block_t, BLOCK_E=128, BLOCK_B=512, USE_SIGMOID=False,
+              RENORMALIZE=True, PRE_ACT=True, COOPERATIVE=True)
+args = (logits, w, ids, bc, bp, counts, gather, scatter, counters, T, E, logits.stride(0), nb)
 
 
-def launch():
-    fr._route[(programs,)](logits, w, ids, bc, bp, counts, gather, scatter, counters, T, E, logits.stride(0), nb,
-                           TOP_K=k, TOP_K_PAD=8, BLOCK_T=block_t, BLOCK_E=128, BLOCK_B=512, USE_SIGMOID=False,
-                           RENORMALIZE=True, PRE_ACT=True, COOPERATIVE=True, num_warps=4)
+def launch():  # Triton's own launch path
+    fr._route[(programs,)](*args, **consts, num_warps=4, launch_cooperative_grid=True)
+
+
+def launch_direct():  # what fused_routing does after the first call
+    fr._launch(("probe", *consts.values()), nb, args, consts, logits.device)
 
 
 def allocate():
@@ -58,15 +63,24 @@ def allocate():
 
 for name, fn in [("whole call", lambda: fr.fused_routing(logits, k)),
                  ("whole call, cooperative=False", lambda: fr.fused_routing(logits, k, cooperative=False)),
-                 ("the launch alone", launch), ("allocations + split", allocate),
+                 ("Triton launch", launch), ("direct launch (cached kernel)", launch_direct),
+                 ("allocations + split", allocate),
                  ("counters lookup", lambda: fr._counters(logits.device)),
                  ("calculate_topk (PyTorch)", lambda: moe_learn.calculate_topk(logits, k, False, True))]:
     print(f"{name:32s} {host_us(fn):6.1f} us host per call", flush=True)
+for per_sm in (1, 2, 3, 4):
+    fr.MAX_PROGRAMS_PER_SM = per_sm
+    fr._COMPILED.clear()
+    print(f"at most {per_sm} programs per SM: {graph_us(lambda: fr.fused_routing(logits, k)):6.1f} us GPU "
+          f"(graph), {triton.testing.do_bench(lambda: fr.fused_routing(logits, k), return_mode='median') * 1e3:6.1f}"
+          " us eager", flush=True)
+fr.MAX_PROGRAMS_PER_SM = 3
+fr._COMPILED.clear()
 for name, fn in [("cooperative", lambda: fr.fused_routing(logits, k)),
                  ("last program finishes", lambda: fr.fused_routing(logits, k, cooperative=False))]:
     print(f"{name:32s} {graph_us(fn):6.1f} us GPU (CUDA graph replay)", flush=True)
     print(f"{name:32s} {triton.testing.do_bench(fn, return_mode='median') * 1e3:6.1f} us eager (do_bench)",
           flush=True)
-kern = list(fr._route.device_caches[0][0].values())[0]
-print("compiled _route: regs", getattr(kern, "n_regs", "?"), "spills", getattr(kern, "n_spills", "?"),
-      "shared", kern.metadata.shared)
+for key, (kern, per_sm) in fr._COMPILED.items():
+    print("compiled _route", key[1:4], "regs", kern.n_regs, "spills", kern.n_spills, "shared", kern.metadata.shared,
+          "programs per SM", per_sm, "direct launch", fr._DIRECT_LAUNCH[0])

@@ -143,7 +143,8 @@ def _grid_sync(counter_ptr, target):
     tl.debug_barrier()  # no thread reads before the wait is over
 
 
-@triton.jit
+# Compiled once per key (dtypes, constexprs): the integers' values must not change the code
+@triton.jit(do_not_specialize=["T", "E", "stride_t", "num_blocks"])
 def _route(
     logits_ptr, weights_ptr, ids_ptr, block_counts_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_ptr,
     counter_ptr, T, E, stride_t, num_blocks,
@@ -188,12 +189,67 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def _counters(device: torch.device) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream)
     counters = _COUNTERS.get(key)
     if counters is None:
         counters = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
     return counters
+
+
+def _programs_per_sm(kernel, device: torch.device) -> int:
+    """How many programs of ``kernel`` an SM holds at once (registers, threads, shared memory)."""
+    props = torch.cuda.get_device_properties(device)
+    warps = kernel.metadata.num_warps
+    regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256  # registers are handed out per warp, 256 at a time
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(regs_per_warp, 1) // warps
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (kernel.metadata.shared + 1024)
+    return max(1, min(by_regs, by_threads, by_smem, MAX_PROGRAMS_PER_SM))
+
+
+MAX_PROGRAMS_PER_SM = 3
+# key -> (compiled kernel, programs per SM); see _launch
+_COMPILED: dict[tuple, tuple] = {}
+_DIRECT_LAUNCH = [True]  # False once this Triton's compiled kernels turn out to take other arguments
+
+
+def _launch(key, num_blocks, args, constexprs, device):
+    """Launch ``_route`` over at most as many programs as the GPU holds at once.
+
+    Triton's ``kernel[grid](...)`` binds and specializes every argument and looks up its
+    cache on each call: 25-40 us of host time per launch on the VMs of our benchmarks
+    (perf/NOTES.md), more than this kernel's GPU time. So the kernel is compiled once per
+    key and later calls go straight to the compiled kernel's launcher. That is right only
+    because nothing in the key's compiled code depends on argument values: the integers
+    are ``do_not_specialize`` and the key holds the one pointer whose alignment can vary.
+    """
+    options = dict(num_warps=4, launch_cooperative_grid=constexprs["COOPERATIVE"])
+    if INTERPRETER:
+        _route[(min(num_blocks, num_sms(device)),)](*args, **constexprs, num_warps=4)
+        return
+    entry = _COMPILED.get(key)
+    if entry is None:  # compile without launching, then size the grid from its resources
+        kernel = _route.warmup(*args, **constexprs, **options, grid=(1,))
+        kernel._init_handles()
+        entry = _COMPILED[key] = (kernel, _programs_per_sm(kernel, device))
+    kernel, per_sm = entry
+    # never more programs than run at once: the grid barrier waits for all of them
+    # (the cooperative launch makes the driver refuse a grid that would not fit)
+    programs = min(num_blocks, per_sm * num_sms(device))
+    hooks = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if _DIRECT_LAUNCH[0] and (hooks is None or hooks.launch_enter_hook is None):
+        try:
+            kernel.run(programs, 1, 1, torch._C._cuda_getCurrentRawStream(device.index), kernel.function,
+                       kernel.packed_metadata, None, None, None, *args, *constexprs.values())
+            return
+        except (TypeError, AttributeError):  # another Triton: use its own launch path from now on
+            _DIRECT_LAUNCH[0] = False
+    _route[(programs,)](*args, **constexprs, **options)
+
+
+def _padded(n: int) -> int:
+    return -(-n // 4) * 4  # int32 entries: a multiple of 16 bytes
 
 
 def fused_routing(
@@ -229,20 +285,23 @@ def fused_routing(
     # a power of two with block_t * top_k <= 128: the pairwise rank matrix is 128 x 128 at most
     block_t = 1 << max(0, (128 // top_k).bit_length() - 1)
     num_blocks = max(1, triton.cdiv(T, block_t))
-    # never more programs than SMs: all of them must be running at once for the barrier
-    programs = min(num_blocks, num_sms(device))
+    slots = T * top_k
 
     weights = torch.empty(T, top_k, dtype=router_logits.dtype, device=device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=device)
-    # one allocation for all int32 outputs and scratch: fewer host-side calls per routing
-    buf = torch.empty(2 * num_blocks * E + E + 2 * T * top_k, dtype=torch.int32, device=device)
-    block_counts, block_prefix, counts, gather, scatter = torch.split(
-        buf, [num_blocks * E, num_blocks * E, E, T * top_k, T * top_k])
-    _route[(programs,)](
-        router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter, _counters(device),
-        T, E, router_logits.stride(0), num_blocks,
+    # one allocation for all int32 outputs and scratch (fewer host-side calls per routing),
+    # each piece 16-byte aligned behind a pad, so alignment never changes the compiled code
+    hist = _padded(num_blocks * E)
+    sizes = [E, _padded(E) - E, slots, _padded(slots) - slots, slots, _padded(slots) - slots, hist, hist]
+    counts, _, gather, _, scatter, _, block_counts, block_prefix = torch.empty(
+        sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    constexprs = dict(
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
         BLOCK_B=min(1024, triton.next_power_of_2(num_blocks)), USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize,
-        PRE_ACT=pre_act, COOPERATIVE=cooperative, num_warps=4,
+        PRE_ACT=pre_act, COOPERATIVE=cooperative,
     )
+    args = (router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter, _counters(device),
+            T, E, router_logits.stride(0), num_blocks)
+    key = (device, router_logits.dtype, router_logits.data_ptr() % 16 == 0, *constexprs.values())
+    _launch(key, num_blocks, args, constexprs, device)
     return weights, ids, counts, gather, scatter
