@@ -84,3 +84,16 @@ for name, fn in [("cooperative", lambda: fr.fused_routing(logits, k)),
 for key, (kern, per_sm) in fr._COMPILED.items():
     print("compiled _route", key[1:4], "regs", kern.n_regs, "spills", kern.n_spills, "shared", kern.metadata.shared,
           "programs per SM", per_sm, "direct launch", fr._DIRECT_LAUNCH[0])
+
+# Does the cooperative launch attribute (the driver checks that the grid fits) cost host time?
+for coop_attr in (True, False):
+    kern = fr._route.warmup(*args, **consts, num_warps=4, launch_cooperative_grid=coop_attr, grid=(1,))
+    kern._init_handles()
+    stream = torch._C._cuda_getCurrentRawStream(0)
+
+    def direct(kern=kern):
+        kern.run(programs, 1, 1, stream, kern.function, kern.packed_metadata, None, None, None, *args,
+                 *consts.values())
+
+    print(f"direct launch, launch_cooperative_grid={coop_attr}: {host_us(direct):6.1f} us host, "
+          f"{graph_us(direct):6.1f} us GPU (graph)", flush=True)
