@@ -89,11 +89,10 @@ for key, (kern, per_sm) in fr._COMPILED.items():
 for coop_attr in (True, False):
     kern = fr._route.warmup(*args, **consts, num_warps=4, launch_cooperative_grid=coop_attr, grid=(1,))
     kern._init_handles()
-    stream = torch._C._cuda_getCurrentRawStream(0)
 
-    def direct(kern=kern):
-        kern.run(programs, 1, 1, stream, kern.function, kern.packed_metadata, None, None, None, *args,
-                 *consts.values())
+    def direct(kern=kern):  # the current stream each call: a graph capture runs on its own stream
+        kern.run(programs, 1, 1, torch._C._cuda_getCurrentRawStream(0), kern.function, kern.packed_metadata,
+                 None, None, None, *args, *consts.values())
 
     print(f"direct launch, launch_cooperative_grid={coop_attr}: {host_us(direct):6.1f} us host, "
           f"{graph_us(direct):6.1f} us GPU (graph)", flush=True)

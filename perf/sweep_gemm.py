@@ -17,25 +17,26 @@ from moe_learn import bench as B
 from moe_learn.kernels import grouped_gemm_hopper as H
 
 
-def _c(m, n, k, w, st, ws=False, programs=None, tail=0):
-    cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FLATTEN=not ws, WARP_SPECIALIZE=ws,
-               TAIL_M=tail)
+def _c(m, n, k, w, st, ws=False, programs=None):
+    cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FLATTEN=not ws, WARP_SPECIALIZE=ws)
     if programs:
         cfg["NUM_PROGRAMS"] = programs
     return cfg
 
 
-# sweep 7: tail tiles (each expert's rows past its last full tile in 64-row tiles) against the candidates
+# sweep 5: the tuning candidates, plus two programs per SM for tiles whose shared memory allows it
 CONFIGS = {
     "m128n256k64s3": _c(128, 256, 64, 8, 3),
     "m128n256k64s4": _c(128, 256, 64, 8, 4),
     "m128n256k64s3ws": _c(128, 256, 64, 8, 3, True),
-    "m128n256k64s3t64": _c(128, 256, 64, 8, 3, tail=64),
-    "m128n256k64s4t64": _c(128, 256, 64, 8, 4, tail=64),
-    "m128n256k64s3wst64": _c(128, 256, 64, 8, 3, True, tail=64),
+    "m128n256k64s4ws": _c(128, 256, 64, 8, 4, True),
     "m128n128k128s3": _c(128, 128, 128, 8, 3),
-    "m128n128k128s3t64": _c(128, 128, 128, 8, 3, tail=64),
     "m64n128k128w4s4": _c(64, 128, 128, 4, 4),
+    "m64n256k64w4s4": _c(64, 256, 64, 4, 4),
+    "m128n128k64s3x2": _c(128, 128, 64, 8, 3, programs=264),
+    "m128n128k64w4s3x2": _c(128, 128, 64, 4, 3, programs=264),
+    "m64n256k64w4s3x2": _c(64, 256, 64, 4, 3, programs=264),
+    "m128n128k64s2x2ws": _c(128, 128, 64, 8, 2, True, programs=264),
 }
 
 

@@ -113,14 +113,23 @@ def _scan_expert(e, block_counts_ptr, block_prefix_ptr, counts_ptr, num_blocks, 
 
 @triton.jit
 def _place_block(b, ids_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_ptr, num_slots, num_blocks, E,
-                 SLOTS_PER_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+                 SLOTS_PER_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+                 RANK_CHUNK: tl.constexpr):
     lane = tl.arange(0, BLOCK_S)
     offs_s = b * SLOTS_PER_BLOCK + lane
     s_mask = (lane < SLOTS_PER_BLOCK) & (offs_s < num_slots)
     ids = tl.load(ids_ptr + offs_s, mask=s_mask, other=-1, cache_modifier=".cg").to(tl.int32)
-    # rank = earlier slots of this block (flat order) that chose the same expert
-    same = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
-    rank = tl.sum(same.to(tl.int32), axis=1)
+    # rank = earlier slots of this block (flat order) that chose the same expert, counted
+    # against RANK_CHUNK slots at a time: a BLOCK_S x BLOCK_S compare at once would hold
+    # BLOCK_S values per thread and cost the registers that let more programs share an SM
+    rank = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for c in tl.static_range(BLOCK_S // RANK_CHUNK):
+        other_lane = c * RANK_CHUNK + tl.arange(0, RANK_CHUNK)
+        other_s = b * SLOTS_PER_BLOCK + other_lane
+        other = tl.load(ids_ptr + other_s, mask=(other_lane < SLOTS_PER_BLOCK) & (other_s < num_slots), other=-1,
+                        cache_modifier=".cg").to(tl.int32)
+        same = (ids[:, None] == other[None, :]) & (other_lane[None, :] < lane[:, None])
+        rank += tl.sum(same.to(tl.int32), axis=1)
     # where each expert starts: exclusive prefix sum of the counts, picked per slot
     offs_e = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0, cache_modifier=".cg")
@@ -150,7 +159,7 @@ def _route(
     counter_ptr, T, E, stride_t, num_blocks,
     TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_B: tl.constexpr, USE_SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, PRE_ACT: tl.constexpr,
-    COOPERATIVE: tl.constexpr,
+    RANK_CHUNK: tl.constexpr, COOPERATIVE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -165,7 +174,7 @@ def _route(
         _grid_sync(counter_ptr, 2 * programs)
         for b in range(pid, num_blocks, programs):
             _place_block(b, ids_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_ptr, num_slots, num_blocks,
-                         E, BLOCK_T * TOP_K, BLOCK_T * TOP_K_PAD, BLOCK_E)
+                         E, BLOCK_T * TOP_K, BLOCK_T * TOP_K_PAD, BLOCK_E, RANK_CHUNK)
         # the last program out resets the counters for the next launch (everyone has left the waits)
         if tl.atomic_add(counter_ptr + 1, 1, sem="acq_rel", scope="gpu") == programs - 1:
             tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
@@ -179,7 +188,7 @@ def _route(
             tl.debug_barrier()  # this program's scan stores, before its own reads of them
             for b in range(0, num_blocks):
                 _place_block(b, ids_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_ptr, num_slots,
-                             num_blocks, E, BLOCK_T * TOP_K, BLOCK_T * TOP_K_PAD, BLOCK_E)
+                             num_blocks, E, BLOCK_T * TOP_K, BLOCK_T * TOP_K_PAD, BLOCK_E, RANK_CHUNK)
             tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -208,7 +217,7 @@ def _programs_per_sm(kernel, device: torch.device) -> int:
     return max(1, min(by_regs, by_threads, by_smem, MAX_PROGRAMS_PER_SM))
 
 
-MAX_PROGRAMS_PER_SM = 3
+MAX_PROGRAMS_PER_SM = 4
 # key -> (compiled kernel, programs per SM); see _launch
 _COMPILED: dict[tuple, tuple] = {}
 _DIRECT_LAUNCH = [True]  # False once this Triton's compiled kernels turn out to take other arguments
@@ -298,7 +307,7 @@ def fused_routing(
     constexprs = dict(
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
         BLOCK_B=min(1024, triton.next_power_of_2(num_blocks)), USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize,
-        PRE_ACT=pre_act, COOPERATIVE=cooperative,
+        PRE_ACT=pre_act, RANK_CHUNK=min(32, block_t * triton.next_power_of_2(top_k)), COOPERATIVE=cooperative,
     )
     args = (router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter, _counters(device),
             T, E, router_logits.stride(0), num_blocks)

@@ -40,102 +40,65 @@ except ImportError:  # pragma: no cover - older Triton: grouped_gemm keeps its p
 
 
 @triton.jit
-def _tile(
-    x_ptr, x_desc, w_desc, y_ptr, gather_ptr, weights_ptr, e, row_start, m0, m_e, n0, N, K, stride_xm, stride_ym,
-    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, WEIGHTED: tl.constexpr,
-):
-    """One output tile: rows ``m0 ..`` of expert ``e`` (which starts at row ``row_start``), columns ``n0 ..``."""
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < m_e
-    rows = row_start + offs_m  # rows in expert order
-    if PERMUTE_X:  # gather token rows straight from X in token order
-        src = tl.load(gather_ptr + rows, mask=m_mask, other=0) // TOPK
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if PERMUTE_X:
-            x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                        mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-        else:
-            x = x_desc.load([row_start + m0, k0])
-        w = w_desc.load([e * N + n0, k0])
-        acc = tl.dot(x, w.T, acc)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    if PERMUTE_Y:  # each row goes back to its (token, slot) position
-        out_rows = tl.load(gather_ptr + rows, mask=m_mask, other=0)
-    else:
-        out_rows = rows
-    if WEIGHTED:
-        acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
-
-
-@triton.jit
-def _find_tile(tile_id, tile_end, tile_begin, sizes, row_begin, m_tiles, offs_e):
-    """Expert, rows, first row and (M, N) tile position of tile ``tile_id``, from the tile map."""
-    e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts whose tiles all come before
-    this = offs_e == e
-    m_e = tl.sum(tl.where(this, sizes, 0))
-    num_m_tiles = tl.sum(tl.where(this, m_tiles, 0))
-    local = tile_id - tl.sum(tl.where(this, tile_begin, 0))
-    row_start = tl.sum(tl.where(this, row_begin, 0))
-    return e, m_e, row_start, local % num_m_tiles, local // num_m_tiles  # M fastest: neighbours share W
-
-
-@triton.jit
 def _grouped_gemm_tma_kernel(
-    x_ptr, x_desc, x_tail_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
+    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
     N, K, E, stride_xm, stride_ym,
-    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_M: tl.constexpr,
+    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
     WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     # The tile map, per expert: rows, first row, first tile (exclusive prefix sums).
     offs_e = tl.arange(0, BLOCK_E)
     # int32 whatever m_sizes holds: TMA coordinates must be 32-bit
     sizes = tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
-    row_begin = tl.cumsum(sizes, axis=0) - sizes
-    if TAIL_M > 0:  # full BLOCK_M tiles here; each expert's last rows go to TAIL_M-row tiles below
-        m_tiles = sizes // BLOCK_M
-    else:
-        m_tiles = tl.cdiv(sizes, BLOCK_M)
+    m_tiles = tl.cdiv(sizes, BLOCK_M)
     tile_end = tl.cumsum(m_tiles * num_n_tiles, axis=0)
     tile_begin = tile_end - m_tiles * num_n_tiles
+    row_begin = tl.cumsum(sizes, axis=0) - sizes
     num_tiles = tl.sum(m_tiles * num_n_tiles)
 
     for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        e, m_e, row_start, tile_m, tile_n = _find_tile(tile_id, tile_end, tile_begin, sizes, row_begin, m_tiles,
-                                                        offs_e)
-        _tile(x_ptr, x_desc, w_desc, y_ptr, gather_ptr, weights_ptr, e, row_start, tile_m * BLOCK_M, m_e,
-              tile_n * BLOCK_N, N, K, stride_xm, stride_ym, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, PERMUTE_X, PERMUTE_Y,
-              WEIGHTED)
+        e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts whose tiles all come before
+        this = offs_e == e
+        m_e = tl.sum(tl.where(this, sizes, 0))
+        num_m_tiles = tl.sum(tl.where(this, m_tiles, 0))
+        local = tile_id - tl.sum(tl.where(this, tile_begin, 0))
+        row_start = tl.sum(tl.where(this, row_begin, 0))
+        tile_m = local % num_m_tiles  # M fastest: neighbours share the weight tile
+        tile_n = local // num_m_tiles
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_e
+        rows = row_start + offs_m  # rows in expert order
+        n0 = tile_n * BLOCK_N
+        if PERMUTE_X:  # gather token rows straight from X in token order
+            src = tl.load(gather_ptr + rows, mask=m_mask, other=0) // TOPK
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if PERMUTE_X:
+                x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                            mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+            else:
+                x = x_desc.load([row_start + tile_m * BLOCK_M, k0])
+            w = w_desc.load([e * N + n0, k0])
+            acc = tl.dot(x, w.T, acc)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if PERMUTE_Y:  # each row goes back to its (token, slot) position
+            out_rows = tl.load(gather_ptr + rows, mask=m_mask, other=0)
+        else:
+            out_rows = rows
+        if WEIGHTED:
+            acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
 
-    if TAIL_M > 0:
-        # The rows past each expert's last full tile, in TAIL_M-row tiles: a ragged expert
-        # then wastes less than TAIL_M rows of tensor-core work instead of up to BLOCK_M.
-        full_rows = m_tiles * BLOCK_M
-        tail_tiles = tl.cdiv(sizes - full_rows, TAIL_M)
-        tail_end = tl.cumsum(tail_tiles * num_n_tiles, axis=0)
-        tail_begin = tail_end - tail_tiles * num_n_tiles
-        # programs that got one more full tile start their share of the tails later
-        first = (pid - num_tiles % NUM_PROGRAMS + NUM_PROGRAMS) % NUM_PROGRAMS
-        for tail_id in tl.range(first, tl.sum(tail_tiles * num_n_tiles), NUM_PROGRAMS, flatten=FLATTEN):
-            e, m_e, row_start, tile_m, tile_n = _find_tile(tail_id, tail_end, tail_begin, sizes, row_begin,
-                                                            tail_tiles, offs_e)
-            m0 = tl.sum(tl.where(offs_e == e, full_rows, 0)) + tile_m * TAIL_M
-            _tile(x_ptr, x_tail_desc, w_desc, y_ptr, gather_ptr, weights_ptr, e, row_start, m0, m_e,
-                  tile_n * BLOCK_N, N, K, stride_xm, stride_ym, TOPK, TAIL_M, BLOCK_N, BLOCK_K, PERMUTE_X,
-                  PERMUTE_Y, WEIGHTED)
 
-
-def _config(m, n, k, warps, stages, warp_specialize=False, tail_m=0):
+def _config(m, n, k, warps, stages, warp_specialize=False):
     # Warp specialisation (producer/consumer warps) and flattening don't go together here.
     return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages,
-                FLATTEN=not warp_specialize, WARP_SPECIALIZE=warp_specialize, TAIL_M=tail_m)
+                FLATTEN=not warp_specialize, WARP_SPECIALIZE=warp_specialize)
 
 
 # Candidates by average rows per expert, from the sweeps on an H100 (perf/NOTES.md): few
@@ -152,7 +115,7 @@ CANDIDATES_BY_ROWS_PER_EXPERT = (
                     _config(128, 256, 64, 8, 4, True))),
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
-               "TAIL_M", "NUM_PROGRAMS")
+               "NUM_PROGRAMS")
 TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
 
 
@@ -287,10 +250,6 @@ def grouped_gemm_hopper(
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
         cfg = {**pick_config(M, E), **config}
-        tail_m = cfg.get("TAIL_M", 0)
-        if tail_m and (tail_m & (tail_m - 1) or tail_m >= cfg["BLOCK_M"]):
-            raise ValueError(f"config TAIL_M={tail_m} must be 0 (off) or a power of two below "
-                             f"BLOCK_M={cfg['BLOCK_M']}")
     elif autotune_enabled(X):
         key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None)
         cfg = choose_config(key, candidates(M, E), run)
@@ -305,18 +264,16 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     w_desc = TensorDescriptor.from_tensor(W.view(E * N, K), block_shape=[bn, bk])
     x_desc = TensorDescriptor.from_tensor(X, block_shape=[bm, bk])
-    tail_m = cfg.get("TAIL_M", 0)
-    x_tail_desc = TensorDescriptor.from_tensor(X, block_shape=[tail_m, bk]) if tail_m else x_desc
     # more programs than tiles would only idle: the tile count is at most this bound
-    max_tiles = (triton.cdiv(M, tail_m or bm) + E) * triton.cdiv(N, bn)
+    max_tiles = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
     placeholder = m_sizes  # for pointers a variant never reads
     _grouped_gemm_tma_kernel[(programs,)](
-        X, x_desc, x_tail_desc, w_desc, out, m_sizes,
+        X, x_desc, w_desc, out, m_sizes,
         gather_indices if gather_indices is not None else placeholder,
         topk_weights.reshape(-1) if topk_weights is not None else placeholder,
         N, K, E, X.stride(0), out.stride(0),
-        TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TAIL_M=tail_m, BLOCK_E=triton.next_power_of_2(E),
+        TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
         NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
         WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
