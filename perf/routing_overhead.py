@@ -42,7 +42,7 @@ bc, bp = buf[: nb * E], buf[nb * E:]
 programs = min(nb, fr.num_sms(logits.device))
 counters = fr._counters(logits.device)
 consts = dict(TOP_K=k, TOP_K_PAD=8, BLOCK_T=block_t, BLOCK_E=128, BLOCK_B=512, USE_SIGMOID=False,
-              RENORMALIZE=True, PRE_ACT=True, COOPERATIVE=True)
+              RENORMALIZE=True, PRE_ACT=True, RANK_CHUNK=32, COOPERATIVE=True)
 args = (logits, w, ids, bc, bp, counts, gather, scatter, counters, T, E, logits.stride(0), nb)
 
 
@@ -81,7 +81,7 @@ for name, fn in [("cooperative", lambda: fr.fused_routing(logits, k)),
     print(f"{name:32s} {graph_us(fn):6.1f} us GPU (CUDA graph replay)", flush=True)
     print(f"{name:32s} {triton.testing.do_bench(fn, return_mode='median') * 1e3:6.1f} us eager (do_bench)",
           flush=True)
-for key, (kern, per_sm) in fr._COMPILED.items():
+for key, (kern, per_sm, _) in fr._COMPILED.items():
     print("compiled _route", key[1:4], "regs", kern.n_regs, "spills", kern.n_spills, "shared", kern.metadata.shared,
           "programs per SM", per_sm, "direct launch", fr._DIRECT_LAUNCH[0])
 

@@ -218,7 +218,7 @@ def _programs_per_sm(kernel, device: torch.device) -> int:
 
 
 MAX_PROGRAMS_PER_SM = 4
-# key -> (compiled kernel, programs per SM); see _launch
+# key -> (compiled kernel, programs per SM, constexpr values in parameter order); see _launch
 _COMPILED: dict[tuple, tuple] = {}
 _DIRECT_LAUNCH = [True]  # False once this Triton's compiled kernels turn out to take other arguments
 
@@ -241,8 +241,10 @@ def _launch(key, num_blocks, args, constexprs, device):
     if entry is None:  # compile without launching, then size the grid from its resources
         kernel = _route.warmup(*args, **constexprs, **options, grid=(1,))
         kernel._init_handles()
-        entry = _COMPILED[key] = (kernel, _programs_per_sm(kernel, device))
-    kernel, per_sm = entry
+        # the launcher takes every parameter in the kernel's order, constexprs included
+        ordered = [constexprs[name] for name in _route.arg_names[len(args):]]
+        entry = _COMPILED[key] = (kernel, _programs_per_sm(kernel, device), ordered)
+    kernel, per_sm, ordered = entry
     # never more programs than run at once: the grid barrier waits for all of them
     # (the cooperative launch makes the driver refuse a grid that would not fit)
     programs = min(num_blocks, per_sm * num_sms(device))
@@ -250,7 +252,7 @@ def _launch(key, num_blocks, args, constexprs, device):
     if _DIRECT_LAUNCH[0] and (hooks is None or hooks.launch_enter_hook is None):
         try:
             kernel.run(programs, 1, 1, torch._C._cuda_getCurrentRawStream(device.index), kernel.function,
-                       kernel.packed_metadata, None, None, None, *args, *constexprs.values())
+                       kernel.packed_metadata, None, None, None, *args, *ordered)
             return
         except (TypeError, AttributeError):  # another Triton: use its own launch path from now on
             _DIRECT_LAUNCH[0] = False
