@@ -217,10 +217,23 @@ def _programs_per_sm(kernel, device: torch.device) -> int:
     return max(1, min(by_regs, by_threads, by_smem, MAX_PROGRAMS_PER_SM))
 
 
-MAX_PROGRAMS_PER_SM = 4
-# key -> (compiled kernel, programs per SM, constexpr values in parameter order); see _launch
+MAX_PROGRAMS_PER_SM = 2  # measured best at T=8192 (perf/NOTES.md), when the resources allow it
+# key -> (compiled kernel, most programs at once, constexprs in parameter order, direct launch?)
 _COMPILED: dict[tuple, tuple] = {}
 _DIRECT_LAUNCH = [True]  # False once this Triton's compiled kernels turn out to take other arguments
+
+
+def _compile(args, constexprs, options, device) -> tuple:
+    """Compile without launching; size the grid from the compiled kernel's resources."""
+    kernel = _route.warmup(*args, **constexprs, **options, grid=(1,))
+    kernel._init_handles()
+    most_programs = _programs_per_sm(kernel, device) * num_sms(device)
+    # the launcher takes every parameter in the kernel's order, constexprs included
+    ordered = [constexprs[name] for name in _route.arg_names[len(args):]]
+    # Triton's launch hooks (profilers) only run on its own launch path
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    direct = runtime is not None and runtime.launch_enter_hook is None
+    return kernel, most_programs, ordered, direct
 
 
 def _launch(key, num_blocks, args, constexprs, device):
@@ -229,27 +242,22 @@ def _launch(key, num_blocks, args, constexprs, device):
     Triton's ``kernel[grid](...)`` binds and specializes every argument and looks up its
     cache on each call: 25-40 us of host time per launch on the VMs of our benchmarks
     (perf/NOTES.md), more than this kernel's GPU time. So the kernel is compiled once per
-    key and later calls go straight to the compiled kernel's launcher. That is right only
-    because nothing in the key's compiled code depends on argument values: the integers
-    are ``do_not_specialize`` and the key holds the one pointer whose alignment can vary.
+    key and later calls go straight to the compiled kernel's launcher (about 7 us). That is
+    right only because nothing in the key's compiled code depends on argument values: the
+    integers are ``do_not_specialize`` and the key holds the one pointer whose alignment can vary.
     """
     options = dict(num_warps=4, launch_cooperative_grid=constexprs["COOPERATIVE"])
     if INTERPRETER:
         _route[(min(num_blocks, num_sms(device)),)](*args, **constexprs, num_warps=4)
         return
     entry = _COMPILED.get(key)
-    if entry is None:  # compile without launching, then size the grid from its resources
-        kernel = _route.warmup(*args, **constexprs, **options, grid=(1,))
-        kernel._init_handles()
-        # the launcher takes every parameter in the kernel's order, constexprs included
-        ordered = [constexprs[name] for name in _route.arg_names[len(args):]]
-        entry = _COMPILED[key] = (kernel, _programs_per_sm(kernel, device), ordered)
-    kernel, per_sm, ordered = entry
+    if entry is None:
+        entry = _COMPILED[key] = _compile(args, constexprs, options, device)
+    kernel, most_programs, ordered, direct = entry
     # never more programs than run at once: the grid barrier waits for all of them
     # (the cooperative launch makes the driver refuse a grid that would not fit)
-    programs = min(num_blocks, per_sm * num_sms(device))
-    hooks = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if _DIRECT_LAUNCH[0] and (hooks is None or hooks.launch_enter_hook is None):
+    programs = min(num_blocks, most_programs)
+    if direct and _DIRECT_LAUNCH[0]:
         try:
             kernel.run(programs, 1, 1, torch._C._cuda_getCurrentRawStream(device.index), kernel.function,
                        kernel.packed_metadata, None, None, None, *args, *ordered)
