@@ -230,9 +230,10 @@ def _compile(args, constexprs, options, device) -> tuple:
     most_programs = _programs_per_sm(kernel, device) * num_sms(device)
     # the launcher takes every parameter in the kernel's order, constexprs included
     ordered = [constexprs[name] for name in _route.arg_names[len(args):]]
-    # Triton's launch hooks (profilers) only run on its own launch path
+    # Triton's launch hooks (profilers) only run on its own launch path: go direct only without any
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    direct = runtime is not None and runtime.launch_enter_hook is None
+    hooks = [getattr(runtime, name, None) for name in ("launch_enter_hook", "launch_exit_hook")]
+    direct = runtime is not None and not any(getattr(h, "calls", h) for h in hooks)  # None, or an empty chain
     return kernel, most_programs, ordered, direct
 
 
@@ -244,7 +245,7 @@ def _launch(key, num_blocks, args, constexprs, device):
     (perf/NOTES.md), more than this kernel's GPU time. So the kernel is compiled once per
     key and later calls go straight to the compiled kernel's launcher (about 7 us). That is
     right only because nothing in the key's compiled code depends on argument values: the
-    integers are ``do_not_specialize`` and the key holds the one pointer whose alignment can vary.
+    integers are ``do_not_specialize`` and the key holds what decides the pointers' alignment.
     """
     options = dict(num_warps=4, launch_cooperative_grid=constexprs["COOPERATIVE"])
     if INTERPRETER:
@@ -265,10 +266,6 @@ def _launch(key, num_blocks, args, constexprs, device):
         except (TypeError, AttributeError):  # another Triton: use its own launch path from now on
             _DIRECT_LAUNCH[0] = False
     _route[(programs,)](*args, **constexprs, **options)
-
-
-def _padded(n: int) -> int:
-    return -(-n // 4) * 4  # int32 entries: a multiple of 16 bytes
 
 
 def fused_routing(
@@ -308,12 +305,10 @@ def fused_routing(
 
     weights = torch.empty(T, top_k, dtype=router_logits.dtype, device=device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=device)
-    # one allocation for all int32 outputs and scratch (fewer host-side calls per routing),
-    # each piece 16-byte aligned behind a pad, so alignment never changes the compiled code
-    hist = _padded(num_blocks * E)
-    sizes = [E, _padded(E) - E, slots, _padded(slots) - slots, slots, _padded(slots) - slots, hist, hist]
-    counts, _, gather, _, scatter, _, block_counts, block_prefix = torch.empty(
-        sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    # one allocation for all int32 outputs and scratch: fewer host-side calls per routing
+    gather, scatter, counts, block_counts, block_prefix = torch.empty(
+        2 * slots + E + 2 * num_blocks * E, dtype=torch.int32, device=device,
+    ).split_with_sizes([slots, slots, E, num_blocks * E, num_blocks * E])
     constexprs = dict(
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
         BLOCK_B=min(1024, triton.next_power_of_2(num_blocks)), USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize,
@@ -321,6 +316,8 @@ def fused_routing(
     )
     args = (router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter, _counters(device),
             T, E, router_logits.stride(0), num_blocks)
-    key = (device, router_logits.dtype, router_logits.data_ptr() % 16 == 0, *constexprs.values())
+    # what decides the pointers' 16-byte alignment, which the compiled code may assume
+    alignment = (router_logits.data_ptr() % 16, slots % 4, E % 4)
+    key = (device, router_logits.dtype, alignment, *constexprs.values())
     _launch(key, num_blocks, args, constexprs, device)
     return weights, ids, counts, gather, scatter
