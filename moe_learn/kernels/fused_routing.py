@@ -18,8 +18,8 @@ Each phase needs everything the phase before wrote, from every program. On a GPU
 programs wait for each other at a grid-wide barrier (an atomic counter): there are
 never more programs than fit on the GPU at once, so all of them run side by side and
 the wait always ends. One launch instead of three matters because routing is small:
-its GPU time is about 20 us at T=8192, E=128, top-8, less than the host time of three
-Triton launches. Triton's CPU interpreter runs programs one after another, where a
+at T=8192, E=128, top-8 its GPU time (about 40 us) is less than the host time of three
+Triton launches on the benchmark VMs (perf/NOTES.md). Triton's CPU interpreter runs programs one after another, where a
 program waiting for a later one would wait forever, so there the last program to finish
 phase 1 runs phases 2 and 3 for everyone (``cooperative=False``, also selectable on a GPU).
 """
