@@ -197,8 +197,7 @@ def _route(
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def _counters(device: torch.device) -> torch.Tensor:
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+def _counters(device: torch.device, stream: int) -> torch.Tensor:
     key = (device, stream)
     counters = _COUNTERS.get(key)
     if counters is None:
@@ -237,7 +236,7 @@ def _compile(args, constexprs, options, device) -> tuple:
     return kernel, most_programs, ordered, direct
 
 
-def _launch(key, num_blocks, args, constexprs, device):
+def _launch(key, num_blocks, args, constexprs, device, stream):
     """Launch ``_route`` over at most as many programs as the GPU holds at once.
 
     Triton's ``kernel[grid](...)`` binds and specializes every argument and looks up its
@@ -247,10 +246,10 @@ def _launch(key, num_blocks, args, constexprs, device):
     right only because nothing in the key's compiled code depends on argument values: the
     integers are ``do_not_specialize`` and the key holds what decides the pointers' alignment.
     """
-    options = dict(num_warps=4, launch_cooperative_grid=constexprs["COOPERATIVE"])
     if INTERPRETER:
         _route[(min(num_blocks, num_sms(device)),)](*args, **constexprs, num_warps=4)
         return
+    options = dict(num_warps=4, launch_cooperative_grid=constexprs["COOPERATIVE"])
     entry = _COMPILED.get(key)
     if entry is None:
         entry = _COMPILED[key] = _compile(args, constexprs, options, device)
@@ -260,8 +259,8 @@ def _launch(key, num_blocks, args, constexprs, device):
     programs = min(num_blocks, most_programs)
     if direct and _DIRECT_LAUNCH[0]:
         try:
-            kernel.run(programs, 1, 1, torch._C._cuda_getCurrentRawStream(device.index), kernel.function,
-                       kernel.packed_metadata, None, None, None, *args, *ordered)
+            kernel.run(programs, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args,
+                       *ordered)
             return
         except (TypeError, AttributeError):  # another Triton: use its own launch path from now on
             _DIRECT_LAUNCH[0] = False
@@ -314,10 +313,11 @@ def fused_routing(
         BLOCK_B=min(1024, triton.next_power_of_2(num_blocks)), USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize,
         PRE_ACT=pre_act, RANK_CHUNK=min(32, block_t * triton.next_power_of_2(top_k)), COOPERATIVE=cooperative,
     )
-    args = (router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter, _counters(device),
-            T, E, router_logits.stride(0), num_blocks)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    args = (router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter,
+            _counters(device, stream), T, E, router_logits.stride(0), num_blocks)
     # what decides the pointers' 16-byte alignment, which the compiled code may assume
     alignment = (router_logits.data_ptr() % 16, slots % 4, E % 4)
     key = (device, router_logits.dtype, alignment, *constexprs.values())
-    _launch(key, num_blocks, args, constexprs, device)
+    _launch(key, num_blocks, args, constexprs, device, stream)
     return weights, ids, counts, gather, scatter
