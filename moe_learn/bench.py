@@ -79,10 +79,24 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+# Seconds the GPU idles before each timing. Under sustained load an H100 sits at its power cap
+# and runs every kernel, the ceiling's matmul included, about 10% slower (perf/thermal.py,
+# perf/NOTES.md). A ceiling measured on a rested GPU against kernels timed on a loaded one
+# would mix two machines; so every timing here, ceilings and kernels alike, follows a rest.
+# A timing itself (25 ms warm-up, 100 ms of runs) is too short to reach the cap.
+REST_S = 1.5
+
+
+def _rest() -> None:
+    torch.cuda.synchronize()
+    time.sleep(REST_S)
+
+
 def do_bench(fn) -> float:
-    """Median seconds per call (CUDA events via Triton, after warm-up)."""
+    """Median seconds per call (CUDA events via Triton, after warm-up), after ``REST_S`` of idle."""
     import triton.testing
 
+    _rest()
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
 
 
@@ -90,6 +104,7 @@ def do_bench_graph(fn) -> float:
     """Median seconds per call replayed from a CUDA graph: device time without launch overhead."""
     import triton.testing
 
+    _rest()
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
 
 
@@ -289,7 +304,8 @@ def markdown_report(result: dict) -> str:
     lines = [
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}, "
         f"{env['date']}. Command: `{result['command']}`. Measured ceilings: bf16 matmul "
-        f"{peaks['matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_tbs']:.2f} TB/s.",
+        f"{peaks['matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_tbs']:.2f} TB/s."
+        + (f" Each timing followed {result['rest_s']:g} s of idle." if "rest_s" in result else ""),
         "",
     ]
     if "gemm" in result:
@@ -347,15 +363,20 @@ def markdown_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global REST_S
     parser = argparse.ArgumentParser(prog="moe-learn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json and roofline.png")
     parser.add_argument("--only", nargs="*", choices=SECTIONS + ("backward",), help="sections to run (default: all)")
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="GEMM models (default: all four)")
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS), help="GEMM token counts")
     parser.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop baseline")
+    parser.add_argument("--rest", type=float, default=REST_S, metavar="SECONDS",
+                        help=f"idle before each timing, so no timing inherits the power cap (default {REST_S})")
     parser.add_argument("--report", type=Path, metavar="RESULTS_JSON",
                         help="print a stored run as Markdown (no GPU needed), e.g. docs/bench/h100-results.json")
     args = parser.parse_args(argv)
+    if args.rest < 0:
+        parser.error(f"--rest must be 0 or more seconds, got {args.rest}")
     if args.report:
         print(markdown_report(json.loads(args.report.read_text())))
         return 0
@@ -367,10 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         console.print("No CUDA GPU here: the benchmarks need one. Stored H100 results: docs/benchmarks.md")
         return 0
+    REST_S = args.rest
     sections = args.only or [*SECTIONS, "backward"]
     selected = cases(args.models, tuple(args.tokens)) if "gemm" in sections else []
     result: dict = {"environment": environment(),
-                    "command": "python -m moe_learn bench " + " ".join(sys.argv[1:] if argv is None else argv)}
+                    "command": "python -m moe_learn bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "rest_s": REST_S}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("measuring peaks", total=1 + len(selected) + len(sections))
         # the ceilings before and after the GEMM cases, the higher of each kept: a GPU still hot

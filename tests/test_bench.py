@@ -47,3 +47,24 @@ def test_report_of_the_stored_h100_run(capsys):
     for case in bench.cases():
         assert f"| {case.name} |" in out, f"{case.name} missing from the report"
     assert "Routing" in out and "MoE forward" in out
+
+
+def test_a_negative_rest_is_refused_naming_the_argument(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--rest", "-1"])
+    assert "--rest must be 0 or more seconds" in capsys.readouterr().err
+
+
+def test_every_timing_follows_a_rest(monkeypatch):
+    """Ceilings and kernels are timed on a rested GPU alike (a loaded H100 sits at its power cap)."""
+    import triton.testing
+
+    events = []
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: events.append("sync"))
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: events.append("time") or 2.0)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: events.append("graph") or 3.0)
+    monkeypatch.setattr(bench, "REST_S", 0.25)
+    assert bench.do_bench(lambda: None) == pytest.approx(2e-3)
+    assert bench.do_bench_graph(lambda: None) == pytest.approx(3e-3)
+    assert events == ["sync", ("sleep", 0.25), "time", "sync", ("sleep", 0.25), "graph"]

@@ -45,8 +45,7 @@ def _grouped_gemm_tma_kernel(
     N, K, E, stride_xm, stride_ym,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
-    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, TMA_STORE: tl.constexpr,
-    EPILOGUE_SPLIT: tl.constexpr,
+    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -92,23 +91,8 @@ def _grouped_gemm_tma_kernel(
             out_rows = rows
         if WEIGHTED:
             acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-        if TMA_STORE:
-            # Rows in expert order: a descriptor that ends where this expert's rows end lets
-            # the copy engine clip the last, ragged tile. The store is asynchronous, so the
-            # next tile's MMAs need not wait for registers to drain to global memory.
-            y_desc = tl.make_tensor_descriptor(y_ptr + row_start.to(tl.int64) * stride_ym, shape=[m_e, N],
-                                               strides=[stride_ym, 1],
-                                               block_shape=[BLOCK_M, BLOCK_N // EPILOGUE_SPLIT])
-            out = acc.to(y_ptr.dtype.element_ty)
-            if EPILOGUE_SPLIT == 1:
-                y_desc.store([tile_m * BLOCK_M, n0], out)
-            else:  # two halves: half the shared memory for the staging buffer
-                left, right = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-                y_desc.store([tile_m * BLOCK_M, n0], left)
-                y_desc.store([tile_m * BLOCK_M, n0 + BLOCK_N // 2], right)
-        else:
-            y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
+        y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
 
 
 def _config(m, n, k, warps, stages, warp_specialize=False):
@@ -131,7 +115,7 @@ CANDIDATES_BY_ROWS_PER_EXPERT = (
                     _config(128, 256, 64, 8, 4, True))),
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
-               "NUM_PROGRAMS", "TMA_STORE", "EPILOGUE_SPLIT")
+               "NUM_PROGRAMS")
 TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
 
 
@@ -232,23 +216,6 @@ def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str
     return None
 
 
-def tma_store_reason(out: torch.Tensor, permute_y: bool) -> str | None:
-    """Why ``out`` cannot be written through the copy engine (then plain stores do it), or None."""
-    if permute_y:
-        return "rows are scattered to token order"
-    if out.stride(1) != 1 or (out.stride(0) * out.element_size()) % 16 or out.data_ptr() % 16:
-        return "TMA needs unit column stride and 16-byte aligned rows"
-    return None
-
-
-def _ensure_allocator() -> None:
-    """Descriptors made inside a kernel live in a scratch buffer that Triton asks its allocator for."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
 def auto_candidate(X: torch.Tensor) -> bool:
     """Whether ``kernel="auto"`` tries this path: bf16/fp16 on a GPU (fp32 would run its dots in tf32)."""
     return X.is_cuda and X.dtype in (torch.bfloat16, torch.float16)
@@ -301,9 +268,6 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     max_tiles = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
     placeholder = m_sizes  # for pointers a variant never reads
-    tma_store = cfg.get("TMA_STORE", False) and tma_store_reason(out, permute_y) is None
-    if tma_store and out.is_cuda:
-        _ensure_allocator()
     _grouped_gemm_tma_kernel[(programs,)](
         X, x_desc, w_desc, out, m_sizes,
         gather_indices if gather_indices is not None else placeholder,
@@ -312,7 +276,6 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
         TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
         NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
         WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
-        TMA_STORE=tma_store, EPILOGUE_SPLIT=cfg.get("EPILOGUE_SPLIT", 1) if tma_store else 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
