@@ -3,7 +3,8 @@
 - grouped GEMM (bf16): the two expert GEMMs of four MoE models at T = 1024 and 8192,
   ours against the per-expert loop, ``torch._grouped_mm``, a dense matmul of the same
   size and the roofline floor ``max(FLOPs / bf16 matmul peak, bytes / copy bandwidth)``
-  (both ceilings measured in the same run; bytes = X + all expert weights + Y once);
+  (both ceilings measured in the same run; bytes = X + all expert weights + Y once;
+  every timing, ceilings included, follows a short rest: see ``REST_S``);
 - routing: router logits -> top-k, counts, gather and scatter indices, fused vs eager;
 - MoE forward: the fused block against transformers' ``Qwen3MoeSparseMoeBlock`` (eager);
 - MoE backward: the same, for the backward pass, when ``moe_learn.autograd`` exists.
