@@ -19,25 +19,23 @@ from moe_learn import bench as B
 from moe_learn.kernels import grouped_gemm_hopper as H
 
 
-def _c(m, n, k, w, st, ws=False, programs=None, split_k=1):
-    cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FLATTEN=not ws, WARP_SPECIALIZE=ws,
-               SPLIT_K=split_k)
+def _c(m, n, k, w, st, ws=False, programs=None):
+    cfg = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FLATTEN=not ws, WARP_SPECIALIZE=ws)
     if programs:
         cfg["NUM_PROGRAMS"] = programs
     return cfg
 
 
-# Sweep 10: split-K against the tuning candidates, each timed twice, in turns. (Sweep 9's
-# TMA-store variants are in commit 314165d; earlier sweeps' lists are in this file's history.)
+# The tuning candidates, each timed twice, in turns. (Sweep 9's TMA-store variants are in
+# commit 314165d, sweep 10's split-K in 3a79db7; earlier sweeps' lists are in this file's history.)
 CONFIGS = {
     "m128n256k64s3": _c(128, 256, 64, 8, 3),
     "m128n256k64s4": _c(128, 256, 64, 8, 4),
+    "m128n256k64s3ws": _c(128, 256, 64, 8, 3, True),
     "m128n256k64s4ws": _c(128, 256, 64, 8, 4, True),
     "m128n128k128s3": _c(128, 128, 128, 8, 3),
-    "m128n256k64s4split2": _c(128, 256, 64, 8, 4, split_k=2),
-    "m128n256k64s3split2": _c(128, 256, 64, 8, 3, split_k=2),
-    "m128n256k64s4split3": _c(128, 256, 64, 8, 4, split_k=3),
-    "m128n128k128s3split2": _c(128, 128, 128, 8, 3, split_k=2),
+    "m64n128k128w4s4": _c(64, 128, 128, 4, 4),
+    "m64n256k64w4s4": _c(64, 256, 64, 4, 4),
 }
 REPEATS = 2
 

@@ -67,36 +67,6 @@ def test_all_fusions_match_float64(dtype, T, E, topk, N, K, empty, skew):
     assert relative_error(out2, ref2) <= BOUNDS[dtype]
 
 
-@pytest.mark.parametrize("split_k", [2, 3, 5])
-@pytest.mark.parametrize("T,E,topk,N,K,empty", [
-    (37, 6, 2, 40, 72, (1, 4)),  # 5 K steps of 16: pieces of 3+2, 2+2+1, and 1+1+1+1+1
-    (29, 4, 3, 56, 40, ()),  # 3 K steps: with 5 pieces, two pieces get no K step at all
-])
-def test_split_k_matches_float64(split_k, T, E, topk, N, K, empty):
-    """Split-K: pieces of each tile's K range park partial sums; the last to arrive writes the tile."""
-    counts, gather = _routing(T, E, topk, empty)
-    dtype = DTYPES[0]
-    X = torch.randn(T, K, device=DEVICE).to(dtype)
-    W1 = (torch.randn(E, N, K, device=DEVICE) / K**0.5).to(dtype)
-    W2 = (torch.randn(E, K, N, device=DEVICE) / N**0.5).to(dtype)
-    weights = torch.rand(T, topk, device=DEVICE).to(dtype)
-    config = {**TINY, "SPLIT_K": split_k}
-    ref = torch_grouped_gemm(permute(X, gather, topk).double(), W1.double(), counts)
-    out1 = torch.full((T * topk, N), float("nan"), dtype=dtype, device=DEVICE)
-    grouped_gemm(X, W1, counts, gather_indices=gather, topk=topk, permute_x=True, out=out1, kernel="hopper",
-                 config=config)
-    assert relative_error(out1, ref) <= BOUNDS[dtype]
-    out2 = torch.full((T * topk, K), float("nan"), dtype=dtype, device=DEVICE)
-    grouped_gemm(out1, W2, counts, gather_indices=gather, topk=topk, permute_y=True, topk_weights=weights,
-                 out=out2, kernel="hopper", config=config)
-    ref2 = unpermute(torch_grouped_gemm(ref, W2.double(), counts), gather) * weights.double().reshape(-1, 1)
-    assert relative_error(out2, ref2) <= BOUNDS[dtype]
-    again = torch.full_like(out2, float("nan"))  # a second launch starts from fresh arrival counters
-    grouped_gemm(out1, W2, counts, gather_indices=gather, topk=topk, permute_y=True, topk_weights=weights,
-                 out=again, kernel="hopper", config=config)
-    assert torch.equal(again, out2)
-
-
 def test_default_configs_run():
     """Every tuning candidate (the H100's big tiles) on a small ragged problem."""
     T, E, topk, N, K = 50, 4, 2, 72, 136
@@ -139,9 +109,6 @@ def test_refusals_name_the_fix():
     with pytest.raises(ValueError, match="unknown keys"):
         grouped_gemm(X, torch.randn(2, 16, 24, device=DEVICE, dtype=X.dtype), m_sizes, kernel="hopper",
                      config={"GROUP_M": 8})
-    with pytest.raises(ValueError, match=r"config\['SPLIT_K'\] must be a positive int"):
-        grouped_gemm(X, torch.randn(2, 16, 24, device=DEVICE, dtype=X.dtype), m_sizes, kernel="hopper",
-                     config={"SPLIT_K": 0})
 
 
 def test_tuning_picks_the_fastest_candidate_and_caches_it(monkeypatch):

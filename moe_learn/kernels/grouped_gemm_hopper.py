@@ -41,11 +41,11 @@ except ImportError:  # pragma: no cover - older Triton: grouped_gemm keeps its p
 
 @triton.jit
 def _grouped_gemm_tma_kernel(
-    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr, partials_ptr, arrivals_ptr,
+    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
     N, K, E, stride_xm, stride_ym,
     TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
-    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_K: tl.constexpr,
+    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -59,13 +59,8 @@ def _grouped_gemm_tma_kernel(
     tile_begin = tile_end - m_tiles * num_n_tiles
     row_begin = tl.cumsum(sizes, axis=0) - sizes
     num_tiles = tl.sum(m_tiles * num_n_tiles)
-    # Split-K: each tile's K range in SPLIT_K pieces, neighbouring work items, so a grid with
-    # few tiles per SM still fills its last round.
-    k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
 
-    for work in tl.range(pid, num_tiles * SPLIT_K, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-        tile_id = work // SPLIT_K
-        k_begin = (work % SPLIT_K) * k_span
+    for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         e = tl.sum((tile_end <= tile_id).to(tl.int32))  # experts whose tiles all come before
         this = offs_e == e
         m_e = tl.sum(tl.where(this, sizes, 0))
@@ -81,7 +76,7 @@ def _grouped_gemm_tma_kernel(
         if PERMUTE_X:  # gather token rows straight from X in token order
             src = tl.load(gather_ptr + rows, mask=m_mask, other=0) // TOPK
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_begin, tl.minimum(K, k_begin + k_span), BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             if PERMUTE_X:
                 x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :],
                             mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
@@ -90,22 +85,6 @@ def _grouped_gemm_tma_kernel(
             w = w_desc.load([e * N + n0, k0])
             acc = tl.dot(x, w.T, acc)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        m_mask_out = m_mask
-        if SPLIT_K > 1:
-            # Every piece parks its partial sum (fp32); the last to arrive adds the others and
-            # writes the tile. The barrier orders all threads' stores before the release.
-            in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            slot = tl.cast(work, tl.int64)  # (a plain int under the interpreter)
-            tl.store(partials_ptr + slot * (BLOCK_M * BLOCK_N) + in_tile, acc)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(arrivals_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-            last = (arrived == SPLIT_K - 1).to(tl.int32)  # masks below compare ints: the interpreter wants that
-            for piece in tl.static_range(SPLIT_K):
-                other = (slot // SPLIT_K) * SPLIT_K + piece
-                take = last * (other != slot).to(tl.int32)
-                acc += tl.load(partials_ptr + other * (BLOCK_M * BLOCK_N) + in_tile,
-                               mask=in_tile < take * (BLOCK_M * BLOCK_N), other=0.0, cache_modifier=".cg")
-            m_mask_out = offs_m < m_e * last
         if PERMUTE_Y:  # each row goes back to its (token, slot) position
             out_rows = tl.load(gather_ptr + rows, mask=m_mask, other=0)
         else:
@@ -113,13 +92,13 @@ def _grouped_gemm_tma_kernel(
         if WEIGHTED:
             acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask_out[:, None] & (offs_n[None, :] < N))
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
 
 
-def _config(m, n, k, warps, stages, warp_specialize=False, split_k=1):
+def _config(m, n, k, warps, stages, warp_specialize=False):
     # Warp specialisation (producer/consumer warps) and flattening don't go together here.
     return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages,
-                FLATTEN=not warp_specialize, WARP_SPECIALIZE=warp_specialize, SPLIT_K=split_k)
+                FLATTEN=not warp_specialize, WARP_SPECIALIZE=warp_specialize)
 
 
 # Candidates by average rows per expert, from the sweeps on an H100 (perf/NOTES.md): few
@@ -129,14 +108,14 @@ CANDIDATES_BY_ROWS_PER_EXPERT = (
     (64, (_config(128, 128, 128, 8, 3), _config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4))),
     (160, (_config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4), _config(128, 256, 64, 8, 4),
            _config(128, 128, 128, 8, 3))),
-    # few tiles per wave at this size: smaller tiles, or split-K, trade per-tile speed for fuller waves
+    # few tiles per wave at this size: smaller tiles trade per-tile speed for fuller waves
     (384, (_config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4, True),
-           _config(128, 128, 128, 8, 3), _config(64, 256, 64, 4, 4), _config(128, 256, 64, 8, 4, split_k=2))),
+           _config(128, 128, 128, 8, 3), _config(64, 256, 64, 4, 4))),
     (float("inf"), (_config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3, True),
                     _config(128, 256, 64, 8, 4, True))),
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
-               "NUM_PROGRAMS", "SPLIT_K")
+               "NUM_PROGRAMS")
 TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
 
 
@@ -271,8 +250,6 @@ def grouped_gemm_hopper(
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
         cfg = {**pick_config(M, E), **config}
-        if isinstance(cfg["SPLIT_K"], bool) or not isinstance(cfg["SPLIT_K"], int) or cfg["SPLIT_K"] < 1:
-            raise ValueError(f"config['SPLIT_K'] must be a positive int (1: no split), got {cfg['SPLIT_K']!r}")
     elif autotune_enabled(X):
         key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None)
         cfg = choose_config(key, candidates(M, E), run)
@@ -291,21 +268,14 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     max_tiles = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
     placeholder = m_sizes  # for pointers a variant never reads
-    split_k = cfg.get("SPLIT_K", 1)
-    if split_k > 1:  # per call, so concurrent streams and graph captures never share them
-        partials = torch.empty(max_tiles * split_k * bm * bn, dtype=torch.float32, device=out.device)
-        arrivals = torch.zeros(max_tiles, dtype=torch.int32, device=out.device)
-    else:
-        partials = arrivals = placeholder
     _grouped_gemm_tma_kernel[(programs,)](
         X, x_desc, w_desc, out, m_sizes,
         gather_indices if gather_indices is not None else placeholder,
         topk_weights.reshape(-1) if topk_weights is not None else placeholder,
-        partials, arrivals,
         N, K, E, X.stride(0), out.stride(0),
         TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
         NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
         WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
-        SPLIT_K=split_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
