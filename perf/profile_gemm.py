@@ -1,12 +1,12 @@
 """Launch the grouped GEMM once per case with a fixed config, for Nsight Compute to profile.
 
-    ncu --clock-control none --kernel-name regex:'_grouped_gemm_tma|nvjet|sm90' \\
+    ncu --clock-control none --kernel-name regex:'gemm|nvjet' --launch-skip 10 --launch-count 10 \\
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \\
-        --section WarpStateStats python3 perf/profile_gemm.py
+        --section WarpStateStats --section LaunchStats --section Occupancy python3 perf/profile_gemm.py
 
 Each case runs ours (its bucket's default config, no tuning) and, for comparison, the dense
-cuBLAS matmul of the same total size. Everything is compiled and warmed up before the
-launches that ncu should see; those are marked by a line on stdout.
+cuBLAS matmul of the same total size: first once each to compile and warm up (the launches
+``--launch-skip`` passes over, 2 per case), then once each for ncu, marked by a line on stdout.
 """
 
 import os
