@@ -22,4 +22,4 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 notebooks: $(VENV)/.installed
-	$(BIN)/python -m moe_learn.notebook_build
+	$(BIN)/python -m moe_learn.course.notebook_build

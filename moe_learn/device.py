@@ -6,7 +6,9 @@ module must run before any kernel is defined. ``import moe_learn`` imports it fi
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import torch
 
@@ -17,6 +19,23 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Triton publishes Linux wheels only. Chapters 00-04 are pure PyTorch and run without it;
+# chapters 05+ need it (a Linux machine or VM, WSL2 on Windows, or the course's container).
+HAS_TRITON: bool = ("triton" in sys.modules and sys.modules["triton"] is not None) or (
+    "triton" not in sys.modules and importlib.util.find_spec("triton") is not None
+)
+TRITON_MISSING = (
+    "this needs Triton, which installs on Linux only (pip install triton). On macOS or Windows use "
+    "a Linux machine or VM, WSL2 on Windows, or the course's container (Dockerfile: docker build -t "
+    "moe-learn . && docker run -p 8888:8888 moe-learn); chapters 00-04 run without Triton"
+)
+
+
+def require_triton(what: str) -> None:
+    """Raise a clear error naming ``what`` when Triton cannot be imported here."""
+    if not HAS_TRITON:
+        raise ModuleNotFoundError(f"{what}: {TRITON_MISSING}", name="triton")
 
 DEVICE = torch.device("cuda") if ON_GPU else torch.device("cpu")
 

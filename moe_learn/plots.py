@@ -27,8 +27,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
-from .routing import get_routing_indices
-from .validation import check_index_range, check_integer, check_positive_int, check_tensor
+from moe_learn.ops.routing import get_routing_indices
+from moe_learn.validation import check_index_range, check_integer, check_positive_int, check_tensor
 
 __all__ = [
     "dispatch_plot",
@@ -459,12 +459,12 @@ def dispatch_plot(topk_ids_per_rank: Sequence[torch.Tensor], num_experts: int) -
     """Expert parallelism's dispatch: which (token, slot) rows go to which rank.
 
     ``topk_ids_per_rank``: one ``[num_tokens_r, top_k]`` tensor of expert ids per rank (the
-    experts lie on the ranks in contiguous blocks, as in ``moe_learn.expert_parallel``).
+    experts lie on the ranks in contiguous blocks, as in ``moe_learn.layers.expert_parallel``).
     Left: every (token, slot) of every rank, colored by the rank that owns its expert.
     Right: the all-to-all as a matrix, rows sent from each rank (row) to each rank (column).
     """
     # Imported here: expert_parallel pulls in torch.distributed, which the other plots never need.
-    from .expert_parallel import dispatch_plan, experts_per_rank
+    from moe_learn.layers.expert_parallel import dispatch_plan, experts_per_rank
 
     world_size = len(topk_ids_per_rank)
     per_rank = experts_per_rank(num_experts, world_size)

@@ -16,7 +16,7 @@ os.environ.setdefault("MOE_LEARN_AUTOTUNE", "0")
 
 import torch  # noqa: E402
 
-from moe_learn import bench as B  # noqa: E402
+from moe_learn.bench import cases as C  # noqa: E402
 from moe_learn.kernels import grouped_gemm_hopper as H  # noqa: E402
 
 # the weak cases of the stored run (fraction of the roofline under 0.70)
@@ -27,11 +27,11 @@ WANTED = sys.argv[1:] or ["qwen3-30b-a3b gate_up T=8192", "qwen3-30b-a3b down T=
 
 def main():
     runs = []
-    for i, case in enumerate(B.cases()):
+    for i, case in enumerate(C.cases()):
         if case.name not in WANTED:
             continue
         W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
-        m_sizes = B.routing_counts(case.tokens, case.E, B.MODELS[case.model][3], seed=i)
+        m_sizes = C.routing_counts(case.tokens, case.E, C.MODELS[case.model][3], seed=i)
         X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
         y = torch.empty(case.M, case.N, device="cuda", dtype=torch.bfloat16)
         cfg = H.pick_config(case.M, case.E)

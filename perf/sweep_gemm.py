@@ -15,7 +15,8 @@ import sys
 import torch
 
 import moe_learn  # noqa: F401
-from moe_learn import bench as B
+from moe_learn.bench import cases as C
+from moe_learn.bench import timing as B
 from moe_learn.kernels import grouped_gemm_hopper as H
 
 
@@ -55,7 +56,7 @@ def main():
     rows = []
     W = None
     last = None
-    for i, case in enumerate(B.cases()):
+    for i, case in enumerate(C.cases()):
         if wanted and case.name not in wanted:
             continue
         if (case.model, case.gemm) != last:
@@ -63,8 +64,8 @@ def main():
             torch.cuda.empty_cache()
             W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
             last = (case.model, case.gemm)
-        top_k = B.MODELS[case.model][3]
-        m_sizes = B.routing_counts(case.tokens, case.E, top_k, seed=i)
+        top_k = C.MODELS[case.model][3]
+        m_sizes = C.routing_counts(case.tokens, case.E, top_k, seed=i)
         offs = torch.cumsum(m_sizes, 0, dtype=torch.int32)
         X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
         Wt = W.transpose(1, 2)

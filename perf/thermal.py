@@ -13,7 +13,7 @@ import time
 import torch
 import triton.testing
 
-from moe_learn import bench as B
+from moe_learn.bench import cases as C
 from moe_learn.kernels import grouped_gemm_hopper as H
 
 
@@ -24,9 +24,9 @@ def gpu_state() -> str:
 
 
 def main():
-    case = next(c for c in B.cases() if c.name == "qwen3-30b-a3b gate_up T=8192")
+    case = next(c for c in C.cases() if c.name == "qwen3-30b-a3b gate_up T=8192")
     W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
-    m_sizes = B.routing_counts(case.tokens, case.E, B.MODELS[case.model][3], seed=2)
+    m_sizes = C.routing_counts(case.tokens, case.E, C.MODELS[case.model][3], seed=2)
     X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(case.M, case.N, device="cuda", dtype=torch.bfloat16)
     cfg = dict(H.CANDIDATES_BY_ROWS_PER_EXPERT[-1][1][1])  # 128x256x64, 4 stages

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from moe_learn.autograd import FusedMoEBlock, load_balancing_loss, moe_experts
 from moe_learn.device import DEVICE, ON_GPU
-from moe_learn.torch_moe import moe_experts_torch
+from moe_learn.layers.blocks import FusedMoEBlock, load_balancing_loss
+from moe_learn.layers.experts import moe_experts
+from moe_learn.ops.moe import moe_experts_torch
 
 TOL = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [
@@ -146,13 +147,13 @@ def test_load_balancing_loss():
 def test_block_rejects_bad_options():
     with pytest.raises(ValueError, match="routing must be"):
         FusedMoEBlock(8, 8, 4, 2, routing="relu")
-    with pytest.raises(ValueError, match="top_k must be"):
+    with pytest.raises(ValueError, match="top_k=5 is larger than num_experts=4"):
         FusedMoEBlock(8, 8, 4, 5)
 
 
 def test_forward_matches_fused_moe_experts():
     """moe_experts keeps the forward contract of the chapter 07 fused_moe_experts."""
-    from moe_learn.fused_moe import fused_moe_experts
+    from moe_learn.layers.experts import fused_moe_experts
 
     ids, (x, w, w1, w2) = _case("empty_experts", H=16, I=8, dtype=torch.float32)
     with torch.no_grad():

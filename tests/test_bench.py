@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_learn import bench
+from moe_learn.bench import run as bench
+from moe_learn.bench import timing
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,11 +61,11 @@ def test_every_timing_follows_a_rest(monkeypatch):
     import triton.testing
 
     events = []
-    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda: events.append("sync"))
-    monkeypatch.setattr(bench.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: events.append("sync"))
+    monkeypatch.setattr(timing.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: events.append("time") or 2.0)
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: events.append("graph") or 3.0)
-    monkeypatch.setattr(bench, "REST_S", 0.25)
-    assert bench.do_bench(lambda: None) == pytest.approx(2e-3)
-    assert bench.do_bench_graph(lambda: None) == pytest.approx(3e-3)
+    monkeypatch.setattr(timing, "REST_S", 0.25)
+    assert timing.do_bench(lambda: None) == pytest.approx(2e-3)
+    assert timing.do_bench_graph(lambda: None) == pytest.approx(3e-3)
     assert events == ["sync", ("sleep", 0.25), "time", "sync", ("sleep", 0.25), "graph"]

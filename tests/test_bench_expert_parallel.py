@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moe_learn import bench_expert_parallel
+from moe_learn.bench import expert_parallel as bench_expert_parallel
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine can run the real benchmark")

@@ -28,8 +28,8 @@ import nbformat
 import pytest
 from nbformat import v4
 
-from moe_learn import notebook_build as nb_build
-from moe_learn.exercises import all_exercises
+from moe_learn.course import notebook_build as nb_build
+from moe_learn.course.exercises import all_exercises
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -60,7 +60,7 @@ def _require_browser():
 def _fixture_solved_notebook() -> nbformat.NotebookNode:
     """A tiny solved chapter: one exercise and its check (built with the course's own helpers)."""
     check = (
-        "from moe_learn.checks._core import call_learner, fail, passed\n\n"
+        "from moe_learn.course.checks._core import call_learner, fail, passed\n\n"
         "for x in (0, 3):\n"
         '    if call_learner("91.1", double, x) != 2 * x:\n'
         '        fail("91.1", f"double({x}) is wrong")\n'

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_learn.checks import CheckFailed
-from moe_learn.checks.ch00_tour import check_count_tokens
+from moe_learn.course.checks import CheckFailed
+from moe_learn.course.checks.ch00_tour import check_count_tokens
 
 
 def right(selected, num_experts):

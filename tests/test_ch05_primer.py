@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from moe_learn import DEVICE, ON_GPU, swiglu
-from moe_learn.checks import ch05_triton_primer as checks
-from moe_learn.checks._core import CheckFailed
+from moe_learn.course.checks import ch05_triton_primer as checks
+from moe_learn.course.checks._core import CheckFailed
 from moe_learn.kernels import primer
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32) if ON_GPU else (torch.float32, torch.float16)
@@ -662,6 +662,6 @@ def test_a_kernel_that_crashes_is_reported_with_its_case():
 
 
 def test_every_exercise_is_listed_for_the_course():
-    from moe_learn.exercises import all_exercises
+    from moe_learn.course.exercises import all_exercises
 
     assert {"05.1", "05.2", "05.3"} <= set(all_exercises())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_learn.checks._core import CheckFailed
-from moe_learn.checks.ch08_performance import (
+from moe_learn.course.checks._core import CheckFailed
+from moe_learn.course.checks.ch08_performance import (
     EXERCISES,
     check_locate_tile_prefix,
     check_roofline_floor,

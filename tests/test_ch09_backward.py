@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from moe_learn.checks._core import CheckFailed
-from moe_learn.checks.ch09_backward import EXERCISES, check_grouped_gemm_dw, check_grouped_gemm_dx
+from moe_learn.course.checks._core import CheckFailed
+from moe_learn.course.checks.ch09_backward import EXERCISES, check_grouped_gemm_dw, check_grouped_gemm_dx
+from moe_learn.kernels.backward import grouped_gemm_dw
 from moe_learn.kernels.grouped_gemm import grouped_gemm
-from moe_learn.kernels.grouped_gemm_backward import grouped_gemm_dw
 
 
 def _dw_torch(X, dY, m_sizes, *, gather_indices=None, topk=1, permute_x=False, out=None, shift=0, empty=None,
@@ -104,7 +104,7 @@ import triton.language as tl  # noqa: E402
 @triton.jit
 def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
                        stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwn, stride_dwk,
-                       TOPK: tl.constexpr, PERMUTE_X: tl.constexpr, BUG: tl.constexpr,
+                       TOP_K: tl.constexpr, PERMUTE_X: tl.constexpr, BUG: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     expert = tl.program_id(0)
     if BUG == "previous_expert_rows":
@@ -125,7 +125,7 @@ def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
         else:
             mask_m = offs_m < row_end
         if PERMUTE_X:
-            x_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=0) // TOPK
+            x_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=0) // TOP_K
         else:
             x_rows = offs_m
         x = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -149,7 +149,7 @@ def _planted(bug):
         gather = gather_indices if permute_x else offsets
         grid = (E, triton.cdiv(N, 32), triton.cdiv(K, 32))
         _planted_dw_kernel[grid](X, dY, out, offsets, gather, M, N, K, *X.stride(), *dY.stride(), *out.stride(),
-                                 TOPK=topk, PERMUTE_X=permute_x, BUG=bug, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+                                 TOP_K=topk, PERMUTE_X=permute_x, BUG=bug, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
         return out
 
     return launch

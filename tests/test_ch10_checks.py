@@ -4,10 +4,15 @@ with a message that points at the mistake."""
 import pytest
 import torch
 
-from moe_learn.checks import CheckFailed
-from moe_learn.checks.ch10_expert_parallel import EXERCISES, check_combine, check_dispatch_plan, check_local_experts
-from moe_learn.exercises import all_exercises
-from moe_learn.expert_parallel import combine, dispatch_plan, local_expert_order, local_expert_sizes
+from moe_learn.course.checks import CheckFailed
+from moe_learn.course.checks.ch10_expert_parallel import (
+    EXERCISES,
+    check_dispatch_plan,
+    check_local_experts,
+    check_unpermute_combine,
+)
+from moe_learn.course.exercises import all_exercises
+from moe_learn.layers.expert_parallel import dispatch_plan, local_expert_order, local_expert_sizes, unpermute_combine
 
 
 def test_exercises_are_registered_with_hints():
@@ -20,7 +25,7 @@ def test_exercises_are_registered_with_hints():
 def test_reference_answers_pass(capsys):
     check_dispatch_plan(dispatch_plan)
     check_local_experts(local_expert_sizes, local_expert_order)
-    check_combine(combine)
+    check_unpermute_combine(unpermute_combine)
     out = capsys.readouterr().out
     assert "[PASS] 10.1" in out and "[PASS] 10.2" in out and "[PASS] 10.3" in out
 
@@ -29,7 +34,8 @@ def test_stubs_raise_not_implemented_unchanged():
     def stub(*args):
         raise NotImplementedError("exercise 10.1: replace this line with your code")
 
-    for check, fns in [(check_dispatch_plan, (stub,)), (check_local_experts, (stub, stub)), (check_combine, (stub,))]:
+    checks = [(check_dispatch_plan, (stub,)), (check_local_experts, (stub, stub)), (check_unpermute_combine, (stub,))]
+    for check, fns in checks:
         with pytest.raises(NotImplementedError):
             check(*fns)
 
@@ -180,4 +186,4 @@ def combine_view_minus_one(y_sorted, gather_indices, topk_weights):
 )
 def test_combine_check_rejects(wrong, match):
     with pytest.raises(CheckFailed, match=match):
-        check_combine(wrong)
+        check_unpermute_combine(wrong)

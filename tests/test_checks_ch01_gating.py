@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from moe_learn import calculate_topk
-from moe_learn import notebook_build as nb_build
-from moe_learn.checks import ch01_gating as ch01
-from moe_learn.checks._core import CheckFailed
-from moe_learn.exercises import all_exercises
-from moe_learn.routers import deepseek_v3_router, gpt_oss_router, llama4_router, qwen3_moe_router
+from moe_learn.course import notebook_build as nb_build
+from moe_learn.course.checks import ch01_gating as ch01
+from moe_learn.course.checks._core import CheckFailed
+from moe_learn.course.exercises import all_exercises
+from moe_learn.ops.routers import deepseek_v3_router, gpt_oss_router, llama4_router, qwen3_moe_router
 
 
 def test_exercises_are_listed_with_hints():

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from moe_learn import get_routing_indices
-from moe_learn import notebook_build as nb_build
-from moe_learn.checks import ch02_routing as ch02
-from moe_learn.checks._core import CheckFailed
-from moe_learn.exercises import all_exercises
-from moe_learn.routing import expert_counts, gather_indices_by_expert
+from moe_learn.course import notebook_build as nb_build
+from moe_learn.course.checks import ch02_routing as ch02
+from moe_learn.course.checks._core import CheckFailed
+from moe_learn.course.exercises import all_exercises
+from moe_learn.ops.routing import expert_counts, gather_indices_by_expert
 
 
 def test_exercises_are_listed_with_hints():

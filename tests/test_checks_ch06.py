@@ -4,8 +4,8 @@ import pytest
 import triton
 import triton.language as tl
 
-from moe_learn.checks._core import CheckFailed
-from moe_learn.checks.ch06_triton_grouped_gemm import check_grouped_gemm_kernel, check_locate_tile
+from moe_learn.course.checks._core import CheckFailed
+from moe_learn.course.checks.ch06_triton_grouped_gemm import check_grouped_gemm_kernel, check_locate_tile
 
 # ------------------------------------------------------------------ 06.1
 

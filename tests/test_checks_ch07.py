@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from moe_learn import get_routing_indices, grouped_gemm, swiglu
-from moe_learn.checks._core import CheckFailed
-from moe_learn.checks.ch07_fusion import check_fused_kernel, check_fused_moe
+from moe_learn.course.checks._core import CheckFailed
+from moe_learn.course.checks.ch07_fusion import check_fused_kernel, check_fused_moe
 
 
 @triton.jit
@@ -15,7 +15,7 @@ def fused_kernel(
     x_ptr, w_ptr, y_ptr, m_sizes_ptr, gather_ptr, topk_weights_ptr,
     N, K, NUM_EXPERTS,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ym, stride_yn,
-    TOPK: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    TOP_K: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     BUG_NO_TOPK_DIV: tl.constexpr = False,
     BUG_NO_WEIGHTS: tl.constexpr = False,
@@ -46,7 +46,7 @@ def fused_kernel(
                 if BUG_NO_TOPK_DIV:
                     x_rows = flat
                 else:
-                    x_rows = flat // TOPK
+                    x_rows = flat // TOP_K
             x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
             w_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -66,7 +66,7 @@ def fused_kernel(
             y_rows = rows
             if PERMUTE_Y and not BUG_UNPERMUTED_STORE:
                 if BUG_SCATTER_TO_TOKEN:
-                    y_rows = flat // TOPK
+                    y_rows = flat // TOP_K
                 else:
                     y_rows = flat
             y_ptrs = y_ptr + y_rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -92,7 +92,7 @@ def test_fused_kernel_reference_passes(capsys):
 @pytest.mark.parametrize(
     "bug,match",
     [
-        ("BUG_NO_TOPK_DIV", r"(?s)multiplied token row gather_indices\[i\] instead of .*// TOPK.*TOPK=2"),
+        ("BUG_NO_TOPK_DIV", r"(?s)multiplied token row gather_indices\[i\] instead of .*// TOP_K.*TOP_K=2"),
         ("BUG_NO_WEIGHTS", r"(?s)lacks? the routing weight.*multiply the accumulator by topk_weights"),
         ("BUG_WEIGHT_BY_ROW", r"(?s)scaled by another \(token, slot\)'s weight.*index it with gather_indices"),
         ("BUG_UNPERMUTED_STORE", r"(?s)results in expert order.*store row i of the tile at out\[gather_indices\[i\]\]"),

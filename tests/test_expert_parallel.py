@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 
 from moe_learn import calculate_topk, moe_experts_torch
-from moe_learn.expert_parallel import (
+from moe_learn.layers.expert_parallel import (
     ExpertParallelMoE,
-    combine,
     dispatch_plan,
     expert_parallel_moe,
     experts_per_rank,
@@ -24,9 +23,10 @@ from moe_learn.expert_parallel import (
     make_local_experts_fn,
     simulate_expert_parallel,
     torch_local_experts,
+    unpermute_combine,
 )
-from moe_learn.launch import WorkerError, launch
-from moe_learn.torch_moe import torch_grouped_gemm
+from moe_learn.layers.launch import WorkerError, launch
+from moe_learn.ops.grouped_gemm import torch_grouped_gemm
 
 # ------------------------------- pure steps ---------------------------------------
 
@@ -95,10 +95,10 @@ def test_combine_weights_and_restores_token_order():
     plan = dispatch_plan(topk_ids, num_experts=2, world_size=1)
     y_sorted = torch.tensor([[10.0], [20.0], [30.0], [40.0]])  # rows of flat slots 1, 2, 0, 3
     weights = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
-    out = combine(y_sorted, plan.gather_indices, weights)
+    out = unpermute_combine(y_sorted, plan.gather_indices, weights)
     assert out.tolist() == [[0.5 * 30 + 0.25 * 10], [1.0 * 20 + 2.0 * 40]]
     with pytest.raises(ValueError, match="y_sorted has 3 rows but"):
-        combine(y_sorted[:3], plan.gather_indices, weights)
+        unpermute_combine(y_sorted[:3], plan.gather_indices, weights)
 
 
 @pytest.mark.parametrize("world_size, num_experts, top_k", [(1, 4, 2), (2, 4, 1), (3, 6, 2), (4, 8, 3)])
@@ -219,7 +219,7 @@ def _module_with_router(rank, world_size):
     start = sum(tokens[:rank])
     mine = slice(start, start + tokens[rank])
     (layer(x) * upstream[mine]).sum().backward()
-    router_grad = layer.router_weight.grad.clone()
+    router_grad = layer.router.weight.grad.clone()
     dist.all_reduce(router_grad)  # the router is replicated: its gradient sums over ranks
 
     x_all, r_all = _leaf(torch.cat(xs)), _leaf(router)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_learn import calculate_topk, fused_moe_experts, moe_experts_torch
-from moe_learn.checks._core import relative_error
+from moe_learn.course.checks._core import relative_error
 from moe_learn.device import DEVICE, ON_GPU
 
 BOUNDS = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -72,8 +72,8 @@ def test_bad_inputs():
 
 def test_fused_moe_forward_equals_torch_block():
     """Router + fused routing + fused experts == the PyTorch MoE MLP of chapter 04."""
-    from moe_learn.fused_moe import fused_moe_forward
-    from moe_learn.moe_block import moe_forward_torch
+    from moe_learn.layers.experts import fused_moe_forward
+    from moe_learn.ops.moe import moe_forward_torch
 
     H, I, E, k = 32, 24, 6, 2
     x = torch.randn(3, 7, H, device=DEVICE)

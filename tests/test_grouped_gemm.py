@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_learn import get_routing_indices, torch_grouped_gemm
-from moe_learn.checks._core import relative_error
+from moe_learn.course.checks._core import relative_error
 from moe_learn.device import DEVICE, ON_GPU
 from moe_learn.kernels import grouped_gemm, tile_schedule
 from moe_learn.plots import tile_schedule_plot
@@ -326,7 +326,7 @@ def test_kernel_follows_the_schedule():
         W.stride(2),
         out.stride(0),
         out.stride(1),
-        TOPK=1,
+        TOP_K=1,
         PERMUTE_X=False,
         PERMUTE_Y=False,
         HAS_WEIGHTS=False,

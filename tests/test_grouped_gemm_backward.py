@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from moe_learn.device import DEVICE, ON_GPU
-from moe_learn.kernels.grouped_gemm_backward import grouped_gemm_dw, torch_grouped_gemm_dw
-from moe_learn.routing import get_routing_indices
+from moe_learn.kernels.backward import grouped_gemm_dw
+from moe_learn.ops.grouped_gemm import torch_grouped_gemm_dw
+from moe_learn.ops.routing import get_routing_indices
 
 TOL = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [
@@ -59,8 +60,8 @@ def test_dw_small_tiles_and_int64_offsets(dtype):
     dY = torch.randn(T, N, device=DEVICE, dtype=dtype)
     ref = torch_grouped_gemm_dw(X.double(), dY.double(), counts, gather_indices=gather, permute_x=True)
     for int64 in (False, True):
-        got = grouped_gemm_dw(X, dY, counts, gather_indices=gather, permute_x=True, block_m=16, block_n=16,
-                              block_k=16, int64_offsets=int64)
+        got = grouped_gemm_dw(X, dY, counts, gather_indices=gather, permute_x=True, config=dict(BLOCK_M=16, BLOCK_N=16,
+                              BLOCK_K=16), use_int64=int64)
         assert _rel(got, ref) <= TOL[dtype]
 
 

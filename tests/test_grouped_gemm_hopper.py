@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from moe_learn import get_routing_indices, grouped_gemm, permute, torch_grouped_gemm, unpermute
-from moe_learn.checks._core import relative_error
+from moe_learn.course.checks._core import relative_error
 from moe_learn.device import DEVICE, ON_GPU
+from moe_learn.kernels import autotune
 from moe_learn.kernels import grouped_gemm_hopper as hopper
 from moe_learn.kernels.grouped_gemm_hopper import CANDIDATES_BY_ROWS_PER_EXPERT, pick_config
 
@@ -112,7 +113,7 @@ def test_refusals_name_the_fix():
 
 
 def test_tuning_picks_the_fastest_candidate_and_caches_it(monkeypatch):
-    monkeypatch.setattr(hopper, "TUNED", {})
+    monkeypatch.setattr(autotune, "TUNED", {})
     configs = ({"name": "a"}, {"name": "broken"}, {"name": "b"}, {"name": "c"})
     seconds = {"a": 3.0, "b": 1.0, "c": 2.0}
     launched = []
@@ -128,14 +129,14 @@ def test_tuning_picks_the_fastest_candidate_and_caches_it(monkeypatch):
         return seconds[launched[before]]
 
     key = hopper.tuning_key(1000, 64, 32, 8, torch.bfloat16, True, False, False)
-    assert hopper.choose_config(key, configs, launch, timer) == {"name": "b"}
+    assert autotune.choose_config(key, configs, launch, timer) == {"name": "b"}
     assert launched.count("a") == 2, "the slowest candidate is not timed again"
     assert launched.count("b") == launched.count("c") == 5, "the two finalists are timed again, in turns"
     runs = len(launched)
-    assert hopper.choose_config(key, configs, launch, timer) == {"name": "b"}
+    assert autotune.choose_config(key, configs, launch, timer) == {"name": "b"}
     assert len(launched) == runs, "a cached key must not be tuned again"
     with pytest.raises(RuntimeError, match="no candidate config could run(.|\n)*out of shared memory"):
-        hopper.choose_config("other", ({"name": "broken"},), launch, timer)
+        autotune.choose_config("other", ({"name": "broken"},), launch, timer)
 
 
 def test_tuning_key_buckets_rows_per_expert():
@@ -148,14 +149,14 @@ def test_tuning_key_buckets_rows_per_expert():
 def test_no_tuning_under_the_interpreter_or_when_disabled(monkeypatch):
     X = torch.zeros(2, 2, device=DEVICE)
     if not ON_GPU:
-        assert not hopper.autotune_enabled(X)
+        assert not autotune.autotune_enabled(X)
     monkeypatch.setenv("MOE_LEARN_AUTOTUNE", "0")
-    assert not hopper.autotune_enabled(X)
+    assert not autotune.autotune_enabled(X)
 
 
 def test_finalists_decide_on_their_repeated_timings(monkeypatch):
     """A lucky first measurement does not win if the repeats say otherwise."""
-    monkeypatch.setattr(hopper, "TUNED", {})
+    monkeypatch.setattr(autotune, "TUNED", {})
     first = {"a": 1.0, "b": 2.0, "c": 3.0}
     later = {"a": 5.0, "b": 1.0, "c": 0.5}  # c is not a finalist: its first timing was the worst
     seen = {"a": 0, "b": 0, "c": 0}
@@ -168,4 +169,4 @@ def test_finalists_decide_on_their_repeated_timings(monkeypatch):
         return first[name] if seen[name] == 1 else later[name]
 
     configs = ({"name": "a"}, {"name": "b"}, {"name": "c"})
-    assert hopper.choose_config("k", configs, lambda c: launched.append(c["name"]), timer) == {"name": "b"}
+    assert autotune.choose_config("k", configs, lambda c: launched.append(c["name"]), timer) == {"name": "b"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_learn.device import DEVICE
-from moe_learn.hf_patch import FusedLlama4TextMoe, FusedSparseMoeBlock, fused_blocks, patch_model, unpatch_model
+from moe_learn.layers.hf import FusedLlama4TextMoe, FusedSparseMoeBlock, fused_blocks, patch_model, unpatch_model
 
 transformers = pytest.importorskip("transformers")
 

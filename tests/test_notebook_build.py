@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moe_learn import notebook_build as nb_build
+from moe_learn.course import notebook_build as nb_build
 
 
 def test_committed_notebooks_match_the_build():

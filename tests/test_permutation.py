@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_learn import combine, get_routing_indices, permute, unpermute
-from moe_learn.checks import CheckFailed
-from moe_learn.checks import ch03_permutation as ch03
+from moe_learn.course.checks import CheckFailed
+from moe_learn.course.checks import ch03_permutation as ch03
 from moe_learn.device import DEVICE
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_learn.device import DEVICE
-from moe_learn.routers import (
+from moe_learn.ops.routers import (
     ROUTERS,
     deepseek_v3_router,
     dense_router_scores,

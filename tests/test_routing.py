@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from moe_learn import calculate_topk, get_routing_indices
 from moe_learn.device import DEVICE
-from moe_learn.routing import expert_counts, gather_indices_by_expert, inverse_permutation
+from moe_learn.ops.routing import expert_counts, gather_indices_by_expert, inverse_permutation
 
 # ----------------------------------------------------------------------------- calculate_topk
 

@@ -18,8 +18,8 @@ from moe_learn import (
     torch_grouped_gemm,
     unpermute,
 )
-from moe_learn.checks import CheckFailed
-from moe_learn.checks import ch04_grouped_gemm as ch04
+from moe_learn.course.checks import CheckFailed
+from moe_learn.course.checks import ch04_grouped_gemm as ch04
 from moe_learn.device import DEVICE
 
 
@@ -172,7 +172,7 @@ def test_moe_experts_bad_inputs():
         moe_experts_torch(hidden, ids, weights, gate_up[:, :-2], down)
     with pytest.raises(TypeError, match="hidden_states is torch.float32 but down_proj is torch.float16"):
         moe_experts_torch(hidden, ids, weights, gate_up, down.half())
-    with pytest.raises(ValueError, match=r"selected_experts holds \d+, outside \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"topk_ids holds \d+, outside \[0, 5\)"):
         moe_experts_torch(hidden, ids + 5, weights, gate_up, down)
 
 
@@ -188,7 +188,7 @@ def test_block_accepts_batched_and_flat_input():
     assert all(p.grad is not None for p in block.parameters())
     with pytest.raises(ValueError, match="top_k=5 is larger than num_experts=4"):
         TorchMoEBlock(8, 6, num_experts=4, top_k=5)
-    with pytest.raises(ValueError, match=r"router_weight \(4, 8\) must be \[E, H\] with H=7"):
+    with pytest.raises(ValueError, match=r"hidden_states has 7 features but this block has hidden_size=8"):
         block(torch.randn(3, 7, device=DEVICE))
 
 
@@ -246,12 +246,12 @@ def test_matches_transformers_in_half_precision(dtype):
 def test_from_hf_shares_the_weights():
     block = hf_block("qwen3")
     ours = TorchMoEBlock.from_hf(block)
-    assert ours.gate_up_proj is block.experts.gate_up_proj and ours.router_weight is block.gate.weight
+    assert ours.gate_up_proj is block.experts.gate_up_proj and ours.router.weight is block.gate.weight
     x = torch.randn(4, 16, device=DEVICE)
     with torch.no_grad():
         block.experts.down_proj.mul_(2.0)  # a change to the HF block shows in ours
         torch.testing.assert_close(ours(x), block(x[None])[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError, match="not a transformers 5.x sparse MoE block"):
+    with pytest.raises(TypeError, match="Linear is not a block TorchMoEBlock.from_hf reproduces"):
         TorchMoEBlock.from_hf(torch.nn.Linear(4, 4))
 
 

@@ -1,7 +1,19 @@
-"""Triton kernels of the course (import ``moe_learn`` first: it decides GPU vs interpreter)."""
+"""Triton kernels of the course (import ``moe_learn`` first: it decides GPU vs interpreter).
 
-from .. import device  # noqa: F401  (sets TRITON_INTERPRET before any @triton.jit below)
-from .grouped_gemm import default_config, grouped_gemm
-from .schedule import TileRecord, tile_schedule
+    grouped_gemm.py         the portable grouped GEMM (chapters 06-07) and the public ``grouped_gemm``
+    grouped_gemm_hopper.py  the same, tuned for Hopper: TMA loads, tile map in registers (chapter 08)
+    autotune.py             the SM count and the shape-bucket autotuner
+    backward.py             the weight gradient ``grouped_gemm_dw`` (chapter 09)
+    fused_routing.py        top-k, counts, gather and scatter indices in one launch
+    primer.py               chapter 05's small kernels
+    schedule.py             the grouped GEMM's tile walk in plain Python (chapter 06's picture)
+"""
+
+from moe_learn import device
+
+device.require_triton("moe_learn.kernels")
+
+from moe_learn.kernels.grouped_gemm import default_config, grouped_gemm  # noqa: E402 (after the Triton check)
+from moe_learn.kernels.schedule import TileRecord, tile_schedule  # noqa: E402
 
 __all__ = ["TileRecord", "default_config", "grouped_gemm", "tile_schedule"]

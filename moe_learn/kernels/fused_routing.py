@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..device import INTERPRETER
-from ..validation import check_floating, check_positive_int, check_tensor
-from .grouped_gemm_hopper import num_sms
+from moe_learn.device import INTERPRETER
+from moe_learn.kernels.autotune import num_sms
+from moe_learn.validation import check_floating, check_positive_int, check_tensor
 
 
 @triton.jit

@@ -13,7 +13,7 @@ graph, and an empty expert costs one scalar load.
 
 Fusions (chapter 07):
   PERMUTE_X  the prologue gathers rows straight from the token-ordered input:
-             expert-order row i reads ``X[gather_indices[i] // TOPK]`` (no permuted copy).
+             expert-order row i reads ``X[gather_indices[i] // TOP_K]`` (no permuted copy).
   PERMUTE_Y  the epilogue scatters rows to (token, slot) order: ``out[gather_indices[i]] = Y[i]``.
   HAS_WEIGHTS  (with PERMUTE_Y) each stored row is scaled by its routing weight
              ``topk_weights.flatten()[gather_indices[i]]``.
@@ -21,20 +21,23 @@ Fusions (chapter 07):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import device as _device
-from ..validation import (
-    check_index_range,
+from moe_learn import device as _device
+from moe_learn.kernels.autotune import num_sms
+from moe_learn.kernels.grouped_gemm_hopper import auto_candidate, grouped_gemm_hopper, unsupported_reason
+from moe_learn.validation import (
+    check_gather_indices,
     check_integer,
     check_m_sizes,
     check_positive_int,
     check_same_device,
     check_tensor,
 )
-from .grouped_gemm_hopper import auto_candidate, grouped_gemm_hopper, num_sms, unsupported_reason
 
 INT32_MAX = 2**31 - 1
 KERNELS = ("auto", "portable", "hopper")
@@ -48,7 +51,7 @@ def _grouped_gemm_kernel(
     y_ptr,  # [M, N]: expert order, or (token, slot) order with PERMUTE_Y
     m_sizes_ptr,  # [E] rows per expert
     gather_ptr,  # [M] expert-order row -> flat (token, slot) index (PERMUTE_X / PERMUTE_Y)
-    topk_weights_ptr,  # [T * TOPK] routing weights, flat (token, slot) order (HAS_WEIGHTS)
+    topk_weights_ptr,  # [T * TOP_K] routing weights, flat (token, slot) order (HAS_WEIGHTS)
     M,  # rows of the expert-ordered problem (sum of m_sizes); a bound that keeps bad m_sizes in memory
     N,
     K,
@@ -60,7 +63,7 @@ def _grouped_gemm_kernel(
     stride_wk,
     stride_ym,
     stride_yn,
-    TOPK: tl.constexpr,
+    TOP_K: tl.constexpr,
     PERMUTE_X: tl.constexpr,
     PERMUTE_Y: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
@@ -105,7 +108,7 @@ def _grouped_gemm_kernel(
             if PERMUTE_X or PERMUTE_Y:
                 flat = tl.load(gather_ptr + rows, mask=mask_m, other=0)  # (token, slot) of each row
             if PERMUTE_X:
-                x_rows = flat // TOPK  # the token whose hidden state this row multiplies
+                x_rows = flat // TOP_K  # the token whose hidden state this row multiplies
             else:
                 x_rows = rows
             if PERMUTE_Y:
@@ -215,7 +218,7 @@ def _resolve_config(config: dict | None, device: torch.device) -> dict:
 # The wrapper
 # ---------------------------------------------------------------------------------------
 
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -225,47 +228,23 @@ def _max_offset(t: torch.Tensor) -> int:
     return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
-def grouped_gemm(
-    X: torch.Tensor,
-    W: torch.Tensor,
-    m_sizes: torch.Tensor,
-    *,
-    gather_indices: torch.Tensor | None = None,
-    topk: int = 1,
-    permute_x: bool = False,
-    permute_y: bool = False,
-    topk_weights: torch.Tensor | None = None,
-    transpose: bool = True,
-    out: torch.Tensor | None = None,
-    config: dict | None = None,
-    use_int64: bool | None = None,
-    validate: bool | None = None,
-    kernel: str = "auto",
-) -> torch.Tensor:
-    """``Y_e = X_e @ W_e.T`` for every expert e in one Triton launch (see the module doc).
+class Problem(NamedTuple):
+    M: int  # rows of the expert-ordered problem
+    N: int
+    K: int
+    num_experts: int
 
-    X: ``[M, K]`` in expert order, or ``[T, K]`` in token order with ``permute_x``
-       (then ``M = T * topk``). W: ``[E, N, K]`` (transpose=True) or ``[E, K, N]``.
-    m_sizes: ``[E]`` integer rows per expert, summing to M.
-    gather_indices: ``[M]`` from ``get_routing_indices``; needed by permute_x / permute_y.
-    topk_weights: ``[T, topk]``; only with permute_y: rows are scaled by their weight, so
-       ``out.view(T, topk, N).sum(1)`` is the combined MoE output.
-    out: optional ``[M, N]`` buffer (same dtype/device as X); every row is written.
-    config: launch parameters overriding ``default_config`` (keys: ``CONFIG_KEYS``).
-    use_int64: force 64-bit offsets (default: only when an offset into X, W or out can exceed 2**31 - 1).
-    validate: check values that need a device->host copy (m_sizes sum, index ranges).
-       Default: on CPU tensors only, so the GPU path never syncs and can be graph-captured.
-       Shapes, dtypes and devices are always checked.
-    kernel: "portable" (this module's kernel), "hopper" (``grouped_gemm_hopper``: TMA loads,
-       tile map in registers; chapter 08) or "auto": hopper for bf16/fp16 on an sm90+ GPU
-       when no ``config`` is given, else portable.
-    Returns the output ``[M, N]`` (``out`` when given).
-    """
+
+def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices, topk, permute_x, permute_y, topk_weights, transpose,
+                            out, kernel) -> Problem:
+    """Shapes, dtypes, devices and flags: everything that needs no device->host copy."""
     check_tensor("X", X, ndim=2)
     check_tensor("W", W, ndim=3)
     check_tensor("m_sizes", m_sizes, ndim=1)
     check_integer("m_sizes", m_sizes)
     check_positive_int("topk", topk)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if permute_x and gather_indices is None:
         raise ValueError(
             "permute_x=True needs gather_indices (from get_routing_indices) to know which token each row reads"
@@ -303,8 +282,8 @@ def grouped_gemm(
         )
     if X.dtype != W.dtype:
         raise TypeError(f"X is {X.dtype} but W is {W.dtype}; cast one so they match")
-    if X.dtype not in _GPU_DTYPES:
-        raise TypeError(f"X must be float32, float16 or bfloat16, got {X.dtype}")
+    if X.dtype not in _DTYPES:
+        raise TypeError(f"X must be float32, float16 or bfloat16, got {X.dtype}; cast X and W (e.g. X.float())")
     if m_sizes.numel() != num_experts:
         raise ValueError(
             f"m_sizes has {m_sizes.numel()} entries but W has {num_experts} experts; "
@@ -324,20 +303,77 @@ def grouped_gemm(
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(M, N)}")
         if out.dtype != X.dtype:
             raise TypeError(f"out is {out.dtype} but X is {X.dtype}; they must match")
-
-    on_cpu = X.device.type == "cpu"
-    if validate is None:
-        validate = on_cpu
-    if validate:
-        check_m_sizes(m_sizes, num_experts, M)
-        if gather_indices is not None:
-            check_index_range("gather_indices", gather_indices, max(M, 1), "it must be a permutation of 0..M-1")
-    if on_cpu and not _device.INTERPRETER:
+    if X.device.type == "cpu" and not _device.INTERPRETER:
         raise RuntimeError(
             "grouped_gemm got CPU tensors but Triton is not in interpreter mode; "
             "import moe_learn before triton (it sets TRITON_INTERPRET=1) or move the tensors to a GPU"
         )
+    return Problem(M, N, K, num_experts)
 
+
+def check_grouped_gemm_values(m_sizes, gather_indices, problem: Problem) -> None:
+    """The checks that read values (one device->host copy): m_sizes, and gather_indices a permutation."""
+    check_m_sizes(m_sizes, problem.num_experts, problem.M)
+    if gather_indices is not None:
+        check_gather_indices(gather_indices, problem.M)
+
+
+def choose_kernel(kernel: str, config: dict | None, X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str:
+    """"hopper" or "portable": what ``kernel`` asks for, and what these operands allow."""
+    wants_hopper = kernel == "hopper" or (kernel == "auto" and config is None and auto_candidate(X))
+    if not wants_hopper:
+        return "portable"
+    reason = unsupported_reason(X, W, transpose)
+    if reason and kernel == "hopper":
+        raise ValueError(f"kernel='hopper' cannot run these operands: {reason}; use kernel='portable'")
+    return "portable" if reason else "hopper"
+
+
+def grouped_gemm(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    m_sizes: torch.Tensor,
+    *,
+    gather_indices: torch.Tensor | None = None,
+    topk: int = 1,
+    permute_x: bool = False,
+    permute_y: bool = False,
+    topk_weights: torch.Tensor | None = None,
+    transpose: bool = True,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+    use_int64: bool | None = None,
+    validate: bool | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """``Y_e = X_e @ W_e.T`` for every expert e in one Triton launch (see the module doc).
+
+    X: ``[M, K]`` in expert order, or ``[T, K]`` in token order with ``permute_x``
+       (then ``M = T * topk``). W: ``[E, N, K]`` (transpose=True) or ``[E, K, N]``.
+    m_sizes: ``[E]`` integer rows per expert, summing to M.
+    gather_indices: ``[M]`` from ``get_routing_indices``; needed by permute_x / permute_y.
+    topk_weights: ``[T, topk]``; only with permute_y: rows are scaled by their weight, so
+       ``out.view(T, topk, N).sum(1)`` is the combined MoE output.
+    out: optional ``[M, N]`` buffer (same dtype/device as X); every row is written.
+    config: launch parameters overriding ``default_config`` (keys: ``CONFIG_KEYS``).
+    use_int64: force 64-bit offsets (default: only when an offset into X, W or out can exceed 2**31 - 1).
+    validate: check values that need a device->host copy (m_sizes sum, gather_indices a permutation).
+       Default: on CPU tensors only, so the GPU path never syncs and can be graph-captured.
+       Shapes, dtypes and devices are always checked.
+    kernel: "portable" (this module's kernel), "hopper" (``grouped_gemm_hopper``: TMA loads,
+       tile map in registers; chapter 08) or "auto": hopper for bf16/fp16 on an sm90+ GPU
+       when no ``config`` is given, else portable.
+    Returns the output ``[M, N]`` (``out`` when given).
+    """
+    problem = check_grouped_gemm_args(
+        X, W, m_sizes, gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
+        topk_weights=topk_weights, transpose=transpose, out=out, kernel=kernel,
+    )
+    if validate is None:
+        validate = X.device.type == "cpu"
+    if validate:
+        check_grouped_gemm_values(m_sizes, gather_indices, problem)
+    M, N, K, _ = problem
     result = out if out is not None else X.new_empty(M, N)
     if M == 0 or N == 0:
         return result
@@ -345,59 +381,43 @@ def grouped_gemm(
         return result.zero_()
 
     # Triton's interpreter computes bf16 wrong: on the CPU do the work in fp32 and cast back.
-    if on_cpu and X.dtype == torch.bfloat16:
-        target = torch.empty(M, N, dtype=torch.float32)
-        X_run, W_run = X.float(), W.float()
+    if X.device.type == "cpu" and X.dtype == torch.bfloat16:
+        target, X_run, W_run = torch.empty(M, N, dtype=torch.float32), X.float(), W.float()
     else:
         target, X_run, W_run = result, X, W
+    args = dict(gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
+                topk_weights=topk_weights)
+    if choose_kernel(kernel, config, X_run, W_run, transpose) == "hopper":
+        grouped_gemm_hopper(X_run, W_run, m_sizes, target, config=config, **args)
+    else:
+        launch_portable(X_run, W_run, m_sizes, target, transpose=transpose, config=config, use_int64=use_int64,
+                        **args)
+    if target is not result:
+        result.copy_(target)
+    return result
 
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    wants_hopper = kernel == "hopper" or (kernel == "auto" and config is None and auto_candidate(X_run))
-    reason = unsupported_reason(X_run, W_run, transpose) if wants_hopper else None
-    if kernel == "hopper" and reason:
-        raise ValueError(f"kernel='hopper' cannot run these operands: {reason}; use kernel='portable'")
-    if wants_hopper and reason is None:
-        grouped_gemm_hopper(
-            X_run, W_run, m_sizes, target, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
-            permute_y=permute_y, topk_weights=topk_weights, config=config,
-        )
-        if target is not result:
-            result.copy_(target)
-        return result
 
+def launch_portable(X, W, m_sizes, target, *, gather_indices, topk, permute_x, permute_y, topk_weights, transpose,
+                    config, use_int64) -> None:
+    """Launch ``_grouped_gemm_kernel`` into ``target`` (arguments already checked)."""
+    M, N = target.shape
+    K = X.shape[1]
     cfg = _resolve_config(config, X.device)
     if use_int64 is None:
-        use_int64 = max(_max_offset(X_run), _max_offset(W_run), _max_offset(target)) > INT32_MAX
+        use_int64 = max(_max_offset(X), _max_offset(W), _max_offset(target)) > INT32_MAX
     m_sizes = m_sizes.contiguous()  # the kernel reads m_sizes[e] and gather_indices[i] at unit stride
     gather = gather_indices.contiguous() if gather_indices is not None else m_sizes  # placeholder when unused
     weights = topk_weights.reshape(-1).contiguous() if topk_weights is not None else m_sizes
-    stride_wn, stride_wk = (W_run.stride(1), W_run.stride(2)) if transpose else (W_run.stride(2), W_run.stride(1))
-
+    stride_wn, stride_wk = (W.stride(1), W.stride(2)) if transpose else (W.stride(2), W.stride(1))
     _grouped_gemm_kernel[(cfg["NUM_PROGRAMS"],)](
-        X_run,
-        W_run,
-        target,
-        m_sizes,
-        gather,
-        weights,
-        M,
-        N,
-        K,
-        num_experts,
-        X_run.stride(0),
-        X_run.stride(1),
-        W_run.stride(0),
-        stride_wn,
-        stride_wk,
-        target.stride(0),
-        target.stride(1),
-        TOPK=topk,
+        X, W, target, m_sizes, gather, weights, M, N, K, W.shape[0],
+        X.stride(0), X.stride(1), W.stride(0), stride_wn, stride_wk, target.stride(0), target.stride(1),
+        TOP_K=topk,
         PERMUTE_X=permute_x,
         PERMUTE_Y=permute_y,
         HAS_WEIGHTS=topk_weights is not None,
         USE_INT64=bool(use_int64),
-        INPUT_PRECISION=cfg["input_precision"] if X_run.dtype == torch.float32 else "tf32",  # only fp32 reads it
+        INPUT_PRECISION=cfg["input_precision"] if X.dtype == torch.float32 else "tf32",  # only fp32 reads it
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
@@ -406,6 +426,3 @@ def grouped_gemm(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    if target is not result:
-        result.copy_(target)
-    return result

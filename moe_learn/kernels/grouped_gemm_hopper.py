@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from moe_learn.kernels.autotune import autotune_enabled, choose_config, num_sms
 
 try:  # Triton >= 3.4: host-side tensor descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -43,9 +43,9 @@ except ImportError:  # pragma: no cover - older Triton: grouped_gemm keeps its p
 def _grouped_gemm_tma_kernel(
     x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
     N, K, E, stride_xm, stride_ym,
-    TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
-    WEIGHTED: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -70,29 +70,29 @@ def _grouped_gemm_tma_kernel(
         tile_m = local % num_m_tiles  # M fastest: neighbours share the weight tile
         tile_n = local // num_m_tiles
         offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < m_e
+        mask_m = offs_m < m_e
         rows = row_start + offs_m  # rows in expert order
         n0 = tile_n * BLOCK_N
         if PERMUTE_X:  # gather token rows straight from X in token order
-            src = tl.load(gather_ptr + rows, mask=m_mask, other=0) // TOPK
+            src = tl.load(gather_ptr + rows, mask=mask_m, other=0) // TOP_K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if PERMUTE_X:
                 x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                            mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+                            mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
             else:
                 x = x_desc.load([row_start + tile_m * BLOCK_M, k0])
             w = w_desc.load([e * N + n0, k0])
             acc = tl.dot(x, w.T, acc)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if PERMUTE_Y:  # each row goes back to its (token, slot) position
-            out_rows = tl.load(gather_ptr + rows, mask=m_mask, other=0)
+            out_rows = tl.load(gather_ptr + rows, mask=mask_m, other=0)
         else:
             out_rows = rows
-        if WEIGHTED:
-            acc = acc * tl.load(weights_ptr + out_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        if HAS_WEIGHTS:
+            acc = acc * tl.load(weights_ptr + out_rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n[None, :] < N))
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))
 
 
 def _config(m, n, k, warps, stages, warp_specialize=False):
@@ -116,7 +116,6 @@ CANDIDATES_BY_ROWS_PER_EXPERT = (
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
                "NUM_PROGRAMS")
-TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
 
 
 def candidates(rows: int, num_experts: int) -> tuple[dict, ...]:
@@ -136,68 +135,6 @@ def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted) -> tuple:
     """Routings differ call to call; rows per expert, rounded up to a power of two, do not."""
     bucket = 1 << max(0, math.ceil(math.log2(max(rows / max(E, 1), 1))))
     return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted)
-
-
-def _median_seconds(fn: Callable[[], None]) -> float:
-    """Median of at least ~20 runs (a 5 ms kernel gets 100 ms, not 4 runs in a 25 ms window)."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    one_ms = start.elapsed_time(end)
-    rep = min(max(25.0, 20 * one_ms), 400.0)
-    return triton.testing.do_bench(fn, warmup=max(10.0, 3 * one_ms), rep=rep, return_mode="median") * 1e-3
-
-
-def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=_median_seconds) -> dict:
-    """Time ``launch(config)`` for each candidate, cache and return the fastest.
-
-    A quick pass times every candidate; the best two are then timed again, longer and
-    in turns, because a single short measurement can be off by the ~5% that separates
-    close candidates. A candidate that fails to compile (shared memory, a compiler
-    limit) is skipped.
-    """
-    if key in TUNED:
-        return TUNED[key]
-    timings, errors = [], []
-    for config in configs:
-        try:
-            launch(config)  # compiles, and warms up
-            timings.append((timer(lambda config=config: launch(config)), config))
-        except Exception as exc:  # noqa: BLE001 - an unbuildable candidate is just not a candidate
-            errors.append(f"{config}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
-    if not timings:
-        raise RuntimeError(f"no candidate config could run for {key}:\n  " + "\n  ".join(errors))
-    finalists = [config for _, config in sorted(timings, key=lambda t: t[0])[:2]]
-    totals = [0.0] * len(finalists)
-    for _ in range(3):
-        for i, config in enumerate(finalists):
-            totals[i] += timer(lambda config=config: launch(config))
-    TUNED[key] = finalists[min(range(len(finalists)), key=totals.__getitem__)]
-    return TUNED[key]
-
-
-def autotune_enabled(X: torch.Tensor) -> bool:
-    """Tune on a GPU, outside CUDA-graph capture, unless MOE_LEARN_AUTOTUNE=0."""
-    return (X.is_cuda and os.environ.get("MOE_LEARN_AUTOTUNE", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing())
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Programs of a persistent grid: one per SM (2 under the CPU interpreter, where fewer is faster)."""
-    if device.type != "cuda":
-        return 2
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str | None:
@@ -273,9 +210,9 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
         gather_indices if gather_indices is not None else placeholder,
         topk_weights.reshape(-1) if topk_weights is not None else placeholder,
         N, K, E, X.stride(0), out.stride(0),
-        TOPK=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
+        TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
         NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
-        WEIGHTED=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
+        HAS_WEIGHTS=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

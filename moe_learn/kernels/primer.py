@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validation import check_floating, check_positive_int, check_same_device, check_tensor
+from moe_learn.validation import check_floating, check_positive_int, check_same_device, check_tensor
 
 # ----------------------------------------------------------------------------- 05.1
 

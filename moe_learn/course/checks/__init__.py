@@ -1,0 +1,9 @@
+"""Exercise checks: each takes the learner's function, never the reference one.
+
+A check draws fresh random cases plus the edge cases that matter, and on the first
+mismatch raises :class:`CheckFailed` with a message in the learner's terms.
+"""
+
+from moe_learn.course.checks._core import CheckFailed, passed
+
+__all__ = ["CheckFailed", "passed"]

@@ -1,0 +1,79 @@
+"""Launch-time helpers shared by the kernels: the SM count and a small autotuner.
+
+The autotuner follows ``triton.autotune``'s idea (time candidate configs on the first
+call for a key, cache the winner) with two changes that matter for MoE: the key is a
+shape *bucket* (rows per expert rounded to a power of two), because the routing changes
+every call while the best tile does not; and the two best candidates are re-timed in
+turns, because a single short measurement can be off by the ~5% that separates them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs of a persistent grid: one per SM (2 under the CPU interpreter, where fewer is faster)."""
+    if device.type != "cuda":
+        return 2
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
+
+
+def median_seconds(fn: Callable[[], None]) -> float:
+    """Median of at least ~20 runs (a 5 ms kernel gets 100 ms, not 4 runs in a 25 ms window)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    one_ms = start.elapsed_time(end)
+    rep = min(max(25.0, 20 * one_ms), 400.0)
+    return triton.testing.do_bench(fn, warmup=max(10.0, 3 * one_ms), rep=rep, return_mode="median") * 1e-3
+
+
+def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=median_seconds) -> dict:
+    """Time ``launch(config)`` for each candidate, cache and return the fastest.
+
+    A quick pass times every candidate; the best two are then timed again, longer and
+    in turns. A candidate that fails to compile (shared memory, a compiler limit) is skipped.
+    """
+    if key in TUNED:
+        return TUNED[key]
+    timings, errors = [], []
+    for config in configs:
+        try:
+            launch(config)  # compiles, and warms up
+            timings.append((timer(lambda config=config: launch(config)), config))
+        except Exception as exc:  # noqa: BLE001 - an unbuildable candidate is just not a candidate
+            errors.append(f"{config}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
+    if not timings:
+        raise RuntimeError(f"no candidate config could run for {key}:\n  " + "\n  ".join(errors))
+    finalists = [config for _, config in sorted(timings, key=lambda t: t[0])[:2]]
+    totals = [0.0] * len(finalists)
+    for _ in range(3):
+        for i, config in enumerate(finalists):
+            totals[i] += timer(lambda config=config: launch(config))
+    TUNED[key] = finalists[min(range(len(finalists)), key=totals.__getitem__)]
+    return TUNED[key]
+
+
+def autotune_enabled(X: torch.Tensor) -> bool:
+    """Tune on a GPU, outside CUDA-graph capture and torch.compile tracing, unless MOE_LEARN_AUTOTUNE=0."""
+    return (X.is_cuda and os.environ.get("MOE_LEARN_AUTOTUNE", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())

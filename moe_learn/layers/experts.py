@@ -1,0 +1,264 @@
+"""The expert half of an MoE MLP: route, GEMM1 (gather), SwiGLU, GEMM2 (scatter), combine.
+
+One home for every way the course runs the experts:
+
+* ``moe_experts(..., backend="triton")``: the course's grouped GEMMs with the permutations
+  fused into them, differentiable (the hand-written backward below);
+* ``moe_experts(..., backend="torch")``: the same formulas on the PyTorch references, which
+  is what float64 gradcheck verifies;
+* ``fused_moe_experts``: the Triton experts with a launch ``config`` (inference or training);
+* ``fused_moe_forward``: router -> fused routing -> fused experts, a whole MoE MLP.
+
+Forward, per (token t, slot j) routed to expert e (``x = hidden_states``, ``w = topk_weights``):
+
+    g   = x_t @ W1_e.T            GEMM1, rows gathered from token order     [M, 2I]
+    h   = silu(g_gate) * g_up     SwiGLU                                   [M, I]
+    y   = h @ W2_e.T              GEMM2, rows scattered to (t, j) order     [M, H]
+    out_t = sum_j w_tj * y_tj
+
+Backward, given ``d_out [T, H]``:
+
+    d_w_tj  = <d_out_t, y_tj>                 the router's gradient, through its weights
+    dy_tj   = w_tj * d_out_t
+    dh      = dy_e @ W2_e                     grouped GEMM, other W layout (forward kernel)
+    dW2_e   = dy_e.T @ h_e                    weight-gradient kernel
+    dg      = SwiGLU'(g) * dh
+    dW1_e   = dg_e.T @ x_e                    weight-gradient kernel, x gathered from token order
+    dx_t    = sum_j (dg_tj @ W1_e)            forward kernel scattering to (t, j), summed over j
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from moe_learn.ops.grouped_gemm import torch_grouped_gemm, torch_grouped_gemm_dw
+from moe_learn.ops.moe import swiglu, swiglu_backward
+from moe_learn.ops.permutation import permute, unpermute
+from moe_learn.ops.routing import get_routing_indices
+from moe_learn.validation import check_index_range, check_moe_args, check_tensor
+
+BACKENDS = ("triton", "torch")
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# The two GEMM shapes, per backend
+# ---------------------------------------------------------------------------------------
+
+
+def _gemm(backend, X, W, counts, gather_indices, *, topk=1, permute_x=False, permute_y=False, transpose=True,
+          topk_weights=None, config=None):
+    """Y = grouped GEMM of X and W, optionally gathering X / scattering Y (see grouped_gemm)."""
+    if backend == "triton":
+        from moe_learn.kernels.grouped_gemm import grouped_gemm
+
+        return grouped_gemm(
+            X, W, counts, gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
+            transpose=transpose, topk_weights=topk_weights, config=config, validate=False,
+        )
+    if permute_x:
+        X = permute(X, gather_indices, topk)
+    Y = torch_grouped_gemm(X, W, counts, transpose=transpose)
+    if topk_weights is not None:
+        Y = Y * topk_weights.reshape(-1)[gather_indices.long()].unsqueeze(-1).to(Y.dtype)
+    return unpermute(Y, gather_indices) if permute_y else Y
+
+
+def _gemm_dw(backend, X, dY, counts, gather_indices, *, topk=1, permute_x=False, transpose=True):
+    """dW_e = dY_e.T @ X_e in the layout of the forward's W (transpose=True: [E, N, K])."""
+    if backend == "triton":
+        from moe_learn.kernels.backward import grouped_gemm_dw as fn
+    else:
+        fn = torch_grouped_gemm_dw
+    return fn(X, dY, counts, gather_indices=gather_indices, topk=topk, permute_x=permute_x, transpose=transpose)
+
+
+def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, *,
+                     transpose=True, config=None, weighted_epilogue=True):
+    """GEMM1 (gather) -> SwiGLU -> GEMM2 (scatter) -> sum over the k slots.
+
+    Returns (out [T, H], gate_up [M, 2I], y [T, k, H]). With ``weighted_epilogue`` GEMM2 applies
+    the routing weights as it stores (inference); without, y stays unweighted because the
+    weights' gradient needs it (``d_w_tj = <d_out_t, y_tj>``) and the sum weights it.
+    """
+    num_tokens, hidden = hidden_states.shape
+    top_k = topk_weights.shape[1]
+    # GEMM1 gathers token rows itself: the permuted copy of hidden_states never exists.
+    gate_up = _gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
+                    transpose=transpose, config=config)
+    h = swiglu(gate_up)
+    weights = topk_weights.to(hidden_states.dtype)
+    y = _gemm(backend, h, down_proj, counts, gather_indices, permute_y=True, transpose=transpose, config=config,
+              topk_weights=weights if weighted_epilogue else None)
+    y = y.view(num_tokens, top_k, hidden)
+    out = y.sum(dim=1) if weighted_epilogue else (y * weights.unsqueeze(-1)).sum(dim=1)
+    return out, gate_up, y
+
+
+# ---------------------------------------------------------------------------------------
+# The autograd Function
+# ---------------------------------------------------------------------------------------
+
+
+class FusedMoEFunction(torch.autograd.Function):
+    """Autograd for the expert half of an MoE MLP; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend, config):
+        num_experts = gate_up_proj.shape[0]
+        counts, gather_indices = get_routing_indices(topk_ids, num_experts)
+        out, gate_up, y = _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
+                                           down_proj, transpose=transpose, config=config, weighted_epilogue=False)
+        # h is cheap to recompute from gate_up, so it is not kept.
+        weights = topk_weights.to(hidden_states.dtype)
+        ctx.save_for_backward(hidden_states, weights, gate_up_proj, down_proj, counts, gather_indices, gate_up, y)
+        ctx.transpose, ctx.backend, ctx.weights_dtype = transpose, backend, topk_weights.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable  # the backward is hand-written kernels, not itself differentiable
+    def backward(ctx, d_out):
+        hidden_states, weights, gate_up_proj, down_proj, counts, gather_indices, gate_up, y = ctx.saved_tensors
+        backend, transpose = ctx.backend, ctx.transpose
+        need_x, _, need_w, need_w1, need_w2 = ctx.needs_input_grad[:5]
+        num_tokens, top_k, hidden = y.shape
+        d_out = d_out.to(y.dtype).contiguous()
+        acc = torch.promote_types(y.dtype, torch.float32)  # never narrower than the inputs (float64 stays)
+
+        d_weights = None
+        if need_w:
+            d_weights = (y.to(acc) * d_out.to(acc).unsqueeze(1)).sum(-1).to(ctx.weights_dtype)
+
+        d_x = d_w1 = d_w2 = None
+        if need_x or need_w1 or need_w2:
+            # dy in (token, slot) order; the GEMMs below gather its rows into expert order.
+            d_y = (d_out.unsqueeze(1) * weights.unsqueeze(-1)).reshape(num_tokens * top_k, hidden)
+            if need_w2:
+                # dW2_e = dy_e.T @ h_e. The dW kernel gathers only its X operand, so swap the
+                # roles: it computes h_e.T @ dy_e (= dW2_e.T) with dy gathered, and storing it
+                # in the opposite layout (transpose flipped) puts it back in W2's layout.
+                d_w2 = _gemm_dw(backend, d_y, swiglu(gate_up), counts, gather_indices, topk=1, permute_x=True,
+                                transpose=not transpose)
+            if need_x or need_w1:
+                # dh = dy_e @ W2_e: the forward kernel with W read in the other layout.
+                d_h = _gemm(backend, d_y, down_proj, counts, gather_indices, topk=1, permute_x=True,
+                            transpose=not transpose)
+                d_gate_up = swiglu_backward(gate_up, d_h)
+                if need_w1:
+                    d_w1 = _gemm_dw(backend, hidden_states, d_gate_up, counts, gather_indices, topk=top_k,
+                                    permute_x=True, transpose=transpose)
+                if need_x:
+                    # Each (token, slot) row lands at its own place; a token's k rows are summed.
+                    d_x_slots = _gemm(backend, d_gate_up, gate_up_proj, counts, gather_indices, permute_y=True,
+                                      transpose=not transpose)
+                    d_x = d_x_slots.view(num_tokens, top_k, hidden).sum(dim=1)
+        return d_x, None, d_weights, d_w1, d_w2, None, None, None
+
+
+def _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend):
+    check_backend(backend)
+    check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=transpose)
+    num_experts = gate_up_proj.shape[0]
+    check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
+
+
+def moe_experts(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    transpose: bool = True,
+    backend: str = "triton",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The expert half of an MoE MLP, differentiable; returns ``[T, H]``.
+
+    hidden_states ``[T, H]``; topk_ids/topk_weights ``[T, k]``. transpose=True: weights in
+    the transformers 5.x layout, gate_up_proj ``[E, 2I, H]``, down_proj ``[E, H, I]``;
+    transpose=False: ``[E, H, 2I]`` and ``[E, I, H]`` (Llama 4's storage). Gradients flow to
+    hidden_states, topk_weights (so to the router) and both weights.
+    backend: "triton" (the course's kernels) or "torch" (the PyTorch reference GEMMs).
+    config: launch parameters for the Triton grouped GEMMs (``grouped_gemm``'s ``config``).
+    """
+    _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend)
+    if hidden_states.shape[0] == 0:
+        # Nothing routed; the product keeps the result attached to the graph.
+        return hidden_states * 0
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden_states, topk_weights, gate_up_proj, down_proj)
+    )
+    if not needs_grad:
+        # Inference: the routing weights are applied in GEMM2's epilogue, nothing is kept.
+        counts, gather_indices = get_routing_indices(topk_ids, gate_up_proj.shape[0])
+        out, _, _ = _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
+                                     down_proj, transpose=transpose, config=config)
+        return out
+    return FusedMoEFunction.apply(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend,
+                                  config)
+
+
+def fused_moe_experts(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Same contract as ``moe_experts_torch``, on the course's Triton kernels: returns ``[T, H]``.
+
+    Compared with ``moe_experts_torch`` (permute -> GEMM -> SwiGLU -> GEMM -> unpermute ->
+    weighted sum), the permuted copy of the hidden states and the unpermuted copy of the
+    output never exist: GEMM1 gathers token rows in its prologue, GEMM2 scatters its rows
+    back to (token, slot) order and applies the routing weights in its epilogue.
+    config: launch parameters passed to both grouped GEMMs.
+    """
+    return moe_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, config=config)
+
+
+def fused_moe_forward(
+    hidden_states: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k: int,
+    *,
+    renormalize: bool = True,
+    use_sigmoid: bool = False,
+    pre_act: bool = True,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """A whole MoE MLP (inference): router -> fused routing -> fused experts.
+
+    hidden_states ``[T, H]`` or ``[B, S, H]``; router_weight ``[E, H]``; experts in the
+    transformers 5.x layout. Routing options as in ``calculate_topk`` (the defaults are
+    Qwen3-MoE's and Mixtral's: softmax over all experts, top-k, renormalised). Three launches
+    after the router matmul: one for routing, two grouped GEMMs (plus SwiGLU and the sum).
+    """
+    from moe_learn.kernels.fused_routing import fused_routing
+
+    check_tensor("hidden_states", hidden_states, ndim=(2, 3))
+    check_tensor("router_weight", router_weight, ndim=2)
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    if router_weight.shape[1] != x.shape[1] or router_weight.shape[0] != gate_up_proj.shape[0]:
+        raise ValueError(
+            f"router_weight {tuple(router_weight.shape)} must be [E, H] = [{gate_up_proj.shape[0]}, {x.shape[1]}]"
+        )
+    check_moe_args(x, x.new_zeros(x.shape[0], 1, dtype=torch.long), x.new_zeros(x.shape[0], 1), gate_up_proj,
+                   down_proj)
+    logits = x @ router_weight.T
+    weights, _, counts, gather_indices, _ = fused_routing(
+        logits, top_k, use_sigmoid=use_sigmoid, renormalize=renormalize, pre_act=pre_act
+    )
+    out, _, _ = _experts_forward("triton", x, counts, gather_indices, weights.to(x.dtype), gate_up_proj, down_proj,
+                                 config=config)
+    return out.reshape(shape)
