@@ -22,7 +22,7 @@ from moe_learn.course import cli, doctor, progress
 from moe_learn.course import notebook_build as nb_build
 from moe_learn.course.exercises import Exercise, all_exercises
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FIXTURE_NB = "90_fixture.ipynb"
 FIXTURE_EXERCISES = {
     "90.1": Exercise(id="90.1", notebook=FIXTURE_NB, title="double a number", hints=("use *", "2 * x")),

@@ -33,7 +33,7 @@ from moe_learn.course.exercises import all_exercises
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "test-output" / "browser"
 CHEAP_CHAPTERS = ("02", "03", "01")  # an exercise notebook quick to run, if one exists

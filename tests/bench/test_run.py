@@ -9,7 +9,7 @@ import torch
 from moe_learn.bench import run as bench
 from moe_learn.bench import timing
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sixteen_cases_with_the_models_shapes():
