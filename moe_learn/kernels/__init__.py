@@ -3,6 +3,7 @@
     grouped_gemm.py         the portable grouped GEMM (chapters 06-07) and the public ``grouped_gemm``
     grouped_gemm_hopper.py  the same, tuned for Hopper: TMA loads, tile map in registers (chapter 08)
     autotune.py             the SM count and the shape-bucket autotuner
+    ops.py                  the kernels as torch.library custom ops (torch.compile, autograd)
     backward.py             the weight gradient ``grouped_gemm_dw`` (chapter 09)
     fused_routing.py        top-k, counts, gather and scatter indices in one launch
     primer.py               chapter 05's small kernels
@@ -13,6 +14,7 @@ from moe_learn import device
 
 device.require_triton("moe_learn.kernels")
 
+from moe_learn.kernels import ops  # noqa: E402, F401  (registers the custom ops and their autograd)
 from moe_learn.kernels.grouped_gemm import default_config, grouped_gemm  # noqa: E402 (after the Triton check)
 from moe_learn.kernels.schedule import TileRecord, tile_schedule  # noqa: E402
 

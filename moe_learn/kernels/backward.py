@@ -22,7 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_learn.validation import check_integer, check_m_sizes, check_positive_int, check_same_device, check_tensor
+from moe_learn.kernels.grouped_gemm import encode_config, needs_autograd
+from moe_learn.validation import (
+    check_gather_indices,
+    check_integer,
+    check_m_sizes,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 
 _INT32_MAX = 2**31 - 1
 
@@ -127,20 +135,24 @@ def grouped_gemm_dw(
     or more; True forces them (tests use it to run that path on small tensors).
     validate: check m_sizes and gather_indices values (a device->host copy); default: on CPU
     tensors only, so the GPU path never syncs.
+    Differentiable (op ``moe_learn::grouped_gemm_dw``): it is bilinear in X and dY.
     """
     check_tensor("X", X, ndim=2)
     check_tensor("dY", dY, ndim=2)
+    check_tensor("m_sizes", m_sizes, ndim=1)
+    check_integer("m_sizes", m_sizes)
     check_same_device(X=X, dY=dY, m_sizes=m_sizes)
     check_positive_int("topk", topk)
     if X.dtype != dY.dtype:
         raise TypeError(f"X is {X.dtype} but dY is {dY.dtype}; cast one so they match")
+    if X.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"X must be float32, float16 or bfloat16, got {X.dtype}; cast X and dY (e.g. X.float())")
     M, N = dY.shape
     K = X.shape[1]
     num_experts = m_sizes.numel()
+    compiling = torch.compiler.is_compiling()
     if validate is None:
-        validate = X.device.type == "cpu"
-    if validate:
-        check_m_sizes(m_sizes, num_experts, M)
+        validate = X.device.type == "cpu" and not compiling
     if permute_x:
         if gather_indices is None:
             raise ValueError("permute_x=True needs gather_indices (from get_routing_indices)")
@@ -154,13 +166,46 @@ def grouped_gemm_dw(
             )
     elif X.shape[0] != M:
         raise ValueError(f"X has {X.shape[0]} rows but dY has {M}; both must be in expert order")
+    if validate:
+        check_m_sizes(m_sizes, num_experts, M)
+        if permute_x:
+            check_gather_indices(gather_indices, M)
+    if not permute_x:
+        gather_indices = None  # never read
+    shape = (num_experts, N, K) if transpose else (num_experts, K, N)
+    if out is not None and tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    if needs_autograd(X, dY):
+        if out is not None:
+            raise ValueError("out= does not record autograd, and X or dY requires grad; drop out= or call under "
+                             "torch.no_grad()")
+        return torch.ops.moe_learn.grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpose,
+                                                  encode_config(config))
+    if compiling:
+        result = torch.ops.moe_learn.grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpose,
+                                                    encode_config(config))
+        return out.copy_(result) if out is not None else result
+    return run_grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpose, config, out=out,
+                               use_int64=use_int64)
+
+
+def run_grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpose, config, *, out=None,
+                        use_int64=None) -> torch.Tensor:
+    """Launch the dW kernel (arguments already checked): the op's implementation."""
+    if X.device.type == "cpu" and X.dtype == torch.bfloat16:  # the interpreter computes bf16 wrong
+        result = run_grouped_gemm_dw(X.float(), dY.float(), m_sizes, gather_indices, topk, permute_x, transpose,
+                                     config, use_int64=use_int64)
+        return out.copy_(result) if out is not None else result.to(X.dtype)
+    M, N = dY.shape
+    K = X.shape[1]
+    num_experts = m_sizes.numel()
     shape = (num_experts, N, K) if transpose else (num_experts, K, N)
     if out is None:
         out = X.new_empty(shape)
-    elif tuple(out.shape) != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
     if out.numel() == 0:
         return out
+    if M == 0:  # no rows at all: every expert's gradient is zero
+        return out.zero_()
     # Element (e, n, k) of the result lives at these strides, whichever layout was asked for.
     stride_e, stride_n, stride_k = (
         out.stride() if transpose else (out.stride(0), out.stride(2), out.stride(1))

@@ -282,21 +282,40 @@ def fused_routing(
     token_counts_by_expert [E] int32, gather_indices [T*k] int32, scatter_indices [T*k] int32).
     Among equal scores the lower expert id wins. ``cooperative`` (default: on a GPU) picks
     the grid-barrier version; ``False`` lets the last program of phase 1 finish alone.
+    Differentiable (op ``moe_learn::fused_routing``): the weights' gradient reaches the logits
+    as through ``calculate_topk``.
     """
     check_tensor("router_logits", router_logits, ndim=2)
     check_floating("router_logits", router_logits)
     check_positive_int("top_k", top_k)
     T, E = router_logits.shape
     if top_k > E:
-        raise ValueError(f"top_k={top_k} is larger than the number of experts ({E})")
-    if router_logits.stride(1) != 1:
-        router_logits = router_logits.contiguous()
+        raise ValueError(f"top_k={top_k} is larger than the number of experts ({E}); pass top_k <= {E}")
+    for name, flag in (("use_sigmoid", use_sigmoid), ("renormalize", renormalize), ("pre_act", pre_act)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     device = router_logits.device
+    if device.type == "cpu" and not INTERPRETER:
+        raise RuntimeError("fused_routing got CPU logits but Triton is not in interpreter mode; import moe_learn "
+                           "before triton (it sets TRITON_INTERPRET=1) or move the logits to a GPU")
     if cooperative is None:
         cooperative = device.type == "cuda" and not INTERPRETER
     elif cooperative and (INTERPRETER or device.type != "cuda"):
         raise ValueError("cooperative=True needs a GPU: Triton's interpreter runs one program at a time, so a "
                          "program waiting for the others would wait forever; use cooperative=False or None")
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and router_logits.requires_grad):
+        return torch.ops.moe_learn.fused_routing(router_logits, top_k, use_sigmoid, renormalize, pre_act, cooperative)
+    return run_fused_routing(router_logits, top_k, use_sigmoid=use_sigmoid, renormalize=renormalize, pre_act=pre_act,
+                             cooperative=cooperative)
+
+
+def run_fused_routing(router_logits, top_k, *, use_sigmoid, renormalize, pre_act, cooperative,
+                      separate_outputs=False):
+    """Launch the routing kernel (arguments already checked): the op's implementation."""
+    T, E = router_logits.shape
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    device = router_logits.device
     # a power of two with block_t * top_k <= 128: the pairwise rank matrix is 128 x 128 at most
     block_t = 1 << max(0, (128 // top_k).bit_length() - 1)
     num_blocks = max(1, triton.cdiv(T, block_t))
@@ -304,10 +323,13 @@ def fused_routing(
 
     weights = torch.empty(T, top_k, dtype=router_logits.dtype, device=device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=device)
-    # one allocation for all int32 outputs and scratch: fewer host-side calls per routing
-    gather, scatter, counts, block_counts, block_prefix = torch.empty(
-        2 * slots + E + 2 * num_blocks * E, dtype=torch.int32, device=device,
-    ).split_with_sizes([slots, slots, E, num_blocks * E, num_blocks * E])
+    if separate_outputs:  # a custom op's outputs may not share storage
+        gather, scatter, counts = (torch.empty(n, dtype=torch.int32, device=device) for n in (slots, slots, E))
+        block_counts, block_prefix = torch.empty(2, num_blocks * E, dtype=torch.int32, device=device)
+    else:  # one allocation for all int32 outputs and scratch: fewer host-side calls per routing
+        gather, scatter, counts, block_counts, block_prefix = torch.empty(
+            2 * slots + E + 2 * num_blocks * E, dtype=torch.int32, device=device,
+        ).split_with_sizes([slots, slots, E, num_blocks * E, num_blocks * E])
     constexprs = dict(
         TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
         BLOCK_B=min(1024, triton.next_power_of_2(num_blocks)), USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize,

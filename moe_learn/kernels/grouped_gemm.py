@@ -21,6 +21,7 @@ Fusions (chapter 07):
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,7 @@ def _grouped_gemm_kernel(
     m_sizes_ptr,  # [E] rows per expert
     gather_ptr,  # [M] expert-order row -> flat (token, slot) index (PERMUTE_X / PERMUTE_Y)
     topk_weights_ptr,  # [T * TOP_K] routing weights, flat (token, slot) order (HAS_WEIGHTS)
+    bias_ptr,  # [E, N] one bias row per expert, unit stride along N (HAS_BIAS)
     M,  # rows of the expert-ordered problem (sum of m_sizes); a bound that keeps bad m_sizes in memory
     N,
     K,
@@ -63,10 +65,12 @@ def _grouped_gemm_kernel(
     stride_wk,
     stride_ym,
     stride_yn,
+    stride_be,
     TOP_K: tl.constexpr,
     PERMUTE_X: tl.constexpr,
     PERMUTE_Y: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     USE_INT64: tl.constexpr,  # offsets in int64: some tensor has more than 2**31 - 1 elements
     INPUT_PRECISION: tl.constexpr,  # "ieee" (exact fp32) or "tf32" for fp32 inputs on GPU
     BLOCK_M: tl.constexpr,
@@ -84,6 +88,7 @@ def _grouped_gemm_kernel(
     tiles_before = 0  # tiles of experts 0..e-1
     row_start = 0  # first expert-order row of expert e
     w_expert_ptr = w_ptr  # W[e]
+    bias_expert_ptr = bias_ptr  # bias[e]
     for e in range(NUM_EXPERTS):
         m_size = tl.load(m_sizes_ptr + e).to(tl.int32)
         num_m_tiles = tl.cdiv(m_size, BLOCK_M)
@@ -134,6 +139,8 @@ def _grouped_gemm_kernel(
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
 
+            if HAS_BIAS:  # before the routing weight: the expert's output is x @ W.T + b
+                acc += tl.load(bias_expert_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if HAS_WEIGHTS:
                 weight = tl.load(topk_weights_ptr + flat, mask=mask_m, other=0.0).to(tl.float32)
                 acc = acc * weight[:, None]
@@ -144,6 +151,7 @@ def _grouped_gemm_kernel(
         tiles_before = tiles_end
         row_start += m_size
         w_expert_ptr += stride_we  # a pointer step, never e * stride_we: no int32 overflow
+        bias_expert_ptr += stride_be
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,8 +243,8 @@ class Problem(NamedTuple):
     num_experts: int
 
 
-def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices, topk, permute_x, permute_y, topk_weights, transpose,
-                            out, kernel) -> Problem:
+def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices=None, topk=1, permute_x=False, permute_y=False,
+                            topk_weights=None, bias=None, transpose=True, out=None, kernel="auto") -> Problem:
     """Shapes, dtypes, devices and flags: everything that needs no device->host copy."""
     check_tensor("X", X, ndim=2)
     check_tensor("W", W, ndim=3)
@@ -266,6 +274,9 @@ def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices, topk, permute_x, p
         if not topk_weights.dtype.is_floating_point:
             raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
         tensors["topk_weights"] = topk_weights
+    if bias is not None:
+        check_tensor("bias", bias, ndim=2)
+        tensors["bias"] = bias
     if out is not None:
         check_tensor("out", out, ndim=2)
         tensors["out"] = out
@@ -298,6 +309,11 @@ def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices, topk, permute_x, p
             f"topk_weights {tuple(topk_weights.shape)} has {topk_weights.numel()} entries; "
             f"expected [T, topk] with T * topk = {M} (one weight per output row)"
         )
+    if bias is not None:
+        if tuple(bias.shape) != (num_experts, N):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [E, N] = {(num_experts, N)}: one row per expert")
+        if bias.dtype != X.dtype:
+            raise TypeError(f"bias is {bias.dtype} but X is {X.dtype}; cast the bias (bias.to(X.dtype))")
     if out is not None:
         if tuple(out.shape) != (M, N):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(M, N)}")
@@ -329,6 +345,11 @@ def choose_kernel(kernel: str, config: dict | None, X: torch.Tensor, W: torch.Te
     return "portable" if reason else "hopper"
 
 
+def needs_autograd(*tensors) -> bool:
+    """Whether autograd must record this call: grad mode on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def grouped_gemm(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -339,6 +360,7 @@ def grouped_gemm(
     permute_x: bool = False,
     permute_y: bool = False,
     topk_weights: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     transpose: bool = True,
     out: torch.Tensor | None = None,
     config: dict | None = None,
@@ -346,47 +368,92 @@ def grouped_gemm(
     validate: bool | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
-    """``Y_e = X_e @ W_e.T`` for every expert e in one Triton launch (see the module doc).
+    """``Y_e = X_e @ W_e.T (+ bias[e])`` for every expert e in one Triton launch (see the module doc).
 
     X: ``[M, K]`` in expert order, or ``[T, K]`` in token order with ``permute_x``
        (then ``M = T * topk``). W: ``[E, N, K]`` (transpose=True) or ``[E, K, N]``.
     m_sizes: ``[E]`` integer rows per expert, summing to M.
     gather_indices: ``[M]`` from ``get_routing_indices``; needed by permute_x / permute_y.
-    topk_weights: ``[T, topk]``; only with permute_y: rows are scaled by their weight, so
-       ``out.view(T, topk, N).sum(1)`` is the combined MoE output.
-    out: optional ``[M, N]`` buffer (same dtype/device as X); every row is written.
-    config: launch parameters overriding ``default_config`` (keys: ``CONFIG_KEYS``).
+    topk_weights: ``[T, topk]``; only with permute_y: rows are scaled by their weight (after the
+       bias), so ``out.view(T, topk, N).sum(1)`` is the combined MoE output.
+    bias: ``[E, N]``, one row per expert, added in the epilogue.
+    out: optional ``[M, N]`` buffer (same dtype/device as X); every row is written. Not with
+       inputs that require grad (as in PyTorch, ``out=`` does not record autograd).
+    config: launch parameters overriding ``default_config`` (keys: ``CONFIG_KEYS``; the Hopper
+       kernel's keys with ``kernel="hopper"``).
     use_int64: force 64-bit offsets (default: only when an offset into X, W or out can exceed 2**31 - 1).
     validate: check values that need a device->host copy (m_sizes sum, gather_indices a permutation).
-       Default: on CPU tensors only, so the GPU path never syncs and can be graph-captured.
-       Shapes, dtypes and devices are always checked.
+       Default: on CPU tensors only, so the GPU path never syncs and can be graph-captured
+       (and never under torch.compile). Without it the kernels still never touch memory
+       outside the tensors. Shapes, dtypes and devices are always checked.
     kernel: "portable" (this module's kernel), "hopper" (``grouped_gemm_hopper``: TMA loads,
        tile map in registers; chapter 08) or "auto": hopper for bf16/fp16 on an sm90+ GPU
        when no ``config`` is given, else portable.
+
+    Differentiable in every mode (``torch.library`` op ``moe_learn::grouped_gemm``): gradients
+    reach X (summed over its k rows when gathered), W (zero for experts with no rows),
+    topk_weights and bias. Traceable by ``torch.compile(fullgraph=True)``.
     Returns the output ``[M, N]`` (``out`` when given).
     """
     problem = check_grouped_gemm_args(
         X, W, m_sizes, gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
-        topk_weights=topk_weights, transpose=transpose, out=out, kernel=kernel,
+        topk_weights=topk_weights, bias=bias, transpose=transpose, out=out, kernel=kernel,
     )
+    compiling = torch.compiler.is_compiling()
     if validate is None:
-        validate = X.device.type == "cpu"
+        validate = X.device.type == "cpu" and not compiling
     if validate:
+        if compiling:
+            raise ValueError("validate=True reads values on the host, which torch.compile cannot trace; "
+                             "validate before compiling or pass validate=False")
         check_grouped_gemm_values(m_sizes, gather_indices, problem)
-    M, N, K, _ = problem
+    grad = needs_autograd(X, W, topk_weights, bias)
+    if out is not None and grad:
+        raise ValueError("out= does not record autograd, and X, W, topk_weights or bias requires grad; "
+                         "drop out= (the result is differentiable) or call under torch.no_grad()")
+    if grad or compiling:
+        result = torch.ops.moe_learn.grouped_gemm(
+            X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y, transpose,
+            encode_config(config), kernel,
+        )
+        return out.copy_(result) if out is not None else result
+    # Eager, nothing to record: straight to the launch (no dispatcher on the decode hot path).
+    return run_grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y,
+                            transpose, config, kernel, out=out, use_int64=use_int64, problem=problem)
+
+
+def encode_config(config: dict | None) -> str:
+    """A config dict as the string a custom op can carry (sorted keys: equal dicts, equal strings)."""
+    return "" if not config else json.dumps(config, sort_keys=True)
+
+
+def decode_config(text: str) -> dict | None:
+    return json.loads(text) if text else None
+
+
+def run_grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y, transpose,
+                     config, kernel, *, out=None, use_int64=None, problem: Problem | None = None) -> torch.Tensor:
+    """Choose the kernel and launch it (arguments already checked): the op's implementation."""
+    M, N, K, _ = problem or check_grouped_gemm_args(
+        X, W, m_sizes, gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
+        topk_weights=topk_weights, bias=bias, transpose=transpose, out=out, kernel=kernel)
     result = out if out is not None else X.new_empty(M, N)
     if M == 0 or N == 0:
         return result
-    if K == 0:
-        return result.zero_()
+    if K == 0:  # an empty sum: the bias (if any), weighted
+        result.zero_()
+        if bias is not None or topk_weights is not None:
+            result.copy_(_epilogue_only(result, m_sizes, gather_indices, topk_weights, bias, permute_y))
+        return result
 
     # Triton's interpreter computes bf16 wrong: on the CPU do the work in fp32 and cast back.
     if X.device.type == "cpu" and X.dtype == torch.bfloat16:
         target, X_run, W_run = torch.empty(M, N, dtype=torch.float32), X.float(), W.float()
+        bias = bias.float() if bias is not None else None
     else:
         target, X_run, W_run = result, X, W
     args = dict(gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
-                topk_weights=topk_weights)
+                topk_weights=topk_weights, bias=bias)
     if choose_kernel(kernel, config, X_run, W_run, transpose) == "hopper":
         grouped_gemm_hopper(X_run, W_run, m_sizes, target, config=config, **args)
     else:
@@ -397,8 +464,23 @@ def grouped_gemm(
     return result
 
 
-def launch_portable(X, W, m_sizes, target, *, gather_indices, topk, permute_x, permute_y, topk_weights, transpose,
-                    config, use_int64) -> None:
+def _epilogue_only(result, m_sizes, gather_indices, topk_weights, bias, permute_y):
+    """K == 0: every row is its expert's bias (or 0), times its routing weight, in the output's row order."""
+    M, N = result.shape
+    rows = torch.zeros(M, N, dtype=torch.float32, device=result.device)
+    if bias is not None:
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(m_sizes.numel(), device=result.device), m_sizes.long().clamp_min(0), output_size=M)
+        rows = bias.float()[expert_of_row]
+    if permute_y:
+        rows = torch.empty_like(rows).index_copy_(0, gather_indices.long(), rows)
+        if topk_weights is not None:
+            rows = rows * topk_weights.reshape(-1, 1).float()
+    return rows.to(result.dtype)
+
+
+def launch_portable(X, W, m_sizes, target, *, gather_indices, topk, permute_x, permute_y, topk_weights, bias,
+                    transpose, config, use_int64) -> None:
     """Launch ``_grouped_gemm_kernel`` into ``target`` (arguments already checked)."""
     M, N = target.shape
     K = X.shape[1]
@@ -408,14 +490,17 @@ def launch_portable(X, W, m_sizes, target, *, gather_indices, topk, permute_x, p
     m_sizes = m_sizes.contiguous()  # the kernel reads m_sizes[e] and gather_indices[i] at unit stride
     gather = gather_indices.contiguous() if gather_indices is not None else m_sizes  # placeholder when unused
     weights = topk_weights.reshape(-1).contiguous() if topk_weights is not None else m_sizes
+    bias = bias.contiguous() if bias is not None else None
     stride_wn, stride_wk = (W.stride(1), W.stride(2)) if transpose else (W.stride(2), W.stride(1))
     _grouped_gemm_kernel[(cfg["NUM_PROGRAMS"],)](
-        X, W, target, m_sizes, gather, weights, M, N, K, W.shape[0],
+        X, W, target, m_sizes, gather, weights, bias if bias is not None else m_sizes, M, N, K, W.shape[0],
         X.stride(0), X.stride(1), W.stride(0), stride_wn, stride_wk, target.stride(0), target.stride(1),
+        bias.stride(0) if bias is not None else 0,
         TOP_K=topk,
         PERMUTE_X=permute_x,
         PERMUTE_Y=permute_y,
         HAS_WEIGHTS=topk_weights is not None,
+        HAS_BIAS=bias is not None,
         USE_INT64=bool(use_int64),
         INPUT_PRECISION=cfg["input_precision"] if X.dtype == torch.float32 else "tf32",  # only fp32 reads it
         BLOCK_M=cfg["BLOCK_M"],

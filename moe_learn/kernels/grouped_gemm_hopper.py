@@ -41,11 +41,11 @@ except ImportError:  # pragma: no cover - older Triton: grouped_gemm keeps its p
 
 @triton.jit
 def _grouped_gemm_tma_kernel(
-    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr,
+    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr, bias_ptr,
     N, K, E, stride_xm, stride_ym,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -89,6 +89,8 @@ def _grouped_gemm_tma_kernel(
             out_rows = tl.load(gather_ptr + rows, mask=mask_m, other=0)
         else:
             out_rows = rows
+        if HAS_BIAS:  # bias [E, N] contiguous; added before the routing weight
+            acc += tl.load(bias_ptr + e.to(tl.int64) * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_WEIGHTS:
             acc = acc * tl.load(weights_ptr + out_rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -131,10 +133,10 @@ def pick_config(rows: int, num_experts: int) -> dict:
     return dict(candidates(rows, num_experts)[0])
 
 
-def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted) -> tuple:
+def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted, biased=False) -> tuple:
     """Routings differ call to call; rows per expert, rounded up to a power of two, do not."""
     bucket = 1 << max(0, math.ceil(math.log2(max(rows / max(E, 1), 1))))
-    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted)
+    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted, biased)
 
 
 def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str | None:
@@ -169,9 +171,10 @@ def grouped_gemm_hopper(
     permute_x: bool = False,
     permute_y: bool = False,
     topk_weights: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Fill ``out`` with ``Y_e = X_e @ W_e.T`` for all experts in one persistent launch.
+    """Fill ``out`` with ``Y_e = X_e @ W_e.T (+ bias[e])`` for all experts in one persistent launch.
 
     Arguments are taken as valid: ``grouped_gemm`` checks them before it dispatches here.
     ``config`` overrides the tuned (or, without tuning, the default) choice; keys: ``CONFIG_KEYS``.
@@ -181,21 +184,21 @@ def grouped_gemm_hopper(
     if M == 0:
         return out
     run = functools.partial(_launch, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices, topk=topk,
-                            permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights)
+                            permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights, bias=bias)
     if config:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
         cfg = {**pick_config(M, E), **config}
     elif autotune_enabled(X):
-        key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None)
+        key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None, bias is not None)
         cfg = choose_config(key, candidates(M, E), run)
     else:
         cfg = pick_config(M, E)
     return run(cfg)
 
 
-def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights):
+def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights, bias):
     E, N, K = W.shape
     M = out.shape[0]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -209,10 +212,11 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
         X, x_desc, w_desc, out, m_sizes,
         gather_indices if gather_indices is not None else placeholder,
         topk_weights.reshape(-1) if topk_weights is not None else placeholder,
+        bias if bias is not None else placeholder,
         N, K, E, X.stride(0), out.stride(0),
         TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
         NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
-        HAS_WEIGHTS=topk_weights is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
+        HAS_WEIGHTS=topk_weights is not None, HAS_BIAS=bias is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

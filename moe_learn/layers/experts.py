@@ -9,6 +9,10 @@ One home for every way the course runs the experts:
 * ``fused_moe_experts``: the Triton experts with a launch ``config`` (inference or training);
 * ``fused_moe_forward``: router -> fused routing -> fused experts, a whole MoE MLP.
 
+All of them are differentiable and traceable by ``torch.compile(fullgraph=True)``: the
+Triton GEMMs are ``torch.library`` ops (``moe_learn.kernels.ops``), the routing is plain
+tensor code with no host sync, and the autograd Function below is traceable too.
+
 Forward, per (token t, slot j) routed to expert e (``x = hidden_states``, ``w = topk_weights``):
 
     g   = x_t @ W1_e.T            GEMM1, rows gathered from token order     [M, 2I]
@@ -30,20 +34,35 @@ Backward, given ``d_out [T, H]``:
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from moe_learn.ops.grouped_gemm import torch_grouped_gemm, torch_grouped_gemm_dw
 from moe_learn.ops.moe import swiglu, swiglu_backward
 from moe_learn.ops.permutation import permute, unpermute
-from moe_learn.ops.routing import get_routing_indices
-from moe_learn.validation import check_index_range, check_moe_args, check_tensor
+from moe_learn.ops.routing import expert_counts, gather_indices_by_expert
+from moe_learn.validation import check_index_range, check_moe_args, check_positive_int, check_tensor
 
 BACKENDS = ("triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def effective_backend(backend: str, dtype: torch.dtype) -> str:
+    """The Triton kernels take float32/float16/bfloat16; a float64 model runs the PyTorch GEMMs."""
+    return "torch" if backend == "triton" and dtype not in TRITON_DTYPES else backend
+
+
+def route_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows per expert [E] int32, gather_indices [T*k] int32) for ids already known to be in range.
+
+    ``get_routing_indices`` without its range check: the check reads the ids back to the host,
+    which would stall the GPU (and break CUDA graphs and torch.compile) on every forward.
+    """
+    flat = topk_ids.reshape(-1)
+    return expert_counts(flat, num_experts), gather_indices_by_expert(flat)
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,10 +91,12 @@ def _gemm(backend, X, W, counts, gather_indices, *, topk=1, permute_x=False, per
 def _gemm_dw(backend, X, dY, counts, gather_indices, *, topk=1, permute_x=False, transpose=True):
     """dW_e = dY_e.T @ X_e in the layout of the forward's W (transpose=True: [E, N, K])."""
     if backend == "triton":
-        from moe_learn.kernels.backward import grouped_gemm_dw as fn
-    else:
-        fn = torch_grouped_gemm_dw
-    return fn(X, dY, counts, gather_indices=gather_indices, topk=topk, permute_x=permute_x, transpose=transpose)
+        from moe_learn.kernels.backward import grouped_gemm_dw
+
+        return grouped_gemm_dw(X, dY, counts, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
+                               transpose=transpose, validate=False)
+    return torch_grouped_gemm_dw(X, dY, counts, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
+                                 transpose=transpose)
 
 
 def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, *,
@@ -106,37 +127,39 @@ def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weight
 
 
 class FusedMoEFunction(torch.autograd.Function):
-    """Autograd for the expert half of an MoE MLP; see the module docstring for the math."""
+    """Autograd for the expert half of an MoE MLP, given its routing; the module docstring has the math.
+
+    Inputs: hidden_states [T, H], counts [E], gather_indices [T*k] (from the routing),
+    topk_weights [T, k], gate_up_proj, down_proj, and the flags (transpose, backend, config).
+    """
 
     @staticmethod
-    def forward(ctx, hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend, config):
-        num_experts = gate_up_proj.shape[0]
-        counts, gather_indices = get_routing_indices(topk_ids, num_experts)
+    def forward(ctx, hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, transpose, backend,
+                config):
         out, gate_up, y = _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
                                            down_proj, transpose=transpose, config=config, weighted_epilogue=False)
         # h is cheap to recompute from gate_up, so it is not kept.
-        weights = topk_weights.to(hidden_states.dtype)
-        ctx.save_for_backward(hidden_states, weights, gate_up_proj, down_proj, counts, gather_indices, gate_up, y)
-        ctx.transpose, ctx.backend, ctx.weights_dtype = transpose, backend, topk_weights.dtype
+        ctx.save_for_backward(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up, y)
+        ctx.transpose, ctx.backend = transpose, backend
         return out
 
     @staticmethod
-    @once_differentiable  # the backward is hand-written kernels, not itself differentiable
     def backward(ctx, d_out):
-        hidden_states, weights, gate_up_proj, down_proj, counts, gather_indices, gate_up, y = ctx.saved_tensors
+        hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up, y = ctx.saved_tensors
         backend, transpose = ctx.backend, ctx.transpose
-        need_x, _, need_w, need_w1, need_w2 = ctx.needs_input_grad[:5]
+        need_x, _, _, need_w, need_w1, need_w2 = ctx.needs_input_grad[:6]
         num_tokens, top_k, hidden = y.shape
         d_out = d_out.to(y.dtype).contiguous()
         acc = torch.promote_types(y.dtype, torch.float32)  # never narrower than the inputs (float64 stays)
 
         d_weights = None
         if need_w:
-            d_weights = (y.to(acc) * d_out.to(acc).unsqueeze(1)).sum(-1).to(ctx.weights_dtype)
+            d_weights = (y.to(acc) * d_out.to(acc).unsqueeze(1)).sum(-1).to(topk_weights.dtype)
 
         d_x = d_w1 = d_w2 = None
         if need_x or need_w1 or need_w2:
             # dy in (token, slot) order; the GEMMs below gather its rows into expert order.
+            weights = topk_weights.to(y.dtype)
             d_y = (d_out.unsqueeze(1) * weights.unsqueeze(-1)).reshape(num_tokens * top_k, hidden)
             if need_w2:
                 # dW2_e = dy_e.T @ h_e. The dW kernel gathers only its X operand, so swap the
@@ -157,14 +180,37 @@ class FusedMoEFunction(torch.autograd.Function):
                     d_x_slots = _gemm(backend, d_gate_up, gate_up_proj, counts, gather_indices, permute_y=True,
                                       transpose=not transpose)
                     d_x = d_x_slots.view(num_tokens, top_k, hidden).sum(dim=1)
-        return d_x, None, d_weights, d_w1, d_w2, None, None, None
+        return d_x, None, None, d_weights, d_w1, d_w2, None, None, None
+
+
+def run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, *, transpose=True,
+                backend="triton", config=None):
+    """The experts given a routing (counts, gather_indices): differentiable when an input requires grad."""
+    backend = effective_backend(backend, hidden_states.dtype)
+    if hidden_states.shape[0] == 0:
+        # Nothing routed. The sums of empty slices (exactly 0) keep every input in the graph, so
+        # each gets a zero gradient rather than none.
+        tie = sum(t.flatten()[:0].sum() for t in (topk_weights, gate_up_proj, down_proj))
+        return hidden_states * 0 + tie.to(hidden_states.dtype)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (hidden_states, topk_weights, gate_up_proj, down_proj)
+    )
+    if not needs_grad:
+        # Inference: the routing weights are applied in GEMM2's epilogue, nothing is kept.
+        out, _, _ = _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
+                                     down_proj, transpose=transpose, config=config)
+        return out
+    return FusedMoEFunction.apply(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj,
+                                  transpose, backend, config)
 
 
 def _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend):
     check_backend(backend)
     check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=transpose)
-    num_experts = gate_up_proj.shape[0]
-    check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
+    # The ids' range is a value check (a device->host copy): on the CPU, outside torch.compile.
+    if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
+        num_experts = gate_up_proj.shape[0]
+        check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
 
 
 def moe_experts(
@@ -184,24 +230,15 @@ def moe_experts(
     the transformers 5.x layout, gate_up_proj ``[E, 2I, H]``, down_proj ``[E, H, I]``;
     transpose=False: ``[E, H, 2I]`` and ``[E, I, H]`` (Llama 4's storage). Gradients flow to
     hidden_states, topk_weights (so to the router) and both weights.
-    backend: "triton" (the course's kernels) or "torch" (the PyTorch reference GEMMs).
+    backend: "triton" (the course's kernels; a float64 model runs the PyTorch GEMMs) or
+    "torch" (the PyTorch reference GEMMs).
     config: launch parameters for the Triton grouped GEMMs (``grouped_gemm``'s ``config``).
+    Expert ids are checked on CPU tensors; on a GPU (no host sync) they must lie in [0, E).
     """
     _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend)
-    if hidden_states.shape[0] == 0:
-        # Nothing routed; the product keeps the result attached to the graph.
-        return hidden_states * 0
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (hidden_states, topk_weights, gate_up_proj, down_proj)
-    )
-    if not needs_grad:
-        # Inference: the routing weights are applied in GEMM2's epilogue, nothing is kept.
-        counts, gather_indices = get_routing_indices(topk_ids, gate_up_proj.shape[0])
-        out, _, _ = _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
-                                     down_proj, transpose=transpose, config=config)
-        return out
-    return FusedMoEFunction.apply(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend,
-                                  config)
+    counts, gather_indices = route_rows(topk_ids, gate_up_proj.shape[0])
+    return run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj,
+                       transpose=transpose, backend=backend, config=config)
 
 
 def fused_moe_experts(
@@ -219,7 +256,7 @@ def fused_moe_experts(
     weighted sum), the permuted copy of the hidden states and the unpermuted copy of the
     output never exist: GEMM1 gathers token rows in its prologue, GEMM2 scatters its rows
     back to (token, slot) order and applies the routing weights in its epilogue.
-    config: launch parameters passed to both grouped GEMMs.
+    config: launch parameters passed to both grouped GEMMs. Differentiable.
     """
     return moe_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, config=config)
 
@@ -236,7 +273,7 @@ def fused_moe_forward(
     pre_act: bool = True,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """A whole MoE MLP (inference): router -> fused routing -> fused experts.
+    """A whole MoE MLP: router -> fused routing -> fused experts. Differentiable.
 
     hidden_states ``[T, H]`` or ``[B, S, H]``; router_weight ``[E, H]``; experts in the
     transformers 5.x layout. Routing options as in ``calculate_topk`` (the defaults are
@@ -247,18 +284,23 @@ def fused_moe_forward(
 
     check_tensor("hidden_states", hidden_states, ndim=(2, 3))
     check_tensor("router_weight", router_weight, ndim=2)
+    check_positive_int("top_k", top_k)
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     if router_weight.shape[1] != x.shape[1] or router_weight.shape[0] != gate_up_proj.shape[0]:
         raise ValueError(
             f"router_weight {tuple(router_weight.shape)} must be [E, H] = [{gate_up_proj.shape[0]}, {x.shape[1]}]"
         )
-    check_moe_args(x, x.new_zeros(x.shape[0], 1, dtype=torch.long), x.new_zeros(x.shape[0], 1), gate_up_proj,
-                   down_proj)
+    if router_weight.dtype != x.dtype:
+        raise TypeError(f"router_weight is {router_weight.dtype} but hidden_states is {x.dtype}; cast one to the other")
+    num_experts = gate_up_proj.shape[0]
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} is larger than num_experts={num_experts}; pass top_k <= num_experts")
+    check_moe_args(x, x.new_zeros(x.shape[0], top_k, dtype=torch.long), x.new_zeros(x.shape[0], top_k),
+                   gate_up_proj, down_proj)
     logits = x @ router_weight.T
     weights, _, counts, gather_indices, _ = fused_routing(
         logits, top_k, use_sigmoid=use_sigmoid, renormalize=renormalize, pre_act=pre_act
     )
-    out, _, _ = _experts_forward("triton", x, counts, gather_indices, weights.to(x.dtype), gate_up_proj, down_proj,
-                                 config=config)
+    out = run_experts(x, counts, gather_indices, weights, gate_up_proj, down_proj, config=config)
     return out.reshape(shape)
