@@ -22,6 +22,7 @@ from moe_learn import (
 )
 from moe_learn.device import DEVICE, HAS_TRITON, ON_GPU
 from moe_learn.layers.blocks import FusedMoEBlock, MoEBlock, TorchMoEBlock, load_balancing_loss
+from moe_learn.layers import hf
 from moe_learn.layers.experts import fused_moe_experts, fused_moe_forward, moe_experts
 from moe_learn.ops.grouped_gemm import torch_grouped_gemm, torch_grouped_gemm_dw
 from moe_learn.ops.moe import moe_experts_torch, moe_forward_torch, swiglu
@@ -30,6 +31,7 @@ from moe_learn.ops.routing import calculate_topk, get_routing_indices
 
 __version__ = "0.1.0"
 _aliases.install()  # import paths from before the layered layout keep working
+hf.install()  # experts_implementation="moe_learn" in transformers, once transformers is imported
 
 # name -> module that defines it; imported on first access (these need Triton or transformers)
 _LAZY = {

@@ -304,3 +304,50 @@ def fused_moe_forward(
     )
     out = run_experts(x, counts, gather_indices, weights, gate_up_proj, down_proj, config=config)
     return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Any activation between the GEMMs (transformers' experts interface: biases, custom gates)
+# ---------------------------------------------------------------------------------------
+
+
+def _bias_rows(bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """bias[e] for every expert-order row (the rows of expert e are counts[e] consecutive rows)."""
+    experts = torch.arange(counts.numel(), device=counts.device)
+    return bias[torch.repeat_interleave(experts, counts.long())]
+
+
+def experts_with_activation(hidden_states, counts, gather_indices, topk_weights, w1, w2, activation, *,
+                            b1=None, b2=None, post_norm=None, transpose=True, backend="triton", config=None):
+    """GEMM1 (gather, + b1) -> ``activation`` -> GEMM2 (+ b2) -> [post_norm] -> weighted sum over the k slots.
+
+    The general form of the experts: ``activation`` maps GEMM1's ``[M, N1]`` rows to GEMM2's
+    input (a SwiGLU of either layout, gpt-oss's clamped gate, a plain activation), and
+    ``post_norm`` (optional) normalises each expert's output row before it is weighted.
+    Differentiable through the grouped GEMM ops; plain PyTorch for the activation.
+    """
+    backend = effective_backend(backend, hidden_states.dtype)
+    num_tokens, hidden = hidden_states.shape
+    top_k = topk_weights.shape[1]
+    if backend == "triton":
+        from moe_learn.kernels.grouped_gemm import grouped_gemm
+
+        gemm = lambda x, w, b, **kw: grouped_gemm(x, w, counts, gather_indices=gather_indices, bias=b,  # noqa: E731
+                                                  transpose=transpose, config=config, validate=False, **kw)
+    else:
+        def gemm(x, w, b, *, topk=1, permute_x=False, permute_y=False, topk_weights=None):
+            if permute_x:
+                x = x[gather_indices.long() // topk]
+            y = torch_grouped_gemm(x, w, counts, transpose=transpose)
+            if b is not None:
+                y = y + _bias_rows(b, counts)
+            if topk_weights is not None:
+                y = y * topk_weights.reshape(-1)[gather_indices.long()].unsqueeze(-1).to(y.dtype)
+            return y.new_empty(y.shape).index_copy(0, gather_indices.long(), y) if permute_y else y
+
+    h = activation(gemm(hidden_states, w1, b1, topk=top_k, permute_x=True))
+    if post_norm is None:  # the routing weights go in GEMM2's epilogue
+        y = gemm(h, w2, b2, permute_y=True, topk_weights=topk_weights)
+        return y.view(num_tokens, top_k, hidden).sum(dim=1)
+    y = post_norm(gemm(h, w2, b2, permute_y=True)).view(num_tokens, top_k, hidden)
+    return (y * topk_weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
