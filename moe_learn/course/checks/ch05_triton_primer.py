@@ -231,13 +231,13 @@ def check_scale_add(kernel) -> None:
             launch(ex, case, lambda: launch_scale_add(kernel, x.view, y.view, out.view, alpha, block))
             return out
 
-        outside, got, bad = _first_run(run, ref, dtype)
-        if outside:
-            after = [i for (i,) in outside if i >= n]
+        stray, got, bad = _first_run(run, ref, dtype)
+        if stray:
+            after = [i for (i,) in stray if i >= n]
             where = (
                 f"{len(after)} element(s) past the end (out[{n}..{max(after)}], out has n_elements={n})"
                 if after
-                else f"{len(outside)} element(s) before the start (out[{_ranges([i for (i,) in outside])}])"
+                else f"{len(stray)} element(s) before the start (out[{_ranges([i for (i,) in stray])}])"
             )
             if bad.any():  # the inside is wrong too: the addresses, not just the mask
                 fail(
@@ -381,9 +381,9 @@ def check_swiglu_rows(kernel) -> None:
             launch(ex, case, lambda: launch_swiglu(kernel, gate_up.view, out.view, block))
             return out
 
-        outside, got, bad = _first_run(run, ref, dtype)
-        if outside:
-            past_rows, past_cols = past_edges(outside, M, I)
+        stray, got, bad = _first_run(run, ref, dtype)
+        if stray:
+            past_rows, past_cols = past_edges(stray, M, I)
             if past_cols:
                 r, c = past_cols[0]
                 where = f"row {r}, column {c}, but out has only I={I} columns"
@@ -391,7 +391,7 @@ def check_swiglu_rows(kernel) -> None:
                 where = f"row {past_rows[0][0]}, but out has only M={M} rows"
             else:
                 where = "before the start of out"
-            message = f"your kernel wrote outside out: {where} ({len(outside)} stray writes); case {case}."
+            message = f"your kernel wrote outside out: {where} ({len(stray)} stray writes); case {case}."
             if bad.any():
                 fail(
                     ex,
@@ -585,9 +585,9 @@ def check_matmul(kernel) -> None:
             launch(ex, case, lambda: launch_matmul(kernel, a.view, b.view, c.view, *blocks))
             return c
 
-        outside, got, bad = _first_run(run, ref, dtype)
-        if outside:
-            past_rows, past_cols = past_edges(outside, M, N)
+        stray, got, bad = _first_run(run, ref, dtype)
+        if stray:
+            past_rows, past_cols = past_edges(stray, M, N)
             if past_rows:
                 where = f"row {past_rows[0][0]}, but C has only M={M} rows"
                 hint = "the last row of tiles sticks out past M: the store mask needs offs_m[:, None] < M"
@@ -601,12 +601,12 @@ def check_matmul(kernel) -> None:
             if bad.any():
                 fail(
                     ex,
-                    f"your kernel wrote outside C: {where} ({len(outside)} stray writes), and {int(bad.sum())} "
+                    f"your kernel wrote outside C: {where} ({len(stray)} stray writes), and {int(bad.sum())} "
                     f"elements inside are wrong; case {case}.",
                     "the output address is off: c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn "
                     f"with C's own strides ({c_strides} here), masked by (offs_m[:, None] < M) & (offs_n[None, :] < N)",
                 )
-            fail(ex, f"your kernel wrote outside C: {where} ({len(outside)} stray writes); case {case}.", hint)
+            fail(ex, f"your kernel wrote outside C: {where} ({len(stray)} stray writes); case {case}.", hint)
         if not bad.any():
             passed_layouts.append(case)
             continue
