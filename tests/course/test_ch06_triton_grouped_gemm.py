@@ -1,11 +1,10 @@
 """Chapter 06 checks accept the right answers and reject plausible wrong ones with pointed messages."""
 
 import pytest
-import triton
-import triton.language as tl
 
 from moe_learn.course.checks._core import CheckFailed
 from moe_learn.course.checks.ch06_triton_grouped_gemm import check_grouped_gemm_kernel, check_locate_tile
+from tests.course.planted import Chapter06
 
 # ------------------------------------------------------------------ 06.1
 
@@ -83,99 +82,19 @@ def test_locate_tile_stub_propagates():
 # ------------------------------------------------------------------ 06.2
 
 
-@triton.jit
-def learner_kernel(
-    x_ptr, w_ptr, y_ptr, m_sizes_ptr,
-    N, K, NUM_EXPERTS,
-    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    BUG_NO_K_MASK: tl.constexpr = False,
-    BUG_FLOOR_TILES: tl.constexpr = False,
-    BUG_BUSY_EXPERT_INDEX: tl.constexpr = False,
-    BUG_NO_N_STORE_MASK: tl.constexpr = False,
-    BUG_NO_M_STORE_MASK: tl.constexpr = False,
-):  # fmt: skip
-    """A learner's kernel, with switches that plant one mistake each."""
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    next_tile = pid
-    tiles_before = 0
-    row_start = 0
-    busy = 0
-    for e in range(NUM_EXPERTS):
-        m_size = tl.load(m_sizes_ptr + e)
-        if BUG_FLOOR_TILES:
-            num_m_tiles = m_size // BLOCK_M
-        else:
-            num_m_tiles = tl.cdiv(m_size, BLOCK_M)
-        tiles_end = tiles_before + num_m_tiles * num_n_tiles
-        if BUG_BUSY_EXPERT_INDEX:
-            w_e = busy  # counts only experts that have tokens
-        else:
-            w_e = e
-        while next_tile < tiles_end:
-            local = next_tile - tiles_before
-            offs_m = (local // num_n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = (local % num_n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_k = tl.arange(0, BLOCK_K)
-            mask_m = offs_m < m_size
-            mask_n = offs_n < N
-            x_ptrs = x_ptr + (row_start + offs_m)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-            w_ptrs = w_ptr + w_e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                if BUG_NO_K_MASK:
-                    a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                    b = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-                else:
-                    mask_k = offs_k < K - k0
-                    a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                    b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
-            y_ptrs = y_ptr + (row_start + offs_m)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-            if BUG_NO_N_STORE_MASK:
-                tl.store(y_ptrs, acc, mask=mask_m[:, None])
-            elif BUG_NO_M_STORE_MASK:
-                tl.store(y_ptrs, acc, mask=mask_n[None, :])
-            else:
-                tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
-            next_tile += NUM_PROGRAMS
-        tiles_before = tiles_end
-        row_start += m_size
-        busy += (m_size > 0).to(tl.int32)
-
-
-class WithBug:
-    """``kernel[grid](...)`` with one BUG_* switch on: looks like a kernel to the check."""
-
-    def __init__(self, kernel, **bugs):
-        self.kernel, self.bugs = kernel, bugs
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.bugs)
-
-
 def test_kernel_reference_passes(capsys):
-    check_grouped_gemm_kernel(learner_kernel)
+    check_grouped_gemm_kernel(Chapter06())
     assert "[PASS] 06.2" in capsys.readouterr().out
-
-
-@triton.jit
-def pass_kernel(
-    x_ptr, w_ptr, y_ptr, m_sizes_ptr,
-    N, K, NUM_EXPERTS,
-    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-):  # fmt: skip
-    pass
 
 
 @pytest.mark.parametrize(
     "bug,match",
     [
-        ("BUG_NO_K_MASK", r"(?s)rows 0-15 of expert 0 .* hold wrong values.*K tail.*mask the loads of the last K step"),
+        ("BUG_NO_STORE", r"(?s)wrote nothing.*still `pass`"),
+        (
+            "BUG_NO_K_MASK",
+            r"(?s)rows 0-15 of expert 0 .* hold NaN read from outside X or W .*K tail.*mask the loads of the last K",
+        ),
         ("BUG_FLOOR_TILES", r"(?s)rows 0-4 of expert 0 .*never written.*partly full row block"),
         ("BUG_BUSY_EXPERT_INDEX", r"(?s)rows 0-15 of expert 1 .* hold expert 0's product.*tile -> expert mapping"),
         ("BUG_NO_N_STORE_MASK", r"(?s)wrote column 4\d of row .*only 40 columns.*offs_n < N"),
@@ -184,9 +103,9 @@ def pass_kernel(
 )
 def test_kernel_rejects(bug, match):
     with pytest.raises(CheckFailed, match=match):
-        check_grouped_gemm_kernel(WithBug(learner_kernel, **{bug: True}))
+        check_grouped_gemm_kernel(Chapter06(**{bug: True}))
 
 
-def test_kernel_stub_wrote_nothing():
-    with pytest.raises(CheckFailed, match="(?s)wrote nothing.*still `pass`"):
-        check_grouped_gemm_kernel(pass_kernel)
+def test_kernel_check_wants_the_kernel_not_the_wrapper():
+    with pytest.raises(TypeError, match="not its wrapper"):
+        check_grouped_gemm_kernel(locate_tile)

@@ -102,13 +102,18 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
-                       stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwn, stride_dwk,
-                       TOP_K: tl.constexpr, PERMUTE_X: tl.constexpr, BUG: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
+               stride_xm, stride_xk, stride_dym, stride_dyn, stride_dwe, stride_dwn, stride_dwk,
+               TOP_K: tl.constexpr, PERMUTE_X: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BUG_PREVIOUS_EXPERT_ROWS: tl.constexpr = False,  # offsets[e-1] .. offsets[e]
+               BUG_MASK_WITH_TOTAL_ROWS: tl.constexpr = False,  # offs_m < M: reads the next expert's rows
+               BUG_NO_ROW_MASK: tl.constexpr = False,  # X and dY loads masked on columns only
+               BUG_SKIP_EMPTY_EXPERT: tl.constexpr = False,  # "nothing to do", but dW[e] must be zeroed
+               BUG_NO_STORE_MASK: tl.constexpr = False):  # fmt: skip
     expert = tl.program_id(0)
-    if BUG == "previous_expert_rows":
-        # offsets[e-1] .. offsets[e] (clamped for expert 0, which then reads nothing)
+    if BUG_PREVIOUS_EXPERT_ROWS:
+        # clamped for expert 0, which then reads nothing
         row_start = tl.load(offsets_ptr + tl.maximum(expert - 1, 0))
         row_end = tl.load(offsets_ptr + expert)
         row_end = tl.where(expert == 0, row_start, row_end)
@@ -120,53 +125,66 @@ def _planted_dw_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, gather_ptr, M, N, K,
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        if BUG == "mask_with_total_rows":
-            mask_m = offs_m < M  # reads into the next expert's rows
+        if BUG_MASK_WITH_TOTAL_ROWS:
+            mask_m = offs_m < M
         else:
             mask_m = offs_m < row_end
         if PERMUTE_X:
             x_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=0) // TOP_K
         else:
             x_rows = offs_m
+        if BUG_NO_ROW_MASK:
+            load_m = offs_m >= 0
+        else:
+            load_m = mask_m
         x = tl.load(x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+                    mask=load_m[:, None] & (offs_k < K)[None, :], other=0.0)
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & (offs_n < N)[None, :], other=0.0)
+                     mask=load_m[:, None] & (offs_n < N)[None, :], other=0.0)
         acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
     store_mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    if BUG == "skip_empty_expert":
-        # "nothing to do" for an empty expert - but dW[e] must still be zeroed
+    if BUG_SKIP_EMPTY_EXPERT:
         store_mask = store_mask & ((tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32) + row_end) > row_start)
+    if BUG_NO_STORE_MASK:
+        store_mask = offs_n[:, None] >= 0
     tl.store(dw_ptr + expert * stride_dwe + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
              acc.to(dw_ptr.dtype.element_ty), mask=store_mask)
 
 
-def _planted(bug):
+def _planted(**bugs):
+    """A learner's dW function launching ``_dw_kernel`` with the given BUG_* switches on."""
+    assert set(bugs) <= set(_dw_kernel.arg_names), "a misspelled switch would plant nothing"
+
     def launch(X, dY, m_sizes, *, gather_indices=None, topk=1, permute_x=False, out=None):
         E, (M, N), K = m_sizes.numel(), dY.shape, X.shape[1]
         offsets = torch.zeros(E + 1, dtype=torch.int32, device=X.device)
         offsets[1:] = torch.cumsum(m_sizes, 0)
         gather = gather_indices if permute_x else offsets
         grid = (E, triton.cdiv(N, 32), triton.cdiv(K, 32))
-        _planted_dw_kernel[grid](X, dY, out, offsets, gather, M, N, K, *X.stride(), *dY.stride(), *out.stride(),
-                                 TOP_K=topk, PERMUTE_X=permute_x, BUG=bug, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+        _dw_kernel[grid](X, dY, out, offsets, gather, M, N, K, *X.stride(), *dY.stride(), *out.stride(),
+                         TOP_K=topk, PERMUTE_X=permute_x, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **bugs)
         return out
 
     return launch
 
 
+def test_dw_check_passes_planted_kernel_without_bugs(capsys):
+    check_grouped_gemm_dw(_planted())
+    assert "[PASS] 09.1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "bug, message",
     [
-        ("none", None),
-        ("skip_empty_expert", r"(?s)dW\[3\]\[0, 0\] was never written.*with no rows still stores its zeros"),
-        ("previous_expert_rows", r"dW\[1\] uses expert 0's rows: off-by-one in row offsets"),
-        ("mask_with_total_rows", "loaded without its mask"),
+        ("BUG_SKIP_EMPTY_EXPERT", r"(?s)dW\[3\]\[0, 0\] was never written.*with no rows still stores its zeros"),
+        ("BUG_PREVIOUS_EXPERT_ROWS", r"dW\[1\] uses expert 0's rows: off-by-one in row offsets"),
+        ("BUG_MASK_WITH_TOTAL_ROWS", "loaded without its mask"),
+        ("BUG_NO_ROW_MASK", r"(?s)dW\[\d\]\[\d+, \d+\] is NaN although X and dY hold none: your kernel read outside "
+         r"them.*offs_m < row_end"),
+        ("BUG_NO_STORE_MASK", r"(?s)wrote outside dW: \d+ element\(s\), the first past the end of dW.*"
+         r"\(offs_n < N\)\[:, None\] & \(offs_k < K\)\[None, :\]"),
     ],
 )
 def test_dw_check_on_planted_triton_kernels(bug, message):
-    if message is None:
-        check_grouped_gemm_dw(_planted(bug))
-        return
     with pytest.raises(CheckFailed, match=message):
-        check_grouped_gemm_dw(_planted(bug))
+        check_grouped_gemm_dw(_planted(**{bug: True}))

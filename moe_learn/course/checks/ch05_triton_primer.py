@@ -3,26 +3,30 @@
 Each check takes the learner's ``@triton.jit`` kernel and launches it itself, with the
 same grid and arguments as the chapter's wrapper (``moe_learn.kernels.primer.launch_*``),
 on fresh random sizes that are mostly NOT multiples of the block, plus size 1 and exact
-multiples. Every tensor lives inside a larger buffer:
-
-* inputs are surrounded by NaN, so a value read from outside an input shows up as NaN;
-* outputs are poisoned with NaN and surrounded by a guard value, so an element never
-  written stays NaN and a write outside the output changes the guard.
-
-That makes mask mistakes fail the same way every time (also in Triton's interpreter,
-where a stray unmasked access would otherwise read whatever memory is there), and lets the
-message say which elements, rows or tiles went wrong and why.
+multiples, and strided layouts. Every tensor is a guarded buffer (``_kernels.Guarded``): a
+read outside an input shows as NaN, an element never written stays NaN, a write outside
+the output changes its guard cells. That makes mask mistakes fail the same way every time
+and lets the message say which elements, rows or tiles went wrong and why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from moe_learn.course.checks._core import CheckFailed, fail, passed
+from moe_learn.course.checks._core import fail, passed
+from moe_learn.course.checks._kernels import (
+    POISON,
+    Guarded,
+    guarded_input,
+    guarded_output,
+    launch,
+    never_written,
+    past_edges,
+    require_kernel,
+)
 from moe_learn.course.exercises import Exercise
 from moe_learn.device import DEVICE, ON_GPU
 from moe_learn.kernels.primer import launch_matmul, launch_scale_add, launch_swiglu
@@ -72,63 +76,7 @@ EXERCISES = [
     ),
 ]
 
-# A value written around every output: exact in fp32, fp16 and bf16, and never a plausible result.
-OUT_GUARD = -512.0
-# The poison of the diagnostic re-run (NaN is the poison of the real run): tells "never
-# written" apart from "written with NaN read from outside an input".
-UNWRITTEN = 320.0
-
-
-# ----------------------------------------------------------------------------- buffers
-
-
-@dataclass
-class Guarded:
-    """A strided tensor ``view`` inside a flat ``buffer``; ``inside`` marks the view's elements."""
-
-    buffer: torch.Tensor
-    view: torch.Tensor
-    inside: torch.Tensor
-    front: int
-    strides: tuple[int, ...]
-
-
-def _guarded(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, guard: int, fill: float) -> Guarded:
-    span = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
-    buffer = torch.full((guard + span + guard,), fill, dtype=dtype, device=DEVICE)
-    view = buffer.as_strided(shape, strides, guard)
-    inside = torch.zeros(buffer.shape, dtype=torch.bool)
-    inside.as_strided(shape, strides, guard).fill_(True)
-    return Guarded(buffer, view, inside, guard, strides)
-
-
-def _input(values: torch.Tensor, strides: tuple[int, ...], guard: int) -> Guarded:
-    """``values`` copied into a NaN-surrounded buffer with the given strides."""
-    g = _guarded(tuple(values.shape), strides, values.dtype, guard, float("nan"))
-    g.view.copy_(values)
-    return g
-
-
-def _output(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, guard: int, poison: float) -> Guarded:
-    g = _guarded(shape, strides, dtype, guard, OUT_GUARD)
-    g.view.fill_(poison)
-    return g
-
-
-def _written_outside(out: Guarded) -> list[int]:
-    """Offsets (from the view's first element) of buffer entries outside the view that changed."""
-    changed = (out.buffer.cpu() != OUT_GUARD) & ~out.inside  # NaN != guard counts as changed
-    return [int(p) - out.front for p in changed.nonzero().flatten()]
-
-
-def _locate(offset: int, strides: tuple[int, ...]) -> tuple[int, ...]:
-    """Index whose address is ``offset`` in a layout with these (positive) strides."""
-    order = sorted(range(len(strides)), key=lambda d: -strides[d])
-    index = [0] * len(strides)
-    rest = offset
-    for d in order:
-        index[d], rest = divmod(rest, strides[d])
-    return tuple(index)
+# ----------------------------------------------------------------------------- diagnosis helpers
 
 
 def _ranges(indices: list[int], limit: int = 4) -> str:
@@ -143,14 +91,6 @@ def _ranges(indices: list[int], limit: int = 4) -> str:
     return text + (", ..." if len(runs) > limit else "")
 
 
-def _misread(g: Guarded, shape: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor | None:
-    """What a kernel sees when it reads input ``g`` with the wrong ``strides`` (None if that leaves the buffer)."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
-    if g.front + span > g.buffer.numel():
-        return None
-    return g.buffer.as_strided(shape, strides, g.front).double().cpu()
-
-
 def _stride_mistakes(name: str, g: Guarded, row_name: str, col_name: str) -> list[tuple[torch.Tensor, str]]:
     """``name`` as read with swapped strides, or as if it were contiguous, with what to say about it."""
     rows, cols = g.view.shape
@@ -158,7 +98,7 @@ def _stride_mistakes(name: str, g: Guarded, row_name: str, col_name: str) -> lis
     out = []
     swapped = (actual[1], actual[0])
     if swapped != actual:
-        seen = _misread(g, (rows, cols), swapped)
+        seen = g.read_as((rows, cols), swapped)
         if seen is not None:
             out.append(
                 (
@@ -168,7 +108,7 @@ def _stride_mistakes(name: str, g: Guarded, row_name: str, col_name: str) -> lis
                 )
             )
     if (cols, 1) != actual:
-        seen = _misread(g, (rows, cols), (cols, 1))
+        seen = g.read_as((rows, cols), (cols, 1))
         if seen is not None:
             out.append(
                 (
@@ -178,12 +118,6 @@ def _stride_mistakes(name: str, g: Guarded, row_name: str, col_name: str) -> lis
                 )
             )
     return out
-
-
-def _fill_outside(g: Guarded) -> None:
-    """Replace the NaN around an input with finite random values (for a diagnostic rerun)."""
-    outside = ~g.inside.to(g.buffer.device)
-    g.buffer[outside] = torch.randn(int(outside.sum()), device=g.buffer.device).to(g.buffer.dtype)
 
 
 def _same(got: torch.Tensor, alt: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -218,26 +152,18 @@ def _matches(got: torch.Tensor, alt: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _first_run(run: Callable[[float], Guarded], ref: torch.Tensor, dtype: torch.dtype):
-    """Run with the NaN poison: (offsets written outside the output, the output in float64, wrong elements)."""
-    out = run(float("nan"))
+    """Run on an output filled with NaN: (its stray writes, the output in float64, the wrong elements)."""
+    out = run(POISON)
     got = out.view.double().cpu()
-    return _written_outside(out), got, ~_close(got, ref, dtype)
+    return out.stray_writes(), got, ~_close(got, ref, dtype)
 
 
-def _stray_spots(outside: list[int], strides: tuple[int, int], rows: int, cols: int):
-    """Stray writes of a ``[rows, cols]`` output located as (row, col): (those past the last row, past the last col)."""
-    spots = [_locate(o, strides) if o >= 0 else None for o in outside]
-    past_rows = [s for s in spots if s is not None and s[0] >= rows]
-    past_cols = [s for s in spots if s is not None and s[0] < rows and s[1] >= cols]
-    return past_rows, past_cols
-
-
-def _never_written(ex: str, run: Callable[[float], Guarded], name: str, case: str, hint: str) -> torch.Tensor:
-    """Rerun with the UNWRITTEN poison: the mask of output elements the kernel never writes.
+def _never_written(ex: str, got, run: Callable[[float], Guarded], name: str, case: str, hint: str) -> torch.Tensor:
+    """The mask of output elements the kernel never writes (``got`` came from the first run).
 
     Fails at once when it writes nothing at all, with ``hint``.
     """
-    never = run(UNWRITTEN).view.double().cpu() == UNWRITTEN
+    never = never_written(got, lambda poison: run(poison).view)
     if never.all():
         fail(ex, f"{name} was never written (every element still holds the NaN poison); case {case}.", hint)
     return never
@@ -271,29 +197,6 @@ def _random_alpha() -> float:
             return alpha
 
 
-def _require_kernel(exercise: str, kernel, name: str, check: str) -> None:
-    if not hasattr(kernel, "__getitem__") or isinstance(kernel, (torch.Tensor, list, tuple, dict, str)):
-        got = getattr(kernel, "__name__", type(kernel).__name__)
-        raise TypeError(
-            f"{check} expects the @triton.jit kernel ({name}), got {got!r}: pass the kernel itself, "
-            f"not its wrapper (the check launches it with its own grid)"
-        )
-
-
-def _launch(exercise: str, case: str, launch: Callable[[], None]) -> None:
-    """Run the learner's kernel; a crash becomes a CheckFailed that names the case."""
-    try:
-        launch()
-        if ON_GPU:
-            torch.cuda.synchronize()
-    except (NotImplementedError, CheckFailed):
-        raise
-    except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        text = "\n    ".join(lines[:12] + (["..."] if len(lines) > 12 else []))
-        raise CheckFailed(f"{exercise}: your kernel raised {type(exc).__name__} on {case}:\n    {text}") from exc
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -304,7 +207,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def check_scale_add(kernel) -> None:
     """Launch the learner's ``scale_add_kernel`` with a 1-D grid; compare with ``alpha * x + y``."""
     ex = "05.1"
-    _require_kernel(ex, kernel, "scale_add_kernel", "check_scale_add")
+    require_kernel(kernel, "scale_add_kernel", "check_scale_add")
     dtypes = _dtypes()
     cases = [
         (_randint(2 * 128 + 1, 5 * 128, avoid_multiple_of=128), 128),  # ragged last block
@@ -317,24 +220,24 @@ def check_scale_add(kernel) -> None:
         dtype = dtypes[number % len(dtypes)]
         alpha = _random_alpha()
         guard = 2 * block + 64
-        x = _input(torch.randn(n, device=DEVICE).to(dtype), (1,), guard)
-        y = _input(torch.randn(n, device=DEVICE).to(dtype), (1,), guard)
+        x = guarded_input(torch.randn(n, device=DEVICE).to(dtype), guard=guard)
+        y = guarded_input(torch.randn(n, device=DEVICE).to(dtype), guard=guard)
         x64, y64 = x.view.double().cpu(), y.view.double().cpu()
         ref = alpha * x64 + y64
         case = f"n_elements={n}, BLOCK_SIZE={block}, {_dtype_name(dtype)}, alpha={alpha}"
 
         def run(poison: float, x=x, y=y, n=n, dtype=dtype, guard=guard, alpha=alpha, block=block, case=case) -> Guarded:
-            out = _output((n,), (1,), dtype, guard, poison)
-            _launch(ex, case, lambda: launch_scale_add(kernel, x.view, y.view, out.view, alpha, block))
+            out = guarded_output((n,), dtype, guard=guard, poison=poison)
+            launch(ex, case, lambda: launch_scale_add(kernel, x.view, y.view, out.view, alpha, block))
             return out
 
-        outside, got, bad = _first_run(run, ref, dtype)
-        if outside:
-            after = [o - n for o in outside if o >= n]
+        stray, got, bad = _first_run(run, ref, dtype)
+        if stray:
+            after = [i for (i,) in stray if i >= n]
             where = (
-                f"{len(after)} element(s) past the end (out[{n}..{n + max(after)}], out has n_elements={n})"
+                f"{len(after)} element(s) past the end (out[{n}..{max(after)}], out has n_elements={n})"
                 if after
-                else f"element(s) before the start (offsets {_ranges(outside)})"
+                else f"{len(stray)} element(s) before the start (out[{_ranges([i for (i,) in stray])}])"
             )
             if bad.any():  # the inside is wrong too: the addresses, not just the mask
                 fail(
@@ -357,13 +260,13 @@ def check_scale_add(kernel) -> None:
 
 
 def _explain_scale_add(ex, case, n, block, alpha, x64, y64, got, ref, bad, run, dtype) -> None:
-    if torch.isnan(got[bad]).any():
+    if torch.isnan(got[bad]).any():  # never written, or NaN read from outside x or y
         nothing_stored = (
             "the kernel stores nothing (is the body still `pass`?), or its mask switches every lane off: "
             "tl.store(out_ptr + offs, alpha * x + y, mask=offs < n_elements)"
         )
         # As element indices, for the messages below.
-        never = _never_written(ex, run, "out", case, nothing_stored).nonzero().flatten().tolist()
+        never = _never_written(ex, got, run, "out", case, nothing_stored).nonzero().flatten().tolist()
         if never:
             programs = sorted({i // block for i in never})
             never_set = set(never)
@@ -440,7 +343,7 @@ def _layout_2d(rows: int, cols: int, kind: str) -> tuple[tuple[int, int], str]:
 def check_swiglu_rows(kernel) -> None:
     """Launch the learner's ``swiglu_kernel`` on a (rows, column blocks) grid over strided inputs."""
     ex = "05.2"
-    _require_kernel(ex, kernel, "swiglu_kernel", "check_swiglu_rows")
+    require_kernel(kernel, "swiglu_kernel", "check_swiglu_rows")
     dtypes = _dtypes()
     # (M, I, layout of gate_up, layout of out, BLOCK_I)
     cases = [
@@ -458,7 +361,7 @@ def check_swiglu_rows(kernel) -> None:
         out_strides, out_text = _layout_2d(M, I, out_kind)
         # Wide enough that even swapped strides or a missing mask stay inside the buffer.
         guard = 2 * (max(M, 2 * I) + 2 * block) * (max(in_strides + out_strides) + 1) + 64
-        gate_up = _input(torch.randn(M, 2 * I, device=DEVICE).to(dtype), in_strides, guard)
+        gate_up = guarded_input(torch.randn(M, 2 * I, device=DEVICE).to(dtype), strides=in_strides, guard=guard)
         gu64 = gate_up.view.double().cpu()
         ref = F.silu(gu64[:, :I]) * gu64[:, I:]
         case = f"M={M}, I={I}, BLOCK_I={block}, {_dtype_name(dtype)}, gate_up {in_text}, out {out_text}"
@@ -474,13 +377,13 @@ def check_swiglu_rows(kernel) -> None:
             block=block,
             case=case,
         ) -> Guarded:
-            out = _output((M, I), out_strides, dtype, guard, poison)
-            _launch(ex, case, lambda: launch_swiglu(kernel, gate_up.view, out.view, block))
+            out = guarded_output((M, I), dtype, strides=out_strides, guard=guard, poison=poison)
+            launch(ex, case, lambda: launch_swiglu(kernel, gate_up.view, out.view, block))
             return out
 
-        outside, got, bad = _first_run(run, ref, dtype)
-        if outside:
-            past_rows, past_cols = _stray_spots(outside, out_strides, M, I)
+        stray, got, bad = _first_run(run, ref, dtype)
+        if stray:
+            past_rows, past_cols = past_edges(stray, M, I)
             if past_cols:
                 r, c = past_cols[0]
                 where = f"row {r}, column {c}, but out has only I={I} columns"
@@ -488,7 +391,7 @@ def check_swiglu_rows(kernel) -> None:
                 where = f"row {past_rows[0][0]}, but out has only M={M} rows"
             else:
                 where = "before the start of out"
-            message = f"your kernel wrote outside out: {where} ({len(outside)} stray writes); case {case}."
+            message = f"your kernel wrote outside out: {where} ({len(stray)} stray writes); case {case}."
             if bad.any():
                 fail(
                     ex,
@@ -523,7 +426,7 @@ def _explain_swiglu(ex, case, M, I, block, in_kind, gate_up, got, ref, bad, run,
         nothing_stored = (
             "the kernel stores nothing: is the body still `pass`? it needs tl.store(out_ptrs, out, mask=mask)"
         )
-        never = _never_written(ex, run, "out", case, nothing_stored)
+        never = _never_written(ex, got, run, "out", case, nothing_stored)
         if never.any():
             rows = never.any(dim=1).nonzero().flatten().tolist()
             cols = never.any(dim=0).nonzero().flatten().tolist()
@@ -555,8 +458,8 @@ def _explain_swiglu(ex, case, M, I, block, in_kind, gate_up, got, ref, bad, run,
                 "masked by offs_i < I",
             )
         # NaN came from reading outside gate_up. Rerun with finite garbage around it to see what was read.
-        _fill_outside(gate_up)
-        seen = run(float("nan")).view.double().cpu()
+        gate_up.scramble_guard()
+        seen = run(POISON).view.double().cpu()
         misread = _stride_mistakes("gate_up", gate_up, "stride_gu_row", "stride_gu_col")
         _fail_if_matches(
             ex,
@@ -624,7 +527,7 @@ def _matmul_layout(rows: int, cols: int, kind: str, name: str) -> tuple[tuple[in
 def check_matmul(kernel) -> None:
     """Launch the learner's ``matmul_kernel`` on a (M tiles, N tiles) grid; compare with A @ B."""
     ex = "05.3"
-    _require_kernel(ex, kernel, "matmul_kernel", "check_matmul")
+    require_kernel(kernel, "matmul_kernel", "check_matmul")
     dtypes = _dtypes()
     # (M, N, K, layout of A, B, C, (BLOCK_M, BLOCK_N, BLOCK_K))
     cases = [
@@ -666,8 +569,8 @@ def check_matmul(kernel) -> None:
         b_strides, b_text = _matmul_layout(K, N, b_kind, "B")
         c_strides, c_text = _matmul_layout(M, N, c_kind, "C")
         guard = (max(M, N, K) + 2 * max(blocks) + 2) * (max(a_strides + b_strides + c_strides) + 1)
-        a = _input(torch.randn(M, K, device=DEVICE).to(dtype), a_strides, guard)
-        b = _input(torch.randn(K, N, device=DEVICE).to(dtype), b_strides, guard)
+        a = guarded_input(torch.randn(M, K, device=DEVICE).to(dtype), strides=a_strides, guard=guard)
+        b = guarded_input(torch.randn(K, N, device=DEVICE).to(dtype), strides=b_strides, guard=guard)
         a64, b64 = a.view.double().cpu(), b.view.double().cpu()
         ref = a64 @ b64
         case = (
@@ -678,13 +581,13 @@ def check_matmul(kernel) -> None:
         def run(
             poison: float, a=a, b=b, M=M, N=N, c_strides=c_strides, dtype=dtype, guard=guard, blocks=blocks, case=case
         ) -> Guarded:
-            c = _output((M, N), c_strides, dtype, guard, poison)
-            _launch(ex, case, lambda: launch_matmul(kernel, a.view, b.view, c.view, *blocks))
+            c = guarded_output((M, N), dtype, strides=c_strides, guard=guard, poison=poison)
+            launch(ex, case, lambda: launch_matmul(kernel, a.view, b.view, c.view, *blocks))
             return c
 
-        outside, got, bad = _first_run(run, ref, dtype)
-        if outside:
-            past_rows, past_cols = _stray_spots(outside, c_strides, M, N)
+        stray, got, bad = _first_run(run, ref, dtype)
+        if stray:
+            past_rows, past_cols = past_edges(stray, M, N)
             if past_rows:
                 where = f"row {past_rows[0][0]}, but C has only M={M} rows"
                 hint = "the last row of tiles sticks out past M: the store mask needs offs_m[:, None] < M"
@@ -698,12 +601,12 @@ def check_matmul(kernel) -> None:
             if bad.any():
                 fail(
                     ex,
-                    f"your kernel wrote outside C: {where} ({len(outside)} stray writes), and {int(bad.sum())} "
+                    f"your kernel wrote outside C: {where} ({len(stray)} stray writes), and {int(bad.sum())} "
                     f"elements inside are wrong; case {case}.",
                     "the output address is off: c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn "
                     f"with C's own strides ({c_strides} here), masked by (offs_m[:, None] < M) & (offs_n[None, :] < N)",
                 )
-            fail(ex, f"your kernel wrote outside C: {where} ({len(outside)} stray writes); case {case}.", hint)
+            fail(ex, f"your kernel wrote outside C: {where} ({len(stray)} stray writes); case {case}.", hint)
         if not bad.any():
             passed_layouts.append(case)
             continue
@@ -722,7 +625,7 @@ def _explain_matmul(ex, case, M, N, K, blocks, kinds, a, b, got, ref, bad, run, 
         nothing_stored = (
             "the kernel stores nothing: is the body still `pass`? it ends with tl.store(c_ptrs, acc, mask=c_mask)"
         )
-        never = _never_written(ex, run, "C", case, nothing_stored)
+        never = _never_written(ex, got, run, "C", case, nothing_stored)
         if never.any():
             tiles = sorted({(r // bm, col // bn) for r, col in never.nonzero().tolist()})
             empty = [
@@ -760,12 +663,12 @@ def _explain_matmul(ex, case, M, N, K, blocks, kinds, a, b, got, ref, bad, run, 
             )
         # NaN came from reading outside A or B. Rerun with finite garbage around both to see what was read.
         nan = torch.isnan(got)
-        _fill_outside(a)
-        _fill_outside(b)
-        seen = run(float("nan")).view.double().cpu()
+        a.scramble_guard()
+        b.scramble_guard()
+        seen = run(POISON).view.double().cpu()
         if tail:
             kp = K + bk - tail
-            a_ext, b_ext = _misread(a, (M, kp), a.strides), _misread(b, (kp, N), b.strides)
+            a_ext, b_ext = a.read_as((M, kp), a.strides), b.read_as((kp, N), b.strides)
             # Both loads unmasked in K, or one of them (then the garbage meets zeros and the result looks right).
             read_past_k = (a_ext is not None and b_ext is not None and _matches(seen, a_ext @ b_ext, dtype)) or (
                 _matches(seen, ref, dtype)

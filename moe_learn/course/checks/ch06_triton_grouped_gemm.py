@@ -7,7 +7,20 @@ import random
 import torch
 
 from moe_learn.course.checks._core import call_learner, fail, passed
-from moe_learn.course.checks._kernels import Mistake, check_no_stray_writes, explain_rows, guarded_input, guarded_output
+from moe_learn.course.checks._kernels import (
+    GEMM_BLOCKS,
+    POISON,
+    ExpertRows,
+    Mistake,
+    check_no_stray_writes,
+    explain_rows,
+    grouped_gemm_args,
+    guarded_input,
+    guarded_output,
+    launch,
+    never_written,
+    require_kernel,
+)
 from moe_learn.course.exercises import Exercise
 from moe_learn.device import DEVICE
 
@@ -154,32 +167,12 @@ def check_locate_tile(locate_tile) -> None:
 
 # ------------------------------------------------------------------------------ 06.2
 
-KERNEL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
-
-
 def run_grouped_gemm_kernel(kernel, X, W, m_sizes, out, *, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, NUM_PROGRAMS=3):
     """Launch a chapter-06 kernel: ``out[rows of e] = X[rows of e] @ W[e].T``, W ``[E, N, K]``."""
-    num_experts, N, K = W.shape
     kernel[(NUM_PROGRAMS,)](
-        X,
-        W,
-        out,
-        m_sizes,
-        N,
-        K,
-        num_experts,
-        X.stride(0),
-        X.stride(1),
-        W.stride(0),
-        W.stride(1),
-        W.stride(2),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        NUM_PROGRAMS=NUM_PROGRAMS,
-    )
+        X, W, out, m_sizes, *grouped_gemm_args(X, W, out),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_PROGRAMS=NUM_PROGRAMS,
+    )  # fmt: skip
     return out
 
 
@@ -202,34 +195,41 @@ def _kernel_cases(rng: random.Random):
 def check_grouped_gemm_kernel(kernel) -> None:
     """Run the learner's ``@triton.jit`` kernel (see ``run_grouped_gemm_kernel`` for its signature)."""
     ex = "06.2"
+    require_kernel(kernel, "grouped_gemm_kernel", "check_grouped_gemm_kernel")
     rng = random.Random(6062)
     gen = torch.Generator().manual_seed(6062)
     cases = _kernel_cases(rng)
-    bm, bn, bk = KERNEL_BLOCKS["BLOCK_M"], KERNEL_BLOCKS["BLOCK_N"], KERNEL_BLOCKS["BLOCK_K"]
+    bm, bn, bk = GEMM_BLOCKS["BLOCK_M"], GEMM_BLOCKS["BLOCK_N"], GEMM_BLOCKS["BLOCK_K"]
     for what, m_list, K, N, programs in cases:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         E, M = len(m_list), sum(m_list)
         m_sizes = torch.tensor(m_list, dtype=torch.int32, device=DEVICE)
-        _, X = guarded_input((M, K), (bm, bk), DEVICE)
-        _, W = guarded_input((E, N, K), (1, bn, bk), DEVICE)
-        store, out = guarded_output(M, N, bm, bn, DEVICE)
+        # pad: a read past a row (the K tail) or past the last row lands on guard cells
+        X = guarded_input(torch.randn(M, K).to(DEVICE), pad=(bm, bk))
+        W = guarded_input(torch.randn(E, N, K).to(DEVICE), pad=(1, bn, bk))
         case = f"case '{what}', K={K}, N={N}"
-        call_learner(ex, run_grouped_gemm_kernel, kernel, X, W, m_sizes, out, NUM_PROGRAMS=programs, **KERNEL_BLOCKS)
-        check_no_stray_writes(ex, store, M, N, case)
-        X64, W64 = X.double().cpu(), W.double().cpu()
-        expert_of = torch.repeat_interleave(torch.arange(E), torch.tensor(m_list))
+
+        def run(poison, X=X, W=W, m_sizes=m_sizes, M=M, N=N, programs=programs, case=case):
+            out = guarded_output((M, N), pad=(bm, bn), poison=poison)
+            launch(
+                ex,
+                case,
+                lambda: run_grouped_gemm_kernel(
+                    kernel, X.view, W.view, m_sizes, out.view, NUM_PROGRAMS=programs, **GEMM_BLOCKS
+                ),
+            )
+            return out
+
+        out = run(POISON)
+        check_no_stray_writes(ex, out, case)
+        X64, W64 = X.view.double().cpu(), W.view.double().cpu()
+        rows = ExpertRows(m_list)
+        expert_of = torch.tensor([rows.expert(r) for r in range(M)], dtype=torch.long)
         want = torch.einsum("mk,mnk->mn", X64, W64[expert_of]) if M else torch.empty(0, N, dtype=torch.float64)
-        starts = [sum(m_list[:e]) for e in range(E)]
 
-        def describe(r0, r1, expert_of=expert_of, starts=starts):
-            e = int(expert_of[r0])
-            local = f"row {r0 - starts[e]}" if r0 == r1 else f"rows {r0 - starts[e]}-{r1 - starts[e]}"
-            glob = f"row {r0}" if r0 == r1 else f"rows {r0}-{r1}"
-            return f"{local} of expert {e} (expert-order {glob})"
-
-        def unwritten_hint(r, expert_of=expert_of, starts=starts, m_list=m_list):
-            e = int(expert_of[r])
-            if (r - starts[e]) >= (m_list[e] // bm) * bm:
+        def unwritten_hint(r, rows=rows):
+            e = rows.expert(r)
+            if (r - rows.starts[e]) >= (rows.m_sizes[e] // bm) * bm:
                 return (
                     "the last, partly full row block of the expert was skipped: an expert has cdiv(m_size, BLOCK_M) "
                     "row blocks, not m_size // BLOCK_M"
@@ -250,25 +250,29 @@ def check_grouped_gemm_kernel(kernel) -> None:
             for e in range(E)
         ]
         if K % bk:
-            wrong = (
+            read_outside = (
                 "K is not a multiple of BLOCK_K: mask the loads of the last K step with offs_k < K - k0 "
-                "and other=0.0, or the product picks up whatever lies past the end of each row"
+                "and other=0.0; unmasked, they read past the end of each row"
             )
         else:
-            wrong = (
-                "check the pointers: X rows are row_start + offs_m (stride_xm), W[e] starts at w_ptr + e * stride_we, "
-                "and B[k, n] = W[e, n, k] uses stride_wk along k and stride_wn along n"
+            read_outside = (
+                "mask every load: X with offs_m < m_size (and the K tail), W with offs_n < N, other=0.0; "
+                "and check the pointers (X rows are row_start + offs_m, W[e] starts at w_ptr + e * stride_we)"
             )
         explain_rows(
             ex,
-            out,
+            out.view,
             want,
             case=case,
-            describe=describe,
-            group=lambda r, eo=expert_of: int(eo[r]),
+            describe=rows.describe,
+            group=rows.expert,
             mistakes=mistakes,
             unwritten_hint=unwritten_hint,
-            wrong_hint=wrong,
+            wrong_hint="check the pointers: X rows are row_start + offs_m (stride_xm), W[e] starts at "
+            "w_ptr + e * stride_we, and B[k, n] = W[e, n, k] uses stride_wk along k and stride_wn along n",
+            never=never_written(out.view, lambda poison, run=run: run(poison).view),
+            inputs="X or W",
+            read_outside_hint=read_outside,
             other_row_hint="check row_start: the first row of expert e is the sum of m_sizes of the experts before it",
         )
     passed(ex, "grouped GEMM kernel matches the per-expert matmuls", len(cases))

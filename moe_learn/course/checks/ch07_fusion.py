@@ -9,7 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from moe_learn.course.checks._core import call_learner, expect_tensor, passed
-from moe_learn.course.checks._kernels import Mistake, check_no_stray_writes, explain_rows, guarded_input, guarded_output
+from moe_learn.course.checks._kernels import (
+    GEMM_BLOCKS,
+    POISON,
+    ExpertRows,
+    Mistake,
+    check_no_stray_writes,
+    explain_rows,
+    grouped_gemm_args,
+    guarded_input,
+    guarded_output,
+    launch,
+    never_written,
+    require_kernel,
+)
 from moe_learn.course.exercises import Exercise
 from moe_learn.device import DEVICE
 from moe_learn.ops.moe import moe_experts_torch
@@ -45,55 +58,17 @@ EXERCISES = [
     ),
 ]
 
-BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
-
-
 def run_fused_kernel(
-    kernel,
-    X,
-    W,
-    m_sizes,
-    gather_indices,
-    topk_weights,
-    out,
-    *,
-    topk,
-    permute_x,
-    permute_y,
-    BLOCK_M=16,
-    BLOCK_N=32,
-    BLOCK_K=16,
-    NUM_PROGRAMS=3,
-):
+    kernel, X, W, m_sizes, gather_indices, topk_weights, out, *, topk, permute_x, permute_y,
+    BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, NUM_PROGRAMS=3,
+):  # fmt: skip
     """Launch a chapter-07 kernel (the chapter-06 signature plus gather/weights pointers and four constexprs)."""
-    num_experts, N, K = W.shape
     weights = topk_weights.reshape(-1) if topk_weights is not None else gather_indices
     kernel[(NUM_PROGRAMS,)](
-        X,
-        W,
-        out,
-        m_sizes,
-        gather_indices,
-        weights,
-        N,
-        K,
-        num_experts,
-        X.stride(0),
-        X.stride(1),
-        W.stride(0),
-        W.stride(1),
-        W.stride(2),
-        out.stride(0),
-        out.stride(1),
-        TOP_K=topk,
-        PERMUTE_X=permute_x,
-        PERMUTE_Y=permute_y,
-        HAS_WEIGHTS=topk_weights is not None,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K,
-        NUM_PROGRAMS=NUM_PROGRAMS,
-    )
+        X, W, out, m_sizes, gather_indices, weights, *grouped_gemm_args(X, W, out),
+        TOP_K=topk, PERMUTE_X=permute_x, PERMUTE_Y=permute_y, HAS_WEIGHTS=topk_weights is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NUM_PROGRAMS=NUM_PROGRAMS,
+    )  # fmt: skip
     return out
 
 
@@ -171,9 +146,10 @@ def _fused_cases(rng: random.Random):
 def check_fused_kernel(kernel) -> None:
     """Run the learner's fused ``@triton.jit`` kernel (signature: see ``run_fused_kernel``)."""
     ex = "07.1"
+    require_kernel(kernel, "fused grouped GEMM kernel", "check_fused_kernel")
     rng = random.Random(7071)
     gen = torch.Generator().manual_seed(7071)
-    bm, bn, bk = BLOCKS["BLOCK_M"], BLOCKS["BLOCK_N"], BLOCKS["BLOCK_K"]
+    bm, bn, bk = GEMM_BLOCKS["BLOCK_M"], GEMM_BLOCKS["BLOCK_N"], GEMM_BLOCKS["BLOCK_K"]
     cases = _fused_cases(rng)
     for what, T, E, topk, K, N, px, py, with_w, skew in cases:
         scores = torch.rand(T, E, generator=gen)
@@ -185,29 +161,30 @@ def check_fused_kernel(kernel) -> None:
         M = T * topk
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         x_rows = T if px else M
-        X_store, X = guarded_input((x_rows, K), (M - x_rows + bm, bk), DEVICE)  # a read of X[flat] stays in bounds
-        _, W = guarded_input((E, N, K), (1, bn, bk), DEVICE)
+        # X's buffer holds M finite rows (X is its first x_rows): a read of X[flat] for flat >= T computes a
+        # known wrong result instead of NaN; the pad puts guard cells past each row (the K tail) and past row M.
+        X_store = guarded_input(torch.randn(M, K).to(DEVICE), pad=(bm, bk))
+        X = X_store.view[:x_rows]
+        W = guarded_input(torch.randn(E, N, K).to(DEVICE), pad=(1, bn, bk))
         weights = (torch.rand(T, topk) + 0.5).to(DEVICE) if with_w else None
-        store, out = guarded_output(M, N, bm, bn, DEVICE)
         case = f"case '{what}', K={K}, N={N}"
-        call_learner(
-            ex,
-            run_fused_kernel,
-            kernel,
-            X,
-            W,
-            counts.to(DEVICE),
-            gather.to(DEVICE),
-            weights,
-            out,
-            topk=topk,
-            permute_x=px,
-            permute_y=py,
-            NUM_PROGRAMS=3,
-            **BLOCKS,
-        )
-        check_no_stray_writes(ex, store, M, N, case)
-        Xs64, W64 = X_store.double().cpu(), W.double().cpu()
+
+        def run(poison, X=X, W=W, counts=counts, gather=gather, weights=weights, M=M, N=N, topk=topk, px=px, py=py,
+                case=case):  # fmt: skip
+            out = guarded_output((M, N), pad=(bm, bn), poison=poison)
+            launch(
+                ex,
+                case,
+                lambda: run_fused_kernel(
+                    kernel, X, W.view, counts.to(DEVICE), gather.to(DEVICE), weights, out.view,
+                    topk=topk, permute_x=px, permute_y=py, NUM_PROGRAMS=3, **GEMM_BLOCKS,
+                ),  # fmt: skip
+            )
+            return out
+
+        out = run(POISON)
+        check_no_stray_writes(ex, out, case)
+        Xs64, W64 = X_store.view.double().cpu(), W.view.double().cpu()
         w64 = weights.double().cpu() if weights is not None else None
         g = gather.long()
         want = _fused_reference(Xs64, K, W64, m_list, g, topk, px, py, w64)
@@ -230,8 +207,6 @@ def check_fused_kernel(kernel) -> None:
             mistakes.append(Mistake(output, says, hint))
         mistakes.sort(key=lambda m: m.says.count(" and "))  # single mistakes first
 
-        expert_of = torch.repeat_interleave(torch.arange(E), counts.long())
-        starts = [sum(m_list[:e]) for e in range(E)]
         if py:
 
             def describe(r0, r1, topk=topk):
@@ -250,15 +225,8 @@ def check_fused_kernel(kernel) -> None:
                     "(or a tile was skipped)"
                 )
         else:
-
-            def describe(r0, r1, expert_of=expert_of, starts=starts):
-                e = int(expert_of[r0])
-                local = f"row {r0 - starts[e]}" if r0 == r1 else f"rows {r0 - starts[e]}-{r1 - starts[e]}"
-                glob = f"row {r0}" if r0 == r1 else f"rows {r0}-{r1}"
-                return f"{local} of expert {e} (expert-order {glob})"
-
-            def group(r, expert_of=expert_of):
-                return int(expert_of[r])
+            rows = ExpertRows(m_list)
+            describe, group = rows.describe, rows.expert
 
             def unwritten_hint(r):
                 return (
@@ -266,22 +234,27 @@ def check_fused_kernel(kernel) -> None:
                     "tile_id % NUM_PROGRAMS == pid, cdiv(m_size, BLOCK_M) row blocks)"
                 )
 
-        wrong_hint = (
-            "K is not a multiple of BLOCK_K: mask the last K step (offs_k < K - k0, other=0.0)"
-            if K % bk
-            else "check the row indices: loads use X rows (flat // TOP_K with PERMUTE_X, else row_start + offs_m), "
-            "the store uses flat with PERMUTE_Y, and the weights are loaded at flat"
-        )
+        if K % bk:
+            read_outside = "K is not a multiple of BLOCK_K: mask the last K step (offs_k < K - k0, other=0.0)"
+        else:
+            read_outside = (
+                "mask every load: X with mask_m (and the K tail), W with offs_n < N, other=0.0; and check the X rows "
+                "(flat // TOP_K with PERMUTE_X, else row_start + offs_m)"
+            )
         explain_rows(
             ex,
-            out,
+            out.view,
             want,
             case=case,
             describe=describe,
             group=group,
             mistakes=mistakes,
             unwritten_hint=unwritten_hint,
-            wrong_hint=wrong_hint,
+            wrong_hint="check the row indices: loads use X rows (flat // TOP_K with PERMUTE_X, else row_start + "
+            "offs_m), the store uses flat with PERMUTE_Y, and the weights are loaded at flat",
+            never=never_written(out.view, lambda poison, run=run: run(poison).view),
+            inputs="X or W",
+            read_outside_hint=read_outside,
             other_row_hint="the store's row index is off: with PERMUTE_Y row i goes to out[gather_indices[i]] "
             "(not gather_indices[i] // TOP_K, not i)",
         )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_learn.course.checks._core import call_learner, expect_tensor, fail, passed, poison
+from moe_learn.course.checks._core import call_learner, expect_tensor, fail, passed
+from moe_learn.course.checks._kernels import POISON, guarded_input, guarded_output, never_written
 from moe_learn.course.exercises import Exercise
 from moe_learn.device import DEVICE
 
@@ -140,29 +141,60 @@ def _diagnose_dw(e, got, X, dY, counts, gather, topk, permute_x, tol):
 def check_grouped_gemm_dw(fn, dtype: torch.dtype = torch.float32) -> None:
     """``fn(X, dY, m_sizes, gather_indices=..., topk=..., permute_x=..., out=...)`` returns dW ``[E, N, K]``.
 
-    ``out`` arrives filled with NaN so entries the kernel never stores show up.
+    X, dY and ``out`` are guarded buffers (``_kernels.Guarded``, contiguous): NaN lies around X
+    and dY, so a read outside them shows; ``out`` arrives filled with NaN, so entries the kernel
+    never stores show, and a write outside it is caught.
     """
     ex = "09.1"
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for what, T, topk, E, allowed, N, K, permute_x in _DW_CASES:
         counts, gather = _routing(T, topk, E, allowed)
         counts, gather = counts.to(DEVICE), gather.to(DEVICE)
-        X = torch.randn(T if permute_x else T * topk, K, device=DEVICE, dtype=dtype)
-        dY = torch.randn(T * topk, N, device=DEVICE, dtype=dtype)
-        out = poison(torch.empty(E, N, K, device=DEVICE, dtype=dtype))
-        got = call_learner(ex, fn, X, dY, counts, gather_indices=gather, topk=topk, permute_x=permute_x, out=out)
+        # Guard cells for a whole row block read or written past either end.
+        X = guarded_input(torch.randn(T if permute_x else T * topk, K, device=DEVICE, dtype=dtype), guard=128 * K)
+        dY = guarded_input(torch.randn(T * topk, N, device=DEVICE, dtype=dtype), guard=128 * N)
+
+        def run(poison, X=X, dY=dY, counts=counts, gather=gather, topk=topk, permute_x=permute_x, E=E, N=N, K=K):
+            out = guarded_output((E, N, K), dtype, guard=128 * K, poison=poison)
+            got = call_learner(
+                ex, fn, X.view, dY.view, counts, gather_indices=gather, topk=topk, permute_x=permute_x, out=out.view
+            )
+            return out, got
+
+        out, got = run(POISON)
         expect_tensor(ex, f"dW ({what})", got, (E, N, K), dtype)
-        ref = _expected_dw(X, dY, counts, gather, topk, permute_x)
-        atol = tol * ref.abs().max().clamp_min(1).item()
         sizes = counts.tolist()
         where = f"on {what} (m_sizes={sizes})"
+        stray = out.stray_writes()
+        if stray:
+            e, n, k = stray[0]
+            spot = "before dW[0][0, 0]" if min(stray[0]) < 0 else f"past the end of dW (as if at dW[{e}][{n}, {k}])"
+            fail(
+                ex,
+                f"{where}: your kernel wrote outside dW: {len(stray)} element(s), the first {spot}",
+                "store at dw_ptr + expert * stride_dwe + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk "
+                "with mask (offs_n < N)[:, None] & (offs_k < K)[None, :]: the last tile sticks out past N and K",
+            )
+        X, dY = X.view, dY.view
+        ref = _expected_dw(X, dY, counts, gather, topk, permute_x)
+        atol = tol * ref.abs().max().clamp_min(1).item()
         g = got.double()
-        for e in range(E):  # 1. entries never stored
-            if not torch.isfinite(g[e]).all():
-                n, k = (int(v) for v in (~torch.isfinite(g[e])).nonzero()[0])
-                fail(ex, f"{where}: dW[{e}][{n}, {k}] was never written (still NaN)",
-                     "every program stores its whole tile, masked only by offs_n < N and offs_k < K; an expert "
-                     "with no rows still stores its zeros")
+        if torch.isnan(g).any():  # 1. entries never stored, or NaN read from outside X or dY
+            never = never_written(got, lambda poison, run=run: run(poison)[1])
+            e, n, k = (int(v) for v in (never if never.any() else torch.isnan(g)).nonzero()[0])
+            if never.any():
+                fail(
+                    ex,
+                    f"{where}: dW[{e}][{n}, {k}] was never written (still NaN)",
+                    "every program stores its whole tile, masked only by offs_n < N and offs_k < K; an expert "
+                    "with no rows still stores its zeros",
+                )
+            fail(
+                ex,
+                f"{where}: dW[{e}][{n}, {k}] is NaN although X and dY hold none: your kernel read outside them",
+                "mask both loads, other=0.0: rows with offs_m < row_end (the last row block of an expert is "
+                "partly full), X columns with offs_k < K, dY columns with offs_n < N",
+            )
         wrong = [e for e in range(E) if not torch.allclose(g[e], ref[e], rtol=tol, atol=atol)]
         if not wrong:
             continue
