@@ -75,24 +75,51 @@ def _shrink(config) -> None:
                 setattr(config, key, pattern)
             except Exception:  # noqa: BLE001
                 pass
-    for sub in ("text_config", "thinker_config", "talker_config"):
-        if getattr(config, sub, None) is not None:
-            _shrink(getattr(config, sub))
+    head_dim = getattr(config, "head_dim", None) or 8
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = getattr(config, key, None)
+        if isinstance(rope, dict) and rope.get("mrope_section"):
+            # multimodal rotary sections must add up to half the rotary dims: keep their number
+            n, half = len(rope["mrope_section"]), head_dim // 2
+            rope["mrope_section"] = [half // n + (i < half % n) for i in range(n)]
 
 
 def build_tiny(model_type: str, implementation: str = "eager", seed: int = 0):
     """The base model of ``model_type`` with tiny sizes and random weights (float32, eval mode)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type)
+    # A multimodal model's experts live in its language model: build that alone (its vision or
+    # audio tower, at default sizes, would take gigabytes and has no experts).
+    for sub in ("text_config", "thinker_config"):
+        inner = getattr(config, sub, None)
+        if inner is not None and getattr(inner, "model_type", None):
+            config = getattr(inner, "text_config", None) or inner
+            break
     _shrink(config)
     config._experts_implementation = implementation
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config).float().eval()
+    model = _model_class(config)._from_config(config).float().eval()
     with torch.no_grad():  # some inits leave experts at zero or empty
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     return model
+
+
+def _model_class(config):
+    """The base model class for ``config``: AutoModel's, or the text model next to a multimodal one."""
+    from transformers import AutoModel, PreTrainedModel
+
+    try:
+        return AutoModel._model_mapping[type(config)]
+    except KeyError:
+        pass
+    module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    candidates = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, PreTrainedModel)
+                  and getattr(obj, "config_class", None) is type(config) and obj.__name__.endswith("Model")]
+    if not candidates:
+        raise LookupError(f"no base model class for {type(config).__name__}")
+    return min(candidates, key=lambda c: len(c.__name__))
 
 
 def experts_modules(model) -> list[str]:

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from moe_learn.device import DEVICE
-from moe_learn.layers.hf import FusedLlama4TextMoe, FusedSparseMoeBlock, fused_blocks, patch_model, unpatch_model
+from moe_learn.layers.hf import (
+    FusedLlama4TextMoe,
+    UnsupportedExperts,
+    experts_layout,
+    fuse_moe_block,
+    fused_blocks,
+    patch_model,
+    unpatch_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,11 +40,23 @@ def _llama4(top_k=1):
     return transformers.Llama4ForCausalLM(config)
 
 
-MODELS = {
-    "qwen3_moe": (_qwen3, FusedSparseMoeBlock),
-    "mixtral": (_mixtral, FusedSparseMoeBlock),
-    "llama4": (_llama4, FusedLlama4TextMoe),
-    "llama4_top2": (lambda: _llama4(top_k=2), FusedLlama4TextMoe),
+def _gpt_oss():
+    config = transformers.GptOssConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                       layer_types=["full_attention", "sliding_attention"], sliding_window=8)
+    return transformers.GptOssForCausalLM(config)
+
+
+def _is_experts(module):
+    return hasattr(module, "has_gate") and module.config._experts_implementation == "moe_learn"
+
+
+MODELS = {  # the fused modules are experts modules on "moe_learn", or Llama 4 blocks swapped whole
+    "qwen3_moe": (_qwen3, _is_experts),
+    "qwen3_moe_top_k_equals_num_experts": (lambda: _qwen3(top_k=8), _is_experts),
+    "mixtral": (_mixtral, _is_experts),
+    "gpt_oss": (_gpt_oss, _is_experts),
+    "llama4": (_llama4, lambda m: isinstance(m, FusedLlama4TextMoe)),
+    "llama4_top2": (lambda: _llama4(top_k=2), lambda m: isinstance(m, FusedLlama4TextMoe)),
 }
 
 
@@ -57,14 +77,14 @@ def _loss_and_grads(model, ids, **kwargs):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_patched_model_matches_logits_and_every_gradient(name):
-    make, fused_type = MODELS[name]
+    make, is_fused = MODELS[name]
     torch.manual_seed(0)
     reference = _init(make())
     patched = copy.deepcopy(reference)
     params_before = {n: p.data_ptr() for n, p in patched.named_parameters()}
     assert patch_model(patched) is patched
     names = fused_blocks(patched)
-    assert len(names) == 2 and all(isinstance(patched.get_submodule(n), fused_type) for n in names)
+    assert len(names) == 2 and all(is_fused(patched.get_submodule(n)) for n in names)
     # Shared, not copied: the same tensors under the same names.
     assert {n: p.data_ptr() for n, p in patched.named_parameters()} == params_before
 
@@ -95,15 +115,78 @@ def test_router_logits_and_aux_loss_still_recorded():
 
 def test_unpatch_restores_and_errors_are_clear():
     model = _init(_qwen3())
-    original = model.model.layers[1].mlp
+    experts = model.model.layers[1].mlp.experts
+    before = experts.config._experts_implementation
     patch_model(model, backend="torch")
-    with pytest.raises(ValueError, match="2 block"):
-        patch_model(model)
+    assert experts.config._experts_implementation == "moe_learn" and len(fused_blocks(model)) == 2
+    patch_model(model)  # patching twice is harmless
     unpatch_model(model)
-    assert model.model.layers[1].mlp is original and not fused_blocks(model)
+    assert experts.config._experts_implementation == before != "moe_learn" and not fused_blocks(model)
+    assert model.model.layers[1].mlp.experts is experts
+    llama = _init(_llama4())
+    original = llama.model.layers[0].feed_forward
+    unpatch_model(patch_model(llama))
+    assert llama.model.layers[0].feed_forward is original
     with pytest.raises(ValueError, match="backend must be one of"):
         patch_model(model, backend="cuda")
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         patch_model("qwen3")
-    with pytest.raises(ValueError, match="no MoE block"):
+    with pytest.raises(ValueError, match="found no MoE layer"):
         patch_model(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="Linear has no experts module"):
+        fuse_moe_block(torch.nn.Linear(2, 2))
+
+
+def test_from_config_from_pretrained_and_set_experts_implementation(tmp_path):
+    """experts_implementation="moe_learn" is a name transformers accepts, in all three ways."""
+    reference = _init(_qwen3())
+    ids = torch.randint(0, 64, (2, 5), device=DEVICE)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    built = transformers.Qwen3MoeForCausalLM._from_config(reference.config, experts_implementation="moe_learn")
+    assert built.config._experts_implementation == "moe_learn"
+    reference.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="moe_learn")
+    assert loaded.config._experts_implementation == "moe_learn"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.to(DEVICE)(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    reference.set_experts_implementation("moe_learn")
+    with torch.no_grad():
+        torch.testing.assert_close(reference(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_sentinels_contribute_nothing():
+    """Ids >= num_experts (transformers' EP sentinels) add nothing and give the router no gradient there."""
+    model = _init(_qwen3())
+    experts = model.model.layers[0].mlp.experts
+    experts.config._experts_implementation = "moe_learn"
+    x = torch.randn(5, 32, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([[0, 8], [1, 2], [9, 3], [4, 5], [8, 8]], device=DEVICE)
+    weights = torch.rand(5, 2, device=DEVICE, requires_grad=True)
+    out = experts(x, ids, weights)
+    valid = ids < 8
+    ref = experts(x, ids.clamp(max=7), weights * valid)  # the same, with the sentinels' weights at zero
+    torch.testing.assert_close(out, ref)
+    assert out[4].abs().max() == 0  # both picks were sentinels
+    (grad,) = torch.autograd.grad(out.sum(), weights)
+    assert (grad[~valid] == 0).all() and (grad[valid] != 0).all()
+
+
+def test_unservable_experts_are_refused_when_the_model_is_built():
+    model = _init(_qwen3())
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj.data = experts.gate_up_proj.data.to(torch.int8)  # as a quantized checkpoint would be
+    with pytest.raises(UnsupportedExperts, match=r"qwen3_moe \(Qwen3MoeExperts\): gate_up_proj is torch.int8"):
+        experts_layout(experts)
+    with pytest.raises(UnsupportedExperts, match="gate_up_proj is torch.int8"):
+        model.set_experts_implementation("moe_learn")
+
+
+def test_llama4_on_zero_tokens_returns_an_empty_output():
+    model = _init(_llama4())
+    block = model.model.layers[0].feed_forward
+    fused = FusedLlama4TextMoe(block)
+    x = torch.randn(0, 32, device=DEVICE)
+    out, logits = fused(x)
+    ref, ref_logits = block(x)
+    assert out.shape == ref.shape == (0, 32) and logits.shape == ref_logits.shape
