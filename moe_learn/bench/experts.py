@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -129,6 +130,17 @@ def implementations(with_eager: bool = True) -> list[Implementation]:
 # ---------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _ieee_float32_matmuls():
+    """Full float32 matmuls inside: a reference in TF32 would be about as rough as what it checks."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def reference_errors(got: dict, hidden, ids, weights, gate_up, down, d_out) -> dict[str, float]:
     """Relative errors ``||got - ref|| / ||ref||`` of one implementation's results.
 
@@ -138,19 +150,18 @@ def reference_errors(got: dict, hidden, ids, weights, gate_up, down, d_out) -> d
     """
     acc = torch.float64 if hidden.dtype in (torch.float32, torch.float64) else torch.float32
     num_tokens, top_k = ids.shape
-    num_experts = gate_up.shape[0]
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
     tokens, slots = order // top_k, order % top_k
     out = hidden.new_zeros(hidden.shape, dtype=acc)
     d_hidden, d_weights = torch.zeros_like(out), hidden.new_zeros((num_tokens, top_k), dtype=acc)
     sums = {name: [0.0, 0.0] for name in ("d_gate_up", "d_down") if name in got}  # ||got - ref||^2, ||ref||^2
     start = 0
-    for e, m in enumerate(counts):
-        t, j = tokens[start : start + m], slots[start : start + m]
-        start += m
-        with torch.enable_grad():
+    with _ieee_float32_matmuls(), torch.enable_grad():
+        for e, m in enumerate(counts):
+            t, j = tokens[start : start + m], slots[start : start + m]
+            start += m
             x = hidden.detach()[t].to(acc).requires_grad_(True)
             w = weights.detach()[t, j].to(acc).requires_grad_(True)
             w1 = gate_up.detach()[e].to(acc).requires_grad_(True)
@@ -158,13 +169,13 @@ def reference_errors(got: dict, hidden, ids, weights, gate_up, down, d_out) -> d
             gate, up = (x @ w1.T).chunk(2, dim=-1)
             y = w.unsqueeze(-1) * ((F.silu(gate) * up) @ w2.T)
             gx, gw, gw1, gw2 = torch.autograd.grad(y, (x, w, w1, w2), d_out.detach()[t].to(acc))
-        out.index_add_(0, t, y.detach())
-        d_hidden.index_add_(0, t, gx)
-        d_weights[t, j] = gw
-        for name, ref in (("d_gate_up", gw1), ("d_down", gw2)):
-            if name in sums:
-                sums[name][0] += (got[name][e].to(acc) - ref).square().sum().item()
-                sums[name][1] += ref.square().sum().item()
+            out.index_add_(0, t, y.detach())
+            d_hidden.index_add_(0, t, gx)
+            d_weights[t, j] = gw
+            for name, ref in (("d_gate_up", gw1), ("d_down", gw2)):
+                if name in sums:
+                    sums[name][0] += (got[name][e].to(acc) - ref).square().sum().item()
+                    sums[name][1] += ref.square().sum().item()
     refs = {"out": out, "out_train": out, "d_hidden": d_hidden, "d_weights": d_weights}
     errs = {name: ((got[name].to(acc) - ref).norm() / ref.norm()).item() for name, ref in refs.items() if name in got}
     errs.update({name: (diff / ref) ** 0.5 for name, (diff, ref) in sums.items()})

@@ -152,3 +152,19 @@ def test_a_package_that_fails_to_import_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fake_import)
     liger = next(i for i in X.implementations() if i.name == "liger")
     assert liger.missing == "Liger-Kernel failed to import: no NVIDIA driver"
+
+
+def test_the_reference_runs_in_full_float32_and_restores_the_callers_setting(monkeypatch):
+    seen = []
+    silu = X.F.silu
+    monkeypatch.setattr(X.F, "silu", lambda t: seen.append(torch.get_float32_matmul_precision()) or silu(t))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU
+    try:
+        row = run([torch_impl("right")], case=ExpertsCase("tiny", 6, H=8, I=4, E=3, k=2))
+        # the implementation ran under the caller's setting, the reference (one silu per expert, last) in full
+        assert seen[:-3] == ["high", "high"] and seen[-3:] == ["highest"] * 3
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert max(row["rel_err"]["right"].values()) < 1e-5
