@@ -1,16 +1,26 @@
-"""``python -m moe_learn bench``: the course's kernels against their baselines on a GPU.
+"""``moe-learn bench`` (``python -m moe_learn bench``): the course's kernels against what a user would otherwise run.
 
-- grouped GEMM (bf16): the two expert GEMMs of four MoE models at T = 1024 and 8192,
-  ours against the per-expert loop, ``torch._grouped_mm``, a dense matmul of the same
-  size and the roofline floor ``max(FLOPs / bf16 matmul peak, bytes / copy bandwidth)``
-  (both ceilings measured in the same run; bytes = X + all expert weights + Y once;
-  every timing, ceilings included, follows a short rest: see ``REST_S``);
-- routing: router logits -> top-k, counts, gather and scatter indices, fused vs eager;
-- MoE forward: the fused block against transformers' ``Qwen3MoeSparseMoeBlock`` (eager);
-- MoE backward: the same, for the backward pass, when ``moe_learn.layers.experts`` exists.
+Sections, side by side in one process on one GPU, bf16 (``--only`` picks some; all four take
+about 7.5 minutes on an H100 by ``estimate_seconds``: experts 3, decode 2, prefill 2.5, routing
+a few seconds):
 
-Prints tables, writes ``results.json`` and ``roofline.png``. Without a GPU it says so
-and exits cleanly.
+- experts: the experts half of an MoE layer (hidden ``[T, H]``, top-k ids and weights,
+  ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``), forward and forward+backward, for
+  Qwen3-30B-A3B, Mixtral-8x7B, gpt-oss-20b and DeepSeek-V3: ours (``moe_learn.moe_experts``)
+  against transformers' default experts path (``grouped_mm``) and Liger-Kernel's fused MoE
+  (when installed), with transformers' eager loop as context (``experts.py``);
+- decode: the two expert GEMMs at T = 1, 8, 64, 256 tokens, ours (``moe_learn.grouped_gemm``)
+  against ``torch._grouped_mm``: eager calls back to back, one call alone, replayed from a
+  CUDA graph, and the memory floor (weights of the experts that got tokens + X + Y);
+- prefill: the two expert GEMMs at T = 1024 and 8192 against ``torch._grouped_mm``, the
+  per-expert loop, a dense matmul and the roofline floor ``max(FLOPs / bf16 matmul peak, bytes
+  / copy bandwidth)`` (results.json keeps these rows under "gemm", as earlier runs did);
+- routing: router logits -> top-k, counts, gather and scatter indices, fused vs eager.
+
+Both ceilings are measured in the same run; every timing follows a short rest (``timing.REST_S``).
+Prints the report (``report.py``: headlines, issue #15's targets, tables), writes results.json
+(after each section, so a run cut short keeps what it measured), results.md and roofline.png.
+Without a GPU it says so and exits cleanly.
 """
 
 from __future__ import annotations
@@ -18,16 +28,50 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from moe_learn.bench import timing
-from moe_learn.bench.cases import GEMMS, MODELS, TOKENS, Case, cases, per_expert_loop, routing_counts  # noqa: F401
-from moe_learn.bench.timing import do_bench, do_bench_graph, environment, geomean, measure_peaks, rel_err
+from moe_learn.bench.cases import (
+    DECODE_MODELS,
+    DECODE_TOKENS,
+    MODELS,
+    PREFILL_MODELS,
+    TOKENS,
+    Case,
+    cases,
+    decode_cases,
+    experts_cases,
+    per_expert_loop,
+    routing_counts,
+)
+from moe_learn.bench.experts import bench_experts_case, guarded, implementations
+from moe_learn.bench.report import (
+    evaluate_targets,
+    markdown_report,
+    summarize_decode,
+    summarize_experts,
+    summarize_gemm,
+)
+from moe_learn.bench.timing import (
+    do_bench,
+    do_bench_graph,
+    do_bench_loop,
+    environment,
+    measure_peaks,
+    rel_err,
+    time_single_call,
+)
 
-SECTIONS = ("gemm", "routing", "moe")
+SECTIONS = ("experts", "decode", "prefill", "routing")
+
+# ---------------------------------------------------------------------------------------
+# Prefill GEMMs
+# ---------------------------------------------------------------------------------------
+
 
 def bench_gemm_case(case: Case, W: torch.Tensor, seed: int, with_loop: bool) -> dict:
     from moe_learn.kernels.grouped_gemm import grouped_gemm
@@ -40,7 +84,7 @@ def bench_gemm_case(case: Case, W: torch.Tensor, seed: int, with_loop: bool) -> 
     ref = torch._grouped_mm(X, Wt, offs=offs)
     y = torch.full_like(ref, float("nan"))  # poisoned: an unwritten row shows up as NaN
     grouped_gemm(X, W, m_sizes, out=y)  # the first call of a shape bucket also autotunes
-    err_fp32 = rel_err(y, per_expert_loop(X.float(), W.float(), sizes))
+    err_fp32 = rel_err(y, per_expert_loop(X, W, sizes, dtype=torch.float32))
     times = {
         "grouped_mm": do_bench(lambda: torch._grouped_mm(X, Wt, offs=offs)),
         "ours": do_bench(lambda: grouped_gemm(X, W, m_sizes, out=y)),
@@ -70,16 +114,56 @@ def best_peaks(measurements: list[dict]) -> dict:
     return {key: max(m[key] for m in measurements) for key in measurements[0]}
 
 
-def summarize_gemm(rows: list[dict]) -> dict:
-    speedup = [r["ms"]["grouped_mm"] / r["ms"]["ours"] for r in rows]
-    return {
-        "geomean_speedup_vs_grouped_mm": geomean(speedup),
-        "min_speedup_vs_grouped_mm": min(speedup),
-        "geomean_frac_roofline_ours": geomean(r["frac_roofline"]["ours"] for r in rows),
-        "geomean_frac_roofline_grouped_mm": geomean(r["frac_roofline"]["grouped_mm"] for r in rows),
-        "max_rel_err_vs_grouped_mm": max(r["rel_err_vs_grouped_mm"] for r in rows),
-        "max_rel_err_vs_fp32": max(r.get("rel_err_vs_fp32", float("nan")) for r in rows),
-    }
+# ---------------------------------------------------------------------------------------
+# Decode GEMMs
+# ---------------------------------------------------------------------------------------
+
+
+def bench_decode_case(case: Case, W: torch.Tensor, seed: int) -> dict:
+    """One decode GEMM, ours (as a user calls it: no ``out``, no config) against ``torch._grouped_mm``.
+
+    Six short timings (each about 0.1-0.2 s) follow one rest: a decode GEMM moves megabytes,
+    not the seconds of sustained load that bring an H100 to its power cap, and a rest before
+    each would make this section alone take 5 minutes.
+    """
+    from moe_learn.kernels.grouped_gemm import grouped_gemm
+
+    m_sizes = routing_counts(case.tokens, case.E, MODELS[case.model][3], seed)
+    sizes = m_sizes.tolist()
+    offs = torch.cumsum(m_sizes, 0, dtype=torch.int32)
+    X = torch.randn(case.M, case.K, device="cuda", dtype=torch.bfloat16)
+    Wt = W.transpose(1, 2)
+    fns = {"ours": lambda: grouped_gemm(X, W, m_sizes), "grouped_mm": lambda: torch._grouped_mm(X, Wt, offs=offs)}
+    ref, y = fns["grouped_mm"](), fns["ours"]()  # ours' first call autotunes its shape bucket
+    row = {**asdict(case), "name": case.name, "experts_hit": sum(m > 0 for m in sizes),
+           "rel_err_vs_grouped_mm": rel_err(y, ref),
+           "rel_err_vs_fp32": rel_err(y, per_expert_loop(X, W, sizes, dtype=torch.float32)),
+           "us": {name: {} for name in fns}}
+    timers = (("loop", do_bench_loop), ("single", time_single_call),
+              ("graph", lambda fn, rest: do_bench_graph(fn, rep=20, rest=rest)))
+    first = True
+    for mode, timer in timers:
+        for name, fn in fns.items():
+            seconds, error = guarded(lambda timer=timer, fn=fn, rest=first: timer(fn, rest=rest))
+            first = False
+            if error:
+                row["us"][name]["error"] = f"{mode}: {error}"
+            else:
+                row["us"][name][mode] = seconds * 1e6
+    return row
+
+
+def with_decode_floor(row: dict, peaks: dict) -> dict:
+    """Add the memory floor: X, Y and the weights of the experts that got tokens, at the copy bandwidth."""
+    if "experts_hit" not in row:
+        return row
+    moved = Case.of(row).bytes(experts=row["experts_hit"])
+    return {**row, "bytes": moved, "floor_us": moved / (peaks["copy_tbs"] * 1e12) * 1e6}
+
+
+# ---------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------
 
 
 def bench_routing(T: int = 8192, E: int = 128, k: int = 8) -> dict:
@@ -102,58 +186,80 @@ def bench_routing(T: int = 8192, E: int = 128, k: int = 8) -> dict:
     }
 
 
-def qwen3_block(T: int):
-    """transformers' Qwen3-30B-A3B MoE block (eager experts), random bf16 weights, and an input."""
-    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    H, I, E, k = MODELS["qwen3-30b-a3b"]
-    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k,
-                            norm_topk_prob=True)
-    config._experts_implementation = "eager"  # the per-expert loop, whatever the default
-    block = Qwen3MoeSparseMoeBlock(config).to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, 0.02)
-    x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
-    return block, x
+# ---------------------------------------------------------------------------------------
+# The plan, its time, and the run
+# ---------------------------------------------------------------------------------------
 
 
-def bench_moe_forward(T: int = 1024) -> dict:
-    from moe_learn.layers.experts import fused_moe_forward
+def make_plan(sections, models=None, tokens=None, with_loop: bool = True) -> dict:
+    """The cases each selected section will run; ``models``/``tokens`` keep only matching cases."""
 
-    block, x = qwen3_block(T)
-    gate, experts = block.gate.weight, block.experts
-    k = MODELS["qwen3-30b-a3b"][3]
+    def keep(all_models, all_tokens):
+        return ([m for m in all_models if models is None or m in models],
+                [t for t in all_tokens if tokens is None or t in tokens])
 
-    def ours():
-        return fused_moe_forward(x.view(-1, x.shape[-1]), gate, experts.gate_up_proj, experts.down_proj, top_k=k,
-                                 renormalize=True)
+    decode_models, decode_tokens = keep(DECODE_MODELS, DECODE_TOKENS)
+    prefill_models, prefill_tokens = keep(PREFILL_MODELS, TOKENS)
+    return {
+        "experts": experts_cases(models, tokens) if "experts" in sections else [],
+        "decode": decode_cases(decode_models, decode_tokens) if "decode" in sections and decode_models
+        and decode_tokens else [],
+        "gemm": cases(prefill_models, prefill_tokens) if "prefill" in sections and prefill_models
+        and prefill_tokens else [],
+        "routing": "routing" in sections,
+        "with_loop": with_loop,
+    }
 
-    with torch.no_grad():
-        ref = block(x).view(T, -1)
-        got = ours()
-        t_hf, t_ours = do_bench(lambda: block(x)), do_bench(ours)
-    return {"shape": {"T": T, "model": "qwen3-30b-a3b", "dtype": "bfloat16"}, "rel_err": rel_err(got, ref),
-            "hf_eager_ms": t_hf * 1e3, "ours_ms": t_ours * 1e3, "speedup": t_hf / t_ours}
+
+# Wall-clock seconds per unit, rough, from H100 runs: one do_bench timing besides its rest
+# (its estimate, warm-up and 100 ms of calls, L2 flushes between them), one decode case's six
+# timings, and each case's setup (weights, the first calls that compile and autotune, the
+# correctness check against the reference).
+COST_S = {"timing": 0.3, "decode_timings": 1.0, "experts_setup": 15.0, "decode_setup": 1.0, "prefill_setup": 1.5}
 
 
-def gemm_table(rows: list[dict]):
-    from rich.table import Table
+def estimate_seconds(plan: dict, impls, rest: float) -> dict:
+    """How long the plan should take: every rest, every timing, every case's setup, added up."""
+    available = [i for i in impls if not i.missing]
+    per_experts_case = len(available) + sum(i.training for i in available)
+    peaks = 2 * 2 if plan["decode"] or plan["gemm"] else 0  # two ceilings, before and after the GEMM sections
+    timed = (len(plan["experts"]) * per_experts_case + len(plan["gemm"]) * (3 + plan["with_loop"])
+             + 3 * plan["routing"] + peaks)
+    rests = timed + len(plan["decode"])
+    seconds = (rests * rest + timed * COST_S["timing"]
+               + len(plan["decode"]) * (COST_S["decode_timings"] + COST_S["decode_setup"])
+               + len(plan["experts"]) * COST_S["experts_setup"] + len(plan["gemm"]) * COST_S["prefill_setup"])
+    return {"seconds": seconds, "rests": rests, "timings": timed + 6 * len(plan["decode"])}
 
-    table = Table(title="grouped GEMM, bf16: TFLOP/s (ours as a fraction of the roofline floor)")
-    for col in ("case", "M", "N", "K", "E", "loop", "dense", "_grouped_mm", "ours", "roofline", "ours/roof",
-                "ours/_gmm"):
-        table.add_column(col, justify="left" if col == "case" else "right")
-    for r in rows:
-        t = r["tflops"]
-        table.add_row(
-            r["name"], str(r["M"]), str(r["N"]), str(r["K"]), str(r["E"]),
-            f"{t['loop']:.0f}" if "loop" in t else "-", f"{t['dense']:.0f}", f"{t['grouped_mm']:.0f}",
-            f"{t['ours']:.0f}", f"{r['roofline_tflops']:.0f}", f"{r['frac_roofline']['ours']:.0%}",
-            f"{r['ms']['grouped_mm'] / r['ms']['ours']:.2f}x",
-        )
-    return table
+
+def _error_row(case, error: str) -> dict:
+    return {**asdict(case), "name": case.name, "error": error}
+
+
+def gemm_weights(case: Case) -> torch.Tensor:
+    """The case's expert weights ``[E, N, K]``, bf16, drawn in place (no float32 copy of 15 GB)."""
+    return torch.empty(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16).normal_(0.0, 0.02)
+
+
+def _gemm_rows(selected: list[Case], bench_case, progress, task) -> list[dict]:
+    """Each case through ``bench_case(case, W, seed)``, one weight tensor alive at a time."""
+    rows, W, last = [], None, None
+    for i, case in enumerate(selected):
+        progress.update(task, description=case.name)
+        if (case.model, case.gemm) != last:
+            W = None
+            torch.cuda.empty_cache()
+            W, w_error = guarded(lambda case=case: gemm_weights(case))
+            last = (case.model, case.gemm)
+        if W is None:
+            rows.append(_error_row(case, w_error))
+        else:
+            row, error = guarded(lambda case=case, W=W, i=i: bench_case(case, W, i))
+            rows.append(row if error is None else _error_row(case, error))
+        progress.advance(task)
+    W = None
+    torch.cuda.empty_cache()
+    return rows
 
 
 def save_roofline(rows: list[dict], peaks: dict, path: Path) -> None:
@@ -165,8 +271,10 @@ def save_roofline(rows: list[dict], peaks: dict, path: Path) -> None:
     short = {"qwen3-30b-a3b": "qwen3", "mixtral-8x7b": "mixtral", "llama4-scout": "llama4", "gpt-oss-20b": "gpt-oss"}
     points = []
     for r in rows:
-        case = Case(r["model"], r["gemm"], r["tokens"], r["M"], r["N"], r["K"], r["E"])
-        label = f"{short[case.model]} {case.gemm} {case.tokens // 1024}k"
+        if "ms" not in r:
+            continue
+        case = Case.of(r)
+        label = f"{short.get(case.model, case.model)} {case.gemm} {case.tokens // 1024}k"
         points.append({"label": label, "flops": case.flops, "bytes": case.bytes(), "seconds": r["ms"]["ours"] / 1e3})
     fig = roofline_plot(points, round(peaks["matmul_tflops"]), round(peaks["copy_tbs"], 2),
                         title=f"grouped GEMM (ours), bf16, {torch.cuda.get_device_name()}")
@@ -174,77 +282,14 @@ def save_roofline(rows: list[dict], peaks: dict, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def markdown_report(result: dict) -> str:
-    """The stored results of one run as Markdown tables (what docs/benchmarks.md shows)."""
-    env, peaks = result["environment"], result["peaks"]
-    lines = [
-        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}, "
-        f"{env['date']}. Command: `{result['command']}`. Measured ceilings: bf16 matmul "
-        f"{peaks['matmul_tflops']:.0f} TFLOP/s, copy {peaks['copy_tbs']:.2f} TB/s."
-        + (f" Each timing followed {result['rest_s']:g} s of idle." if "rest_s" in result else ""),
-        "",
-    ]
-    if "gemm" in result:
-        lines += [
-            "| case | M | N | K | E | loop | dense | `_grouped_mm` | ours | roofline | ours / roofline "
-            "| ours vs `_grouped_mm` |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in result["gemm"]:
-            t = r["tflops"]
-            loop = f"{t['loop']:.0f}" if "loop" in t else "-"
-            lines.append(
-                f"| {r['name']} | {r['M']} | {r['N']} | {r['K']} | {r['E']} | {loop} | {t['dense']:.0f} | "
-                f"{t['grouped_mm']:.0f} | **{t['ours']:.0f}** | {r['roofline_tflops']:.0f} | "
-                f"{r['frac_roofline']['ours']:.0%} | {r['ms']['grouped_mm'] / r['ms']['ours']:.2f}x |"
-            )
-        g = result["gemm_summary"]
-        lines += [
-            "",
-            "TFLOP/s; roofline = FLOPs / max(FLOPs / matmul peak, bytes / copy bandwidth). Geometric means: ours "
-            f"**{g['geomean_speedup_vs_grouped_mm']:.3f}x** `_grouped_mm` (lowest case "
-            f"{g['min_speedup_vs_grouped_mm']:.3f}x); ours at **{g['geomean_frac_roofline_ours']:.1%}** of the "
-            f"roofline, `_grouped_mm` at {g['geomean_frac_roofline_grouped_mm']:.1%}. Largest relative difference "
-            f"from `_grouped_mm`'s output: {g['max_rel_err_vs_grouped_mm']:.1e}; from a float32 per-expert loop: "
-            f"{g.get('max_rel_err_vs_fp32', float('nan')):.1e}.",
-            "",
-        ]
-    if "routing" in result:
-        r = result["routing"]
-        sh = r["shape"]
-        lines += [
-            f"Routing (T={sh['T']}, E={sh['E']}, top-{sh['top_k']}, {sh['dtype']} logits): eager chain "
-            f"{r['eager_us']:.0f} µs; fused {r['fused_us']:.0f} µs per call, {r['fused_graph_us']:.1f} µs replayed "
-            f"from a CUDA graph (device time); identical to the eager chain on fp32 logits: {r['same_as_eager_fp32']}.",
-            "",
-        ]
-    if "moe" in result:
-        r = result["moe"]
-        lines += [
-            f"MoE forward ({r['shape']['model']}, T={r['shape']['T']}, {r['shape']['dtype']}): transformers' eager "
-            f"block {r['hf_eager_ms']:.2f} ms, ours {r['ours_ms']:.3f} ms: **{r['speedup']:.0f}x**; relative "
-            f"difference of the outputs {r['rel_err']:.1e}.",
-            "",
-        ]
-    if "backward" in result and "skipped" not in result["backward"]:
-        r = result["backward"]
-        errs = ", ".join(f"{k} {v:.1e}" for k, v in r["grad_rel_err"].items())
-        lines += [
-            f"MoE backward (same block, T={r['shape']['T']}): transformers' eager {r['hf_eager_backward_ms']:.1f} ms, "
-            f"ours {r['ours_backward_ms']:.2f} ms: **{r['backward_speedup']:.0f}x**; forward + backward "
-            f"{r['forward_backward_speedup']:.0f}x. Relative gradient differences: {errs}.",
-            "",
-        ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-learn bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json and roofline.png")
-    parser.add_argument("--only", nargs="*", choices=SECTIONS + ("backward",), help="sections to run (default: all)")
-    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="GEMM models (default: all four)")
-    parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS), help="GEMM token counts")
-    parser.add_argument("--no-loop", action="store_true", help="skip the slow per-expert loop baseline")
+    parser.add_argument("--only", nargs="*", choices=SECTIONS, help="sections to run (default: all)")
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="only the cases of these models")
+    parser.add_argument("--tokens", nargs="*", type=int, help="only the cases with these token counts")
+    parser.add_argument("--no-loop", action="store_true",
+                        help="skip the slow per-expert loops (prefill's loop, transformers' eager experts)")
     parser.add_argument("--rest", type=float, default=timing.REST_S, metavar="SECONDS",
                         help=f"idle before each timing, so no timing inherits the power cap (default {timing.REST_S})")
     parser.add_argument("--report", type=Path, metavar="RESULTS_JSON",
@@ -256,99 +301,87 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_report(json.loads(args.report.read_text())))
         return 0
 
+    if not torch.cuda.is_available():
+        print("No CUDA GPU here: the benchmarks need one. Stored H100 results: docs/benchmarks.md")
+        return 0
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console()
-    if not torch.cuda.is_available():
-        console.print("No CUDA GPU here: the benchmarks need one. Stored H100 results: docs/benchmarks.md")
-        return 0
     timing.REST_S = args.rest
-    sections = args.only or [*SECTIONS, "backward"]
-    selected = cases(args.models, tuple(args.tokens)) if "gemm" in sections else []
+    sections = args.only or SECTIONS
+    impls = implementations(with_eager=not args.no_loop) if "experts" in sections else []
+    plan = make_plan(sections, args.models, args.tokens, with_loop=not args.no_loop)
+    estimate = estimate_seconds(plan, impls, args.rest)
+    console.print(f"{len(plan['experts'])} experts, {len(plan['decode'])} decode and {len(plan['gemm'])} prefill "
+                  f"cases{', routing' if plan['routing'] else ''}: about {estimate['timings']} timings after "
+                  f"{estimate['rests']} rests of {args.rest:g} s, estimated {estimate['seconds'] / 60:.1f} min")
+    for impl in impls:
+        if impl.missing:
+            console.print(f"{impl.label}: {impl.missing}")
     result: dict = {"environment": environment(),
                     "command": "python -m moe_learn bench " + " ".join(sys.argv[1:] if argv is None else argv),
-                    "rest_s": timing.REST_S}
+                    "rest_s": timing.REST_S, "estimate_s": estimate["seconds"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each section: a run cut short keeps what it measured
+        (args.out / "results.json").write_text(json.dumps(result, indent=2))
+
+    start = time.perf_counter()
+    n_cases = len(plan["experts"]) + len(plan["decode"]) + len(plan["gemm"]) + plan["routing"]
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("measuring peaks", total=1 + len(selected) + len(sections))
-        # the ceilings before and after the GEMM cases, the higher of each kept: a GPU still hot
+        task = progress.add_task("measuring peaks", total=n_cases)
+        # the ceilings before and after the GEMM sections, the higher of each kept: a GPU still hot
         # from earlier work once measured a 10% lower matmul peak, which would flatter every fraction
-        peak_runs = [measure_peaks()]
-        progress.advance(task)
-        rows, W, last = [], None, None
-        for i, case in enumerate(selected):
-            progress.update(task, description=case.name)
-            if (case.model, case.gemm) != last:  # one weight tensor alive at a time
-                W = None
+        peak_runs = [measure_peaks()] if plan["decode"] or plan["gemm"] else []
+        if plan["experts"]:
+            rows = []
+            for i, case in enumerate(plan["experts"]):
+                progress.update(task, description=f"experts {case.name}")
+                row, error = guarded(lambda case=case, i=i: bench_experts_case(case, impls, seed=i))
+                rows.append(row if error is None else _error_row(case, error))
                 torch.cuda.empty_cache()
-                W = torch.randn(case.E, case.N, case.K, device="cuda", dtype=torch.bfloat16) * 0.02
-                last = (case.model, case.gemm)
-            rows.append(bench_gemm_case(case, W, seed=i, with_loop=not args.no_loop))
-            progress.advance(task)
-        W = None
-        torch.cuda.empty_cache()
-        if rows:
+                progress.advance(task)
+            result["experts"], result["experts_summary"] = rows, summarize_experts(rows)
+            save()
+        if plan["decode"]:
+            result["decode"] = _gemm_rows(plan["decode"], bench_decode_case, progress, task)
+            save()
+        if plan["gemm"]:
+            result["gemm"] = _gemm_rows(plan["gemm"], lambda c, W, i: bench_gemm_case(c, W, i, plan["with_loop"]),
+                                        progress, task)
+            save()
+        if peak_runs:
             peak_runs.append(measure_peaks())
-        result["peaks"] = peaks = best_peaks(peak_runs)
-        result["peak_measurements"] = peak_runs
-        rows = [with_roofline(row, case, peaks) for row, case in zip(rows, selected, strict=True)]
-        if rows:
+            result["peaks"] = peaks = best_peaks(peak_runs)
+            result["peak_measurements"] = peak_runs
+        if plan["decode"]:
+            result["decode"] = [with_decode_floor(r, peaks) for r in result["decode"]]
+            result["decode_summary"] = summarize_decode(result["decode"])
+        if plan["gemm"]:
             from moe_learn.kernels.autotune import TUNED
 
-            result["gemm"], result["gemm_summary"] = rows, summarize_gemm(rows)
+            result["gemm"] = [with_roofline(r, Case.of(r), peaks) if "ms" in r else r for r in result["gemm"]]
+            result["gemm_summary"] = summarize_gemm(result["gemm"])
             result["tuned_configs"] = [{"key": list(map(str, key)), "config": cfg} for key, cfg in TUNED.items()]
-        for name, fn in (("routing", bench_routing), ("moe", bench_moe_forward), ("backward", bench_moe_backward)):
-            if name in sections:
-                progress.update(task, description=name)
-                result[name] = fn()
-                progress.advance(task)
+        if plan["routing"]:
+            progress.update(task, description="routing")
+            routing, error = guarded(bench_routing)
+            result["routing"] = routing if error is None else {"error": error}
+            progress.advance(task)
 
-    if rows:
-        console.print(gemm_table(rows))
-        console.print(result["gemm_summary"])
-    for name in ("routing", "moe", "backward"):
-        if name in result:
-            console.print(f"{name}: {result[name]}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    (args.out / "results.md").write_text(markdown_report(result))
-    if rows:
-        save_roofline(rows, peaks, args.out / "roofline.png")
-    console.print(f"wrote {args.out / 'results.json'}" + (f" and {args.out / 'roofline.png'}" if rows else ""))
+    result["elapsed_s"] = time.perf_counter() - start
+    result["targets"] = evaluate_targets(result)
+    save()
+    report = markdown_report(result)
+    (args.out / "results.md").write_text(report)
+    plotted = any("ms" in r for r in result.get("gemm", []))
+    if plotted:
+        save_roofline(result["gemm"], peaks, args.out / "roofline.png")
+    print(report)
+    console.print(f"wrote {args.out / 'results.json'} and results.md" + (" and roofline.png" if plotted else "")
+                  + f" in {result['elapsed_s'] / 60:.1f} min (estimated {estimate['seconds'] / 60:.1f})")
     return 0
-
-
-def bench_moe_backward(T: int = 1024) -> dict:
-    """Backward pass of the fused block vs transformers' eager block, same weights and dY."""
-    from moe_learn.layers.experts import moe_experts
-    from moe_learn.ops.routing import calculate_topk
-
-    block, x = qwen3_block(T)
-    x = x.view(T, -1).requires_grad_(True)
-    gate, experts = block.gate.weight, block.experts
-    k = MODELS["qwen3-30b-a3b"][3]
-    params = [x, gate, experts.gate_up_proj, experts.down_proj]
-    dy = torch.randn(T, x.shape[-1], device="cuda", dtype=torch.bfloat16)
-
-    def ours():
-        logits = x @ gate.T
-        weights, ids = calculate_topk(logits, k, use_sigmoid=False, renormalize=True)
-        return moe_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj)
-
-    y_ref, y_ours = block(x.view(1, T, -1)).view(T, -1), ours()
-    g_ref = torch.autograd.grad(y_ref, params, dy, retain_graph=True)
-    g_ours = torch.autograd.grad(y_ours, params, dy, retain_graph=True)
-    names = ("x", "router", "gate_up_proj", "down_proj")
-    errs = {n: rel_err(a, b) for n, a, b in zip(names, g_ours, g_ref, strict=True)}
-    t_hf = do_bench(lambda: torch.autograd.grad(y_ref, params, dy, retain_graph=True))
-    t_ours = do_bench(lambda: torch.autograd.grad(y_ours, params, dy, retain_graph=True))
-    t_hf_fwd = do_bench(lambda: block(x.view(1, T, -1)))
-    t_ours_fwd = do_bench(ours)
-    return {"shape": {"T": T, "model": "qwen3-30b-a3b", "dtype": "bfloat16"}, "forward_rel_err": rel_err(y_ours, y_ref),
-            "grad_rel_err": errs, "hf_eager_backward_ms": t_hf * 1e3, "ours_backward_ms": t_ours * 1e3,
-            "backward_speedup": t_hf / t_ours, "hf_eager_forward_train_ms": t_hf_fwd * 1e3,
-            "ours_forward_train_ms": t_ours_fwd * 1e3,
-            "forward_backward_speedup": (t_hf + t_hf_fwd) / (t_ours + t_ours_fwd)}
 
 
 if __name__ == "__main__":
