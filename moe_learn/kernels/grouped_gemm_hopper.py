@@ -1,8 +1,8 @@
 """The grouped GEMM tuned for Hopper (H100/H200): persistent, TMA loads, per-shape configs.
 
-Same semantics as ``grouped_gemm`` (W in the ``[E, N, K]`` layout, optional gather of
-X rows, scatter of Y rows and routing weights); ``grouped_gemm`` sends bf16/fp16 work
-here on a Hopper GPU. What makes it fast (perf/NOTES.md has the measurements):
+Same semantics as ``grouped_gemm`` (W in the ``[E, N, K]`` layout of the forward or the
+``[E, K, N]`` layout the backward's dX reads it in, optional gather of X rows, scatter of
+Y rows and routing weights); ``grouped_gemm`` sends bf16/fp16 work here on a Hopper GPU. What makes it fast (perf/NOTES.md has the measurements):
 
 - A persistent grid, one program per SM, each taking every ``NUM_PROGRAMS``-th tile.
 - The tile map lives in registers. Each program loads ``m_sizes`` once and prefix-sums
@@ -17,6 +17,12 @@ here on a Hopper GPU. What makes it fast (perf/NOTES.md has the measurements):
 - Weight tiles, and X tiles when X is not gathered, come through the tensor memory
   accelerator (TMA): hardware address generation, zero fill past the edges. Rows past
   an expert's end are loaded (next expert's rows or zero fill) but never stored.
+- In the ``[E, K, N]`` layout the weight tile is ``[BLOCK_K, BLOCK_N]`` rows of the
+  ``[E*K, N]`` view; when ``BLOCK_K`` does not divide K the last K step would read the next
+  expert's rows, so such configs load W with masked loads instead of TMA (``W_TMA``).
+- Host cost per call is a few microseconds: the compiled kernel is launched directly
+  (``launcher.FastLauncher``), descriptors are built field by field, a tuned bucket is
+  one dict lookup.
 - Autotuning keyed on shape buckets: the first call for a (N, K, E, rows-per-expert
   bucket, dtype, fusion) key times a few candidate configs and caches the fastest in
   ``TUNED``; later calls with any routing in the same bucket reuse it.
@@ -24,14 +30,16 @@ here on a Hopper GPU. What makes it fast (perf/NOTES.md has the measurements):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from moe_learn.kernels import autotune
 from moe_learn.kernels.autotune import autotune_enabled, choose_config, num_sms
+from moe_learn.kernels.launcher import FastLauncher
 
 try:  # Triton >= 3.4: host-side tensor descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -41,23 +49,34 @@ except ImportError:  # pragma: no cover - older Triton: grouped_gemm keeps its p
 
 @triton.jit
 def _grouped_gemm_tma_kernel(
-    x_ptr, x_desc, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr, bias_ptr,
+    x_ptr, x_desc, w_ptr, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr, bias_ptr,
     N, K, E, stride_xm, stride_ym,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    W_KN: tl.constexpr,  # W is [E, K, N] (the backward's dX reads the forward's W this way), else [E, N, K]
+    W_TMA: tl.constexpr,  # W through TMA; False only for [E, K, N] with K % BLOCK_K != 0 (masked loads)
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # The tile map, per expert: rows, first row, first tile (exclusive prefix sums).
+    # rows of the expert-ordered problem (and of Y): X's rows, or its tokens x TOP_K when gathered
+    if PERMUTE_X:
+        M = x_desc.shape[0] * TOP_K
+    else:
+        M = x_desc.shape[0]
+    # The tile map, per expert: rows, first row, first tile (exclusive prefix sums). Rows are
+    # clamped into [0, M) whatever m_sizes holds (validate=False skips the check): a negative
+    # size counts as 0 and no expert reaches past row M. Summed in int64, then int32 (TMA
+    # coordinates are 32-bit).
     offs_e = tl.arange(0, BLOCK_E)
-    # int32 whatever m_sizes holds: TMA coordinates must be 32-bit
-    sizes = tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    sizes = tl.maximum(tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int64), 0)
+    rows_through = tl.cumsum(sizes, axis=0)
+    row_begin = tl.minimum(rows_through - sizes, M).to(tl.int32)
+    sizes = tl.minimum(rows_through, M).to(tl.int32) - row_begin
     m_tiles = tl.cdiv(sizes, BLOCK_M)
     tile_end = tl.cumsum(m_tiles * num_n_tiles, axis=0)
     tile_begin = tile_end - m_tiles * num_n_tiles
-    row_begin = tl.cumsum(sizes, axis=0) - sizes
     num_tiles = tl.sum(m_tiles * num_n_tiles)
 
     for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -73,8 +92,13 @@ def _grouped_gemm_tma_kernel(
         mask_m = offs_m < m_e
         rows = row_start + offs_m  # rows in expert order
         n0 = tile_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if PERMUTE_X or PERMUTE_Y:
+            flat = tl.load(gather_ptr + rows, mask=mask_m, other=0)  # (token, slot) of each row
+            # an index outside [0, M) (unchecked with validate=False) drops its row
+            mask_m = mask_m & (flat >= 0) & (flat < M)
         if PERMUTE_X:  # gather token rows straight from X in token order
-            src = tl.load(gather_ptr + rows, mask=mask_m, other=0) // TOP_K
+            src = flat // TOP_K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if PERMUTE_X:
@@ -82,11 +106,16 @@ def _grouped_gemm_tma_kernel(
                             mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
             else:
                 x = x_desc.load([row_start + tile_m * BLOCK_M, k0])
-            w = w_desc.load([e * N + n0, k0])
-            acc = tl.dot(x, w.T, acc)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+            if not W_KN:  # [E*N, K] rows: a [BLOCK_N, BLOCK_K] tile, zero past K
+                acc = tl.dot(x, w_desc.load([e * N + n0, k0]).T, acc)
+            elif W_TMA:  # [E*K, N] rows: a [BLOCK_K, BLOCK_N] tile; K % BLOCK_K == 0 keeps it inside expert e
+                acc = tl.dot(x, w_desc.load([e * K + k0, n0]), acc)
+            else:  # the K tail would reach into expert e + 1's rows: masked loads instead
+                w = tl.load(w_ptr + e.to(tl.int64) * K * N + (k0 + offs_k)[:, None] * N + offs_n[None, :],
+                            mask=(offs_k[:, None] < K - k0) & (offs_n[None, :] < N), other=0.0)
+                acc = tl.dot(x, w, acc)
         if PERMUTE_Y:  # each row goes back to its (token, slot) position
-            out_rows = tl.load(gather_ptr + rows, mask=mask_m, other=0)
+            out_rows = flat
         else:
             out_rows = rows
         if HAS_BIAS:  # bias [E, N] contiguous; added before the routing weight
@@ -106,7 +135,16 @@ def _config(m, n, k, warps, stages, warp_specialize=False):
 # Candidates by average rows per expert, from the sweeps on an H100 (perf/NOTES.md): few
 # rows -> the weights dominate, deep K tiles; many rows -> 128x256 tiles, where 3 or 4
 # stages and warp specialisation win by turns. The first is the default without tuning.
-CANDIDATES_BY_ROWS_PER_EXPERT = (
+# The two smallest buckets are decode: a token's k experts get a row or a few each, the
+# work is streaming their weights, and a 64- or 128-row tile would be mostly padding; 16-
+# and 32-row tiles with narrow N tiles give more tiles (all SMs streaming) and deeper pipelines.
+SMALL_M_BUCKETS = (
+    (4, (_config(16, 64, 128, 4, 6), _config(16, 128, 128, 4, 4), _config(32, 64, 256, 4, 4),
+         _config(64, 128, 128, 4, 4))),
+    (16, (_config(32, 128, 128, 4, 4), _config(16, 64, 128, 4, 6), _config(64, 128, 128, 4, 4),
+          _config(128, 128, 128, 8, 3))),
+)
+CANDIDATES_BY_ROWS_PER_EXPERT = SMALL_M_BUCKETS + (
     (64, (_config(128, 128, 128, 8, 3), _config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4))),
     (160, (_config(64, 128, 128, 4, 4), _config(64, 256, 64, 4, 4), _config(128, 256, 64, 8, 4),
            _config(128, 128, 128, 8, 3))),
@@ -116,13 +154,18 @@ CANDIDATES_BY_ROWS_PER_EXPERT = (
     (float("inf"), (_config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(128, 256, 64, 8, 3, True),
                     _config(128, 256, 64, 8, 4, True))),
 )
+# Switches for A/B runs (perf/ab_kernels.py); tuned choices are cached per key, so clear
+# autotune.TUNED after flipping one.
+SMALL_M = True  # the decode buckets above; False: up to 64 rows per expert use the 64-row bucket
+KN_LAYOUT = True  # grouped_gemm(transpose=False) (the backward's dX) runs here; False: the portable kernel
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "FLATTEN", "WARP_SPECIALIZE",
                "NUM_PROGRAMS")
 
 
 def candidates(rows: int, num_experts: int) -> tuple[dict, ...]:
     per_expert = rows / max(num_experts, 1)
-    for limit, configs in CANDIDATES_BY_ROWS_PER_EXPERT:
+    buckets = CANDIDATES_BY_ROWS_PER_EXPERT if SMALL_M else CANDIDATES_BY_ROWS_PER_EXPERT[len(SMALL_M_BUCKETS):]
+    for limit, configs in buckets:
         if per_expert <= limit:
             return configs
     raise AssertionError("unreachable: the last bucket has no limit")
@@ -133,25 +176,36 @@ def pick_config(rows: int, num_experts: int) -> dict:
     return dict(candidates(rows, num_experts)[0])
 
 
-def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted, biased=False) -> tuple:
+def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted, biased=False, w_kn=False) -> tuple:
     """Routings differ call to call; rows per expert, rounded up to a power of two, do not."""
-    bucket = 1 << max(0, math.ceil(math.log2(max(rows / max(E, 1), 1))))
-    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted, biased)
+    per_expert = -(-rows // max(E, 1))  # the power of two above rows / E is the one above its ceiling
+    bucket = 1 << max(per_expert - 1, 0).bit_length()
+    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted, biased, w_kn)
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str | None:
     """Why the TMA kernel cannot take these operands, or None when it can."""
     if TensorDescriptor is None:
         return "this Triton has no tensor descriptors (needs 3.4 or newer)"
-    if not transpose:
-        return "it reads W in the [E, N, K] layout only (transpose=True)"
-    if X.is_cuda and torch.cuda.get_device_capability(X.device)[0] < 9:
+    if not transpose and not KN_LAYOUT:
+        return "reading W in the [E, K, N] layout (transpose=False) is switched off (grouped_gemm_hopper.KN_LAYOUT)"
+    if X.is_cuda and _capability(X.device.index)[0] < 9:
         return "TMA needs a Hopper (sm90) or newer GPU"
-    if not W.is_contiguous() or X.stride(-1) != 1:
+    experts, _, inner = W.shape
+    if experts == 0:
+        return "W has no experts"
+    x_row_stride, x_col_stride = X.stride()
+    if not W.is_contiguous() or x_col_stride != 1:
         return "W must be contiguous and X must have unit stride along K"
     elem = X.element_size()
-    if (W.shape[2] * elem) % 16 or (X.stride(0) * elem) % 16 or W.data_ptr() % 16 or X.data_ptr() % 16:
-        return "TMA needs 16-byte aligned rows (K * element size a multiple of 16)"
+    if (inner * elem) % 16 or (x_row_stride * elem) % 16 or W.data_ptr() % 16 or X.data_ptr() % 16:
+        name = "K" if transpose else "N"
+        return f"TMA needs 16-byte aligned rows ({name} * element size and X's row stride multiples of 16)"
     return None
 
 
@@ -172,51 +226,98 @@ def grouped_gemm_hopper(
     permute_y: bool = False,
     topk_weights: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    transpose: bool = True,
     config: dict | None = None,
 ) -> torch.Tensor:
     """Fill ``out`` with ``Y_e = X_e @ W_e.T (+ bias[e])`` for all experts in one persistent launch.
 
+    W is ``[E, N, K]`` (transpose=True) or ``[E, K, N]`` (``Y_e = X_e @ W_e``, the backward's dX).
     Arguments are taken as valid: ``grouped_gemm`` checks them before it dispatches here.
     ``config`` overrides the tuned (or, without tuning, the default) choice; keys: ``CONFIG_KEYS``.
     """
-    E, N, K = W.shape
-    M = out.shape[0]
+    M, N = out.shape
     if M == 0:
         return out
-    run = functools.partial(_launch, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices, topk=topk,
-                            permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights, bias=bias)
+    E, K = W.shape[0], X.shape[1]
     if config:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
         cfg = {**pick_config(M, E), **config}
-    elif autotune_enabled(X):
-        key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None, bias is not None)
-        cfg = choose_config(key, candidates(M, E), run)
     else:
-        cfg = pick_config(M, E)
-    return run(cfg)
+        key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None, bias is not None,
+                         not transpose)
+        cfg = autotune.TUNED.get(key)  # the hot path: this bucket was tuned before
+        if cfg is None:
+            if autotune_enabled(X):
+                run = functools.partial(_launch, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices,
+                                        topk=topk, permute_x=permute_x, permute_y=permute_y,
+                                        topk_weights=topk_weights, bias=bias, transpose=transpose)
+                cfg = choose_config(key, candidates(M, E), run)
+            else:
+                cfg = pick_config(M, E)
+    return _launch(cfg, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices, topk=topk,
+                   permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights, bias=bias,
+                   transpose=transpose)
 
 
-def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights, bias):
-    E, N, K = W.shape
-    M = out.shape[0]
+def _descriptor_defaults() -> dict | None:
+    """The fields of ``TensorDescriptor`` that have defaults, or None when it cannot be built field by field."""
+    if TensorDescriptor is None or not dataclasses.is_dataclass(TensorDescriptor) or hasattr(TensorDescriptor,
+                                                                                            "__slots__"):
+        return None
+    fields = dataclasses.fields(TensorDescriptor)
+    if {f.name for f in fields if f.default is dataclasses.MISSING} != {"base", "shape", "strides", "block_shape"}:
+        return None
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+_DESCRIPTOR_DEFAULTS = _descriptor_defaults()
+
+
+def _descriptor(base: torch.Tensor, shape: tuple, strides: tuple, block_shape: list):
+    """``TensorDescriptor(base, shape, strides, block_shape)`` without its per-call checks (~2 us each).
+
+    Safe because ``unsupported_reason`` checked what they check (16-byte aligned base and
+    row strides, unit inner stride) and the caller never passes an empty shape.
+    """
+    if _DESCRIPTOR_DEFAULTS is None:  # a Triton whose descriptor is not a plain dataclass
+        return TensorDescriptor(base, list(shape), list(strides), block_shape)
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=block_shape)
+    return desc
+
+
+_LAUNCH = FastLauncher(_grouped_gemm_tma_kernel)
+
+
+def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights, bias,
+            transpose=True):
+    E, K = W.shape[0], X.shape[1]
+    M, N = out.shape
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    w_desc = TensorDescriptor.from_tensor(W.view(E * N, K), block_shape=[bn, bk])
-    x_desc = TensorDescriptor.from_tensor(X, block_shape=[bm, bk])
-    # more programs than tiles would only idle: the tile count is at most this bound
-    max_tiles = (triton.cdiv(M, bm) + E) * triton.cdiv(N, bn)
+    w_tma = transpose or K % bk == 0
+    if transpose:
+        w_desc = _descriptor(W, (E * N, K), (K, 1), [bn, bk])
+    elif w_tma:
+        w_desc = _descriptor(W, (E * K, N), (N, 1), [bk, bn])
+    else:
+        w_desc = None
+    x_desc = _descriptor(X, (X.shape[0], K), (X.stride(0), 1), [bm, bk])
+    # more programs than tiles would only idle. At most min(E, M) experts have rows, and each
+    # adds at most one ragged row block, so the tiles number at most this:
+    max_tiles = (M + min(E, M) * (bm - 1)) // bm * -(-N // bn)  # (not triton.cdiv: a slow call on the host)
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
     placeholder = m_sizes  # for pointers a variant never reads
-    _grouped_gemm_tma_kernel[(programs,)](
-        X, x_desc, w_desc, out, m_sizes,
-        gather_indices if gather_indices is not None else placeholder,
-        topk_weights.reshape(-1) if topk_weights is not None else placeholder,
-        bias if bias is not None else placeholder,
-        N, K, E, X.stride(0), out.stride(0),
-        TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=triton.next_power_of_2(E),
-        NUM_PROGRAMS=programs, PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
-        HAS_WEIGHTS=topk_weights is not None, HAS_BIAS=bias is not None, FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    args = (X, x_desc, W, w_desc, out, m_sizes,
+            gather_indices if gather_indices is not None else placeholder,
+            topk_weights.reshape(-1) if topk_weights is not None else placeholder,
+            bias if bias is not None else placeholder,
+            N, K, E, X.stride(0), out.stride(0))
+    constexprs = dict(
+        TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs,
+        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, HAS_WEIGHTS=topk_weights is not None, HAS_BIAS=bias is not None,
+        FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"], W_KN=not transpose, W_TMA=w_tma,
     )
+    _LAUNCH((programs,), args, constexprs, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return out

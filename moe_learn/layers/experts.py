@@ -74,12 +74,11 @@ def _gemm(backend, X, W, counts, gather_indices, *, topk=1, permute_x=False, per
           topk_weights=None, config=None):
     """Y = grouped GEMM of X and W, optionally gathering X / scattering Y (see grouped_gemm)."""
     if backend == "triton":
-        from moe_learn.kernels.grouped_gemm import grouped_gemm
+        from moe_learn.kernels.grouped_gemm import grouped_gemm_trusted
 
-        return grouped_gemm(
-            X, W, counts, gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
-            transpose=transpose, topk_weights=topk_weights, config=config, validate=False,
-        )
+        # run_experts checked the shapes once for both GEMMs (and the backward's)
+        return grouped_gemm_trusted(X, W, counts, gather_indices, topk_weights, None, topk, permute_x, permute_y,
+                                    transpose, config)
     if permute_x:
         X = permute(X, gather_indices, topk)
     Y = torch_grouped_gemm(X, W, counts, transpose=transpose)
@@ -183,9 +182,30 @@ class FusedMoEFunction(torch.autograd.Function):
         return d_x, None, None, d_weights, d_w1, d_w2, None, None, None
 
 
+def _check_run_args(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, transpose) -> None:
+    """What the GEMMs need to stay inside their tensors, in a few comparisons (this runs on every decode step)."""
+    if hidden_states.ndim != 2 or topk_weights.ndim != 2 or gate_up_proj.ndim != 3 or down_proj.ndim != 3:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                         f"must be 2-D, gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} 3-D")
+    tokens, hidden = hidden_states.shape
+    experts, n1, k1 = gate_up_proj.shape if transpose else gate_up_proj.transpose(1, 2).shape
+    experts2, n2, k2 = down_proj.shape if transpose else down_proj.transpose(1, 2).shape
+    if k1 != hidden or n2 != hidden or experts2 != experts or n1 != 2 * k2:
+        want = "[E, 2I, H] and [E, H, I]" if transpose else "[E, H, 2I] and [E, I, H]"
+        raise ValueError(f"gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} must be "
+                         f"{want} with H={hidden} (transpose={transpose})")
+    if topk_weights.shape[0] != tokens or gather_indices.shape != (topk_weights.numel(),) or counts.shape != (experts,):
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must be [T, k] with T={tokens}, gather_indices "
+                         f"{tuple(gather_indices.shape)} [T*k] and counts {tuple(counts.shape)} [E={experts}]")
+    if gate_up_proj.dtype != hidden_states.dtype or down_proj.dtype != hidden_states.dtype:
+        raise TypeError(f"hidden_states is {hidden_states.dtype} but the weights are {gate_up_proj.dtype} and "
+                        f"{down_proj.dtype}; cast them to one dtype")
+
+
 def run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, *, transpose=True,
                 backend="triton", config=None):
     """The experts given a routing (counts, gather_indices): differentiable when an input requires grad."""
+    _check_run_args(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, transpose)
     backend = effective_backend(backend, hidden_states.dtype)
     if hidden_states.shape[0] == 0:
         # Nothing routed. The sums of empty slices (exactly 0) keep every input in the graph, so

@@ -1,0 +1,125 @@
+"""Launch a compiled Triton kernel with little host work per call.
+
+``kernel[grid](*args)`` binds every argument to the kernel's signature, works out its
+specialization (the dtype and 16-byte alignment of each pointer, which integers are 1 or
+multiples of 16), builds a cache key from all of that and only then calls the compiled
+kernel's launcher: 25-40 us of host time per call on the benchmark VMs (perf/NOTES.md),
+more than a decode-sized grouped GEMM takes on the GPU. ``FastLauncher`` compiles once per
+key through Triton itself (``warmup``) and later calls go straight to the launcher.
+
+The key must decide everything Triton specializes on, so it is computed from the
+arguments themselves: a tensor contributes its dtype and whether its address is a
+multiple of 16, an integer its value (or, for a ``do_not_specialize`` integer such as the
+row count M, only whether it needs 64 bits), a tensor descriptor its dtype and block
+shape, and the constexprs and launch options their values. Triton's own launch path is
+used instead whenever a launch hook is set (profilers see every launch), under the
+interpreter, and for good once this Triton's launcher turns out to take other arguments.
+``MOE_LEARN_DIRECT_LAUNCH=0`` (or ``launcher.DIRECT = False``) turns the direct path off, for
+A/B runs; ``MOE_LEARN_CHECK_LAUNCH=1`` makes every direct launch ask Triton which kernel it would
+have used and fail if it is not the cached one (the GPU test suite runs with it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+
+from moe_learn.device import INTERPRETER
+
+try:  # Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: no TMA path, nothing to key on
+    TensorDescriptor = None
+
+DIRECT = os.environ.get("MOE_LEARN_DIRECT_LAUNCH", "1") not in ("", "0")
+_INT32 = range(-(2**31), 2**31)
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
+def _hooks_set() -> bool:
+    """Whether a launch hook is installed (a profiler): those run only on Triton's own path."""
+    if _RUNTIME is None:
+        return True  # an older Triton: take its own path, which knows its hooks
+    enter, exit_ = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    # a HookChain with calls (newer Triton) or a plain callable (older)
+    return bool(getattr(enter, "calls", enter) or getattr(exit_, "calls", exit_))
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _arg_key(arg, loose: bool):
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return arg not in _INT32 if loose else arg
+    if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+        return arg.base.dtype, tuple(arg.block_shape), len(arg.shape)
+    return type(arg), arg  # None, bool, float
+
+
+class FastLauncher:
+    """``fn[grid](*args, **constexprs, **options)``, compiled once per key, launched directly after.
+
+    ``args`` are the kernel's runtime parameters in order; the constexprs must be the
+    parameters after them (the launcher takes every parameter, constexprs included).
+    """
+
+    _direct_ok = True  # False once a Triton's launcher refused our call: its own path from then on
+
+    def __init__(self, fn):
+        self.fn = fn
+        # which integers Triton keys on only by width (the interpreter's functions have no params)
+        self.loose = tuple(p.do_not_specialize for p in getattr(fn, "params", ()))
+        self.cache: dict[tuple, tuple] = {}
+        self.check = os.environ.get("MOE_LEARN_CHECK_LAUNCH", "0") not in ("", "0")
+
+    def key(self, args, constexprs, options, device: int) -> tuple:
+        return (device, *map(_arg_key, args, self.loose), *constexprs.values(), *options.values())
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
+        if INTERPRETER or not DIRECT or not FastLauncher._direct_ok or _hooks_set():
+            self.fn[grid](*args, **constexprs, **options)
+            return
+        device = _current_device()  # where Triton would launch: the current device and stream
+        key = self.key(args, constexprs, options, device)
+        entry = self.cache.get(key)
+        if entry is None:
+            entry = self.cache[key] = self._compile(args, constexprs, options)
+        kernel, ordered = entry
+        if self.check:
+            chosen = self.fn.warmup(*args, **constexprs, **options, grid=grid)
+            if chosen is not kernel:
+                raise AssertionError(f"{self._name()}: the launch key {key} maps to another compiled kernel "
+                                     "than Triton would pick; the key misses something Triton specializes on")
+        stream = _current_stream(device)
+        grid = (*grid, 1, 1)
+        try:
+            kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                       *args, *ordered)
+        except (TypeError, AttributeError) as exc:  # another Triton's launcher interface: its own path from now on
+            FastLauncher._direct_ok = False
+            warnings.warn(f"moe_learn: launching {self._name()} directly failed ({exc}); every kernel now takes "
+                          "Triton's own launch path, which costs more host time per call", stacklevel=2)
+            self.fn[grid[:3]](*args, **constexprs, **options)
+
+    def _name(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+    def _compile(self, args, constexprs, options) -> tuple:
+        names = self.fn.arg_names[len(args):]
+        trailing_constexprs = all(p.is_constexpr for p in self.fn.params[len(args):])
+        if sorted(names) != sorted(constexprs) or not trailing_constexprs:
+            raise TypeError(f"{self._name()}: the parameters after the runtime arguments must be exactly the "
+                            f"constexprs; got {sorted(constexprs)}, the kernel has {names}")
+        kernel = self.fn.warmup(*args, **constexprs, **options, grid=(1,))
+        kernel._init_handles()
+        return kernel, [constexprs[name] for name in names]

@@ -1,0 +1,160 @@
+"""Host time per call of the decode-sized grouped GEMM and experts, against torch._grouped_mm.
+
+    PYTHONPATH=$PWD python3 perf/host_overhead.py [$OUT/host.json]     # on a GPU
+    PYTHONPATH=$PWD python3 perf/host_overhead.py --stub               # on a CPU: our Python alone
+
+GPU: each row times back-to-back eager calls (no sync in between) with a host clock, so
+``host us/call`` is what the CPU spends per call, and a CUDA graph replay of the same call
+gives the GPU time. An eager decode step costs max(host, GPU): the target (issue #15) is
+host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours through the direct
+launch (``launcher.DIRECT``), ours through Triton's own launch, ``torch._grouped_mm``.
+
+--stub (no GPU): the compiled kernel's launcher is replaced by a no-op and the direct path
+is forced on, so the time is our wrapper's Python (checks, key, descriptors, allocation)
+without the launcher itself (Triton's C launcher adds a few us on a GPU). The experts rows
+then also include the CPU doing the SwiGLU and the sum over the k slots for real.
+"""
+
+from __future__ import annotations
+
+import importlib
+import functools
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import moe_learn  # noqa: F401  (interpreter on CPU)
+from moe_learn.kernels import autotune, launcher
+
+gg = importlib.import_module("moe_learn.kernels.grouped_gemm")  # the module (the package exports the function)
+hopper = importlib.import_module("moe_learn.kernels.grouped_gemm_hopper")
+experts = importlib.import_module("moe_learn.layers.experts")
+
+CALLS = 2000
+# (name, E, H, I, top-k, tokens): gpt-oss-120b and Qwen3-30B-A3B decode
+CASES = [("gpt-oss-120b", 128, 2880, 2880, 4, 1), ("gpt-oss-120b", 128, 2880, 2880, 4, 64),
+         ("qwen3-30b-a3b", 128, 2048, 768, 8, 1)]
+
+
+def host_us(fn, calls=CALLS, batches=20) -> float:
+    """Median over ``batches`` of the mean host time per call in back-to-back calls (robust to a busy host)."""
+    for _ in range(50):
+        fn()
+    sync()
+    per_call = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls // batches):
+            fn()
+        per_call.append((time.perf_counter() - start) / (calls // batches) * 1e6)
+    sync()
+    return statistics.median(per_call)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def graph_us(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def stub_the_launch():
+    """Force the direct path and make the compiled kernel's launch a no-op (CPU: measures our Python)."""
+
+    class NoKernel:
+        function = packed_metadata = None
+
+        def run(self, *args):
+            pass
+
+    launcher.INTERPRETER = False
+    launcher._current_device = lambda: 0
+    launcher._current_stream = lambda device: 0
+    launcher.FastLauncher._compile = lambda self, args, constexprs, options: (
+        NoKernel(), [constexprs[n] for n in self.fn.arg_names[len(args):]])
+    # on a GPU the bucket is tuned on the first call; here: the first candidate, cached the same way
+    hopper.autotune_enabled = lambda X: True
+    hopper.choose_config = lambda key, configs, run: autotune.TUNED.setdefault(key, dict(configs[0]))
+
+
+def cases(device, dtype):
+    from moe_learn.bench.cases import route
+
+    for name, E, H, I, k, T in CASES:  # noqa: E741
+        weights, ids = route(T, E, k, seed=0, device=device)
+        counts, gather = experts.route_rows(ids, E)
+        x = torch.randn(T, H, device=device, dtype=dtype)
+        # real weights on a GPU; on the CPU (--stub) never-touched memory: only the host path runs
+        weight = (lambda *s: torch.randn(*s, device=device, dtype=dtype) * 0.02) if device == "cuda" else (
+            lambda *s: torch.empty(*s, dtype=dtype))
+        w1, w2 = weight(E, 2 * I, H), weight(E, H, I)
+        h = torch.randn(T * k, I, device=device, dtype=dtype)
+        y = torch.empty(T * k, H, device=device, dtype=dtype)
+        yield f"{name} T={T}", dict(x=x, w1=w1, w2=w2, h=h, y=y, counts=counts, gather=gather, weights=weights,
+                                    ids=ids, k=k)
+
+
+def calls(c, kernel):
+    """name -> zero-argument call, for one case."""
+    out = {
+        "grouped_gemm down (out=)": lambda: gg.grouped_gemm(c["h"], c["w2"], c["counts"], out=c["y"], kernel=kernel,
+                                                             validate=False),
+        "grouped_gemm down scatter+weights": lambda: gg.grouped_gemm(
+            c["h"], c["w2"], c["counts"], gather_indices=c["gather"], permute_y=True, topk_weights=c["weights"],
+            kernel=kernel, validate=False),
+        "grouped_gemm_trusted gate_up gather": lambda: gg.grouped_gemm_trusted(
+            c["x"], c["w1"], c["counts"], c["gather"], topk=c["k"], permute_x=True, kernel=kernel),
+        "experts (routing given)": lambda: experts.run_experts(c["x"], c["counts"], c["gather"], c["weights"],
+                                                               c["w1"], c["w2"]),
+        "moe_experts (ids in)": lambda: experts.moe_experts(c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
+    }
+    return out
+
+
+def main():
+    stub = "--stub" in sys.argv
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    on_gpu = torch.cuda.is_available() and not stub
+    if stub:
+        stub_the_launch()
+    device = "cuda" if on_gpu else "cpu"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    kernel = "auto" if on_gpu else "hopper"
+    rows = []
+    with torch.no_grad():
+        for case, c in cases(device, dtype):
+            offs = torch.cumsum(c["counts"], 0, dtype=torch.int32)
+            w2t = c["w2"].transpose(1, 2)
+            for name, fn in calls(c, kernel).items():
+                fn()  # compiles and tunes
+                row = {"case": case, "call": name, "host_us": host_us(fn)}
+                if on_gpu:
+                    launcher.DIRECT = False
+                    row["host_us_triton_launch"] = host_us(fn)
+                    launcher.DIRECT = True
+                    row["graph_us"] = graph_us(fn)
+                rows.append(row)
+            if on_gpu:
+                gmm = functools.partial(torch._grouped_mm, c["h"], w2t, offs=offs)
+                rows.append({"case": case, "call": "torch._grouped_mm down", "host_us": host_us(gmm),
+                             "graph_us": graph_us(gmm)})
+    print(f"{'case':<26} {'call':<38} {'host us':>8} {'triton launch':>14} {'graph us':>9}")
+    for r in rows:
+        tri = f"{r['host_us_triton_launch']:.1f}" if "host_us_triton_launch" in r else "-"
+        graph = f"{r['graph_us']:.1f}" if "graph_us" in r else "-"
+        print(f"{r['case']:<26} {r['call']:<38} {r['host_us']:8.1f} {tri:>14} {graph:>9}")
+    if paths:
+        with open(paths[0], "w") as f:
+            json.dump({"stub": stub, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
