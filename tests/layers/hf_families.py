@@ -146,12 +146,18 @@ class EagerFails(Exception):
     """The tiny model does not build or run with transformers' own "eager" experts: not counted."""
 
 
-def compare(model_type: str) -> dict:
+class AlreadyCompared(Exception):
+    """The model type builds the same model class as one compared before."""
+
+
+def compare(model_type: str, seen: dict | None = None) -> dict:
     """Outputs and every parameter's gradient under "eager" and "moe_learn" (same weights, same input).
 
     Raises ``EagerFails`` when the tiny model does not build or run with "eager" (or has no
     experts module): such a family is left out of the comparison, not counted as ours failing.
+    ``seen`` maps model classes already compared to their model type (``AlreadyCompared``).
     """
+    seen = {} if seen is None else seen
     input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
     try:
         reference = build_tiny(model_type, "eager")
@@ -162,6 +168,9 @@ def compare(model_type: str) -> dict:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' own failure, reported with the family
         raise EagerFails(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    if type(reference).__name__ in seen:  # a multimodal type whose language model was compared already
+        raise AlreadyCompared(f"builds {type(reference).__name__}, compared as {seen[type(reference).__name__]}")
+    seen[type(reference).__name__] = model_type
     ours = copy.deepcopy(reference)
     ours.set_experts_implementation("moe_learn")
     out, grads = _run(ours, input_ids)
@@ -185,10 +194,12 @@ def sweep(path: str) -> None:
     transformers.logging.set_verbosity_error()
     from moe_learn.layers.hf import UnsupportedExperts
 
-    results = {}
+    results, seen = {}, {}
     for model_type in families():
         try:
-            results[model_type] = {"status": "compared", **compare(model_type)}
+            results[model_type] = {"status": "compared", **compare(model_type, seen)}
+        except AlreadyCompared as exc:
+            results[model_type] = {"status": "same model", "why": str(exc)}
         except EagerFails as exc:
             results[model_type] = {"status": "eager fails", "why": str(exc)}
         except UnsupportedExperts as exc:

@@ -99,3 +99,27 @@ def test_experts_forward_and_backward_capture_in_a_cuda_graph():
     torch.cuda.synchronize()
     for got, want in zip(captured, run(), strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_no_host_sync_in_forward_or_backward():
+    """torch.cuda's sync debug mode raises at any device->host copy: forward and backward make none."""
+    T, H, I, E, k = 96, 64, 32, 8, 2
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    logits = torch.randn(T, E, device="cuda", requires_grad=True)
+    w1 = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(torch.bfloat16).requires_grad_()
+    w2 = (torch.randn(E, H, I, device="cuda") / I**0.5).to(torch.bfloat16).requires_grad_()
+
+    def step():
+        weights, ids, *_ = fused_routing(logits, k)
+        out = moe_experts(x, ids, weights, w1, w2)
+        torch.autograd.grad(out.float().square().sum(), [x, logits, w1, w2])
+
+    step()  # the first call compiles and autotunes (which times candidates: that syncs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

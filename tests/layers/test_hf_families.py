@@ -54,7 +54,7 @@ def test_every_family_matches_eager_or_is_refused_clearly(results):
 
 
 def test_at_least_90_percent_of_the_families_that_build_run_on_moe_learn(results):
-    built = [n for n, r in results.items() if r["status"] != "eager fails"]
+    built = [n for n, r in results.items() if r["status"] not in ("eager fails", "same model")]
     matched = [n for n in built if _matches(results[n])]
     assert len(built) >= 40, f"only {len(built)} families built tiny: the tiny configs broke ({results})"
     assert len(matched) >= 0.9 * len(built), f"{len(matched)}/{len(built)} families match"
