@@ -95,6 +95,8 @@ def check_gather_indices(gather_indices: torch.Tensor, length: int) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
+    for name, value in tensors.items():
+        check_tensor(name, value)
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())

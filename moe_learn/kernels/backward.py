@@ -22,7 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_learn.validation import check_integer, check_m_sizes, check_positive_int, check_same_device, check_tensor
+from moe_learn.validation import (
+    check_gather_indices,
+    check_integer,
+    check_m_sizes,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 
 _INT32_MAX = 2**31 - 1
 
@@ -135,6 +142,8 @@ def grouped_gemm_dw(
     """
     check_tensor("X", X, ndim=2)
     check_tensor("dY", dY, ndim=2)
+    check_tensor("m_sizes", m_sizes, ndim=1)
+    check_integer("m_sizes", m_sizes)
     check_same_device(X=X, dY=dY, m_sizes=m_sizes)
     check_positive_int("topk", topk)
     if X.dtype != dY.dtype:
@@ -144,8 +153,6 @@ def grouped_gemm_dw(
     num_experts = m_sizes.numel()
     if validate is None:
         validate = X.device.type == "cpu"
-    if validate:
-        check_m_sizes(m_sizes, num_experts, M)
     if permute_x:
         if gather_indices is None:
             raise ValueError("permute_x=True needs gather_indices (from get_routing_indices)")
@@ -159,6 +166,10 @@ def grouped_gemm_dw(
             )
     elif X.shape[0] != M:
         raise ValueError(f"X has {X.shape[0]} rows but dY has {M}; both must be in expert order")
+    if validate:
+        check_m_sizes(m_sizes, num_experts, M)
+        if permute_x:
+            check_gather_indices(gather_indices, M)
     shape = (num_experts, N, K) if transpose else (num_experts, K, N)
     if out is None:
         out = X.new_empty(shape)
