@@ -528,3 +528,21 @@ def test_zero_tokens_still_give_every_input_a_gradient(backend):
     block = MoEBlock(8, 4, 4, 2, backend=backend)
     block(torch.randn(0, 8)).sum().backward()
     assert all(p.grad is not None for p in block.parameters())
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_float64_backward_is_float64_accurate(transpose):
+    """Issue 13 item 7: the torch backend's SwiGLU backward and routing-weight gradient ran in float32 (~1e-7)."""
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]])
+    x, w = randn(5, 6, seed=1, dtype=torch.float64), randn(5, 2, seed=2, dtype=torch.float64).abs()
+    W1, W2 = randn(3, 8, 6, seed=3, dtype=torch.float64), randn(3, 6, 4, seed=4, dtype=torch.float64)
+    if not transpose:
+        W1, W2 = W1.transpose(1, 2).contiguous(), W2.transpose(1, 2).contiguous()
+    inputs = [t.clone().requires_grad_() for t in (x, w, W1, W2)]
+    ref_inputs = [t.clone().requires_grad_() for t in (x, w, W1, W2)]
+    out = moe_experts(inputs[0], ids, *inputs[1:], transpose=transpose, backend="torch")
+    ref = ref_moe(ref_inputs[0], ids, *ref_inputs[1:], transpose=transpose)
+    d_out = randn(5, 6, seed=5, dtype=torch.float64)
+    for name, g, r in zip(("d_hidden", "d_topk_weights", "d_gate_up", "d_down"), _grads(out, inputs, d_out),
+                          _grads(ref, ref_inputs, d_out), strict=True):
+        assert float((g - r).norm() / r.norm()) < 1e-12, name

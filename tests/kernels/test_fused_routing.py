@@ -162,3 +162,20 @@ def test_the_issue_cases():
 def test_float64_logits_are_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"router_logits must be float32, float16 or bfloat16.*calculate_topk"):
         fused_routing(torch.randn(4, 8, dtype=torch.float64, device=DEVICE), 2)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fused_moe_forward_on_a_nan_token():
+    """Issue 13: a NaN token made fused_moe_forward fail deep in the interpreter (E=4): now NaN stays in its row."""
+    from moe_learn import fused_moe_forward
+
+    T, H, inter, E = 5, 8, 4, 4
+    x = torch.randn(T, H, device=DEVICE)
+    x[2, 3] = float("nan")
+    router = torch.randn(E, H, device=DEVICE)
+    W1 = torch.randn(E, 2 * inter, H, device=DEVICE) / H**0.5
+    W2 = torch.randn(E, H, inter, device=DEVICE) / inter**0.5
+    out = fused_moe_forward(x, router, W1, W2, 2)
+    assert out[2].isnan().all()
+    clean = [0, 1, 3, 4]
+    torch.testing.assert_close(out[clean], fused_moe_forward(x[clean], router, W1, W2, 2))
