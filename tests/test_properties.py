@@ -278,6 +278,7 @@ FLAGS = [  # (permute_x, permute_y, weighted)
 
 
 @FEW
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN and inf
 @given(case=gemm_cases(), flags=st.sampled_from(FLAGS), transpose=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16]), m_dtype=st.sampled_from([torch.int32, torch.int64]),
        x_layout=layouts, w_layout=layouts, g_layout=layouts, config=st.sampled_from([None, SMALL_TILES]),
@@ -291,6 +292,7 @@ HOPPER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "nu
 
 
 @settings(max_examples=15, deadline=None)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @given(case=gemm_cases(hopper=True), flags=st.sampled_from(FLAGS), dtype=st.sampled_from([torch.float32,
        torch.float16]), x_layout=st.sampled_from(["contiguous", "row_strided"]), special=st.sampled_from([None, "nan"]))
 def test_grouped_gemm_hopper(case, flags, dtype, x_layout, special):

@@ -286,7 +286,7 @@ def fused_routing(
     Returns (topk_weights [T, k] in the logits' dtype, topk_ids [T, k] int64,
     token_counts_by_expert [E] int32, gather_indices [T*k] int32, scatter_indices [T*k] int32).
     The same experts as ``calculate_topk``, also on NaN, inf and ties (the lower expert id
-    wins); the weights agree to float32 rounding, NaN where its are NaN. router_logits:
+    wins), and the same weights up to float32 rounding, NaN exactly where its are. router_logits:
     float32, float16 or bfloat16 (the kernel ranks in float32). ``cooperative`` (default:
     on a GPU) picks the grid-barrier version; ``False`` lets the last program of phase 1
     finish alone.
