@@ -50,14 +50,23 @@ def _grouped_gemm_tma_kernel(
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # The tile map, per expert: rows, first row, first tile (exclusive prefix sums).
+    # rows of the expert-ordered problem (and of Y): X's rows, or its tokens x TOP_K when gathered
+    if PERMUTE_X:
+        M = x_desc.shape[0] * TOP_K
+    else:
+        M = x_desc.shape[0]
+    # The tile map, per expert: rows, first row, first tile (exclusive prefix sums). Rows are
+    # clamped into [0, M) whatever m_sizes holds (validate=False skips the check): a negative
+    # size counts as 0 and no expert reaches past row M. Summed in int64, then int32 (TMA
+    # coordinates are 32-bit).
     offs_e = tl.arange(0, BLOCK_E)
-    # int32 whatever m_sizes holds: TMA coordinates must be 32-bit
-    sizes = tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    sizes = tl.maximum(tl.load(m_sizes_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int64), 0)
+    rows_through = tl.cumsum(sizes, axis=0)
+    row_begin = tl.minimum(rows_through - sizes, M).to(tl.int32)
+    sizes = tl.minimum(rows_through, M).to(tl.int32) - row_begin
     m_tiles = tl.cdiv(sizes, BLOCK_M)
     tile_end = tl.cumsum(m_tiles * num_n_tiles, axis=0)
     tile_begin = tile_end - m_tiles * num_n_tiles
-    row_begin = tl.cumsum(sizes, axis=0) - sizes
     num_tiles = tl.sum(m_tiles * num_n_tiles)
 
     for tile_id in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
@@ -73,8 +82,12 @@ def _grouped_gemm_tma_kernel(
         mask_m = offs_m < m_e
         rows = row_start + offs_m  # rows in expert order
         n0 = tile_n * BLOCK_N
+        if PERMUTE_X or PERMUTE_Y:
+            flat = tl.load(gather_ptr + rows, mask=mask_m, other=0)  # (token, slot) of each row
+            # an index outside [0, M) (unchecked with validate=False) drops its row
+            mask_m = mask_m & (flat >= 0) & (flat < M)
         if PERMUTE_X:  # gather token rows straight from X in token order
-            src = tl.load(gather_ptr + rows, mask=mask_m, other=0) // TOP_K
+            src = flat // TOP_K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if PERMUTE_X:
@@ -86,7 +99,7 @@ def _grouped_gemm_tma_kernel(
             acc = tl.dot(x, w.T, acc)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if PERMUTE_Y:  # each row goes back to its (token, slot) position
-            out_rows = tl.load(gather_ptr + rows, mask=mask_m, other=0)
+            out_rows = flat
         else:
             out_rows = rows
         if HAS_BIAS:  # bias [E, N] contiguous; added before the routing weight
@@ -210,7 +223,7 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     placeholder = m_sizes  # for pointers a variant never reads
     _grouped_gemm_tma_kernel[(programs,)](
         X, x_desc, w_desc, out, m_sizes,
-        gather_indices if gather_indices is not None else placeholder,
+        gather_indices.contiguous() if gather_indices is not None else placeholder,  # read at unit stride
         topk_weights.reshape(-1) if topk_weights is not None else placeholder,
         bias if bias is not None else placeholder,
         N, K, E, X.stride(0), out.stride(0),
