@@ -85,12 +85,12 @@ def require_written(exercise: str, name: str, out: torch.Tensor) -> None:
         return
     if unwritten.all():
         raise ExerciseUnfinished(
-            f"finish exercise {exercise} first: {name} is still NaN everywhere, so your kernel wrote nothing "
-            "(the stub's `pass`?). Its check cell says what is missing."
+            f"finish exercise {exercise} first: {name} is still NaN everywhere, so your kernel wrote nothing yet. "
+            "Its check cell above says what is missing."
         )
     raise ExerciseUnfinished(
         f"finish exercise {exercise} first: {int(unwritten.sum())} of {out.numel()} values of {name} were never "
-        "written (still NaN). Its check cell says which ones and why."
+        "written (still NaN). Its check cell above says which ones and why."
     )
 
 
@@ -108,7 +108,7 @@ def require_close(exercise: str, name: str, got: torch.Tensor, want: torch.Tenso
     raise ExerciseUnfinished(
         f"finish exercise {exercise} first: {name} differs from the reference in {int(bad.sum())} of {bad.numel()} "
         f"values (at {where}: got {got64[where].item():.4g}, expected {want64[where].item():.4g}); a kernel that "
-        "writes nothing leaves whatever the memory held. Its check cell says what is wrong."
+        "writes nothing leaves whatever the memory held. Its check cell above says what is wrong."
     )
 
 
