@@ -127,7 +127,7 @@ class _CellProgress:
 
     def __rich__(self) -> Text:  # re-rendered by the spinner several times a second
         seconds = time.monotonic() - self.started
-        return Text(f"{self.text}  {seconds:.0f} s (stopped at {self.timeout} s)", style="dim")
+        return Text(f"{self.text}  {seconds:.0f} s (limit {self.timeout} s)", style="dim")
 
     def notebook(self, path: Path) -> None:
         self.console.print(f"running {path.name} ...", style="dim")
