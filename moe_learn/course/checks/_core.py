@@ -197,8 +197,3 @@ def matching_mistake(got: torch.Tensor, mistakes: Iterable[tuple[str, torch.Tens
     candidates from being computed once one has matched.
     """
     return next((name for name, wrong in mistakes if torch.allclose(got.double(), wrong, rtol=rtol, atol=atol)), None)
-
-
-def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output buffer with NaN (or -1 for ints) so unwritten entries show up."""
-    return t.fill_(float("nan") if t.dtype.is_floating_point else -1)
