@@ -21,8 +21,8 @@ from moe_learn import (
     device,  # noqa: F401  (must come first: sets TRITON_INTERPRET)
 )
 from moe_learn.device import DEVICE, HAS_TRITON, ON_GPU
-from moe_learn.layers.blocks import FusedMoEBlock, MoEBlock, TorchMoEBlock, load_balancing_loss
 from moe_learn.layers import hf
+from moe_learn.layers.blocks import FusedMoEBlock, MoEBlock, TorchMoEBlock, load_balancing_loss
 from moe_learn.layers.experts import fused_moe_experts, fused_moe_forward, moe_experts
 from moe_learn.ops.grouped_gemm import torch_grouped_gemm, torch_grouped_gemm_dw
 from moe_learn.ops.moe import moe_experts_torch, moe_forward_torch, swiglu

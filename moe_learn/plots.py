@@ -26,6 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
+from matplotlib.transforms import ScaledTranslation
 
 from moe_learn.ops.routing import get_routing_indices
 from moe_learn.validation import check_index_range, check_integer, check_positive_int, check_tensor
@@ -359,6 +360,9 @@ def tile_schedule_plot(
     palette = expert_colors(max(t[key] for t in tiles) + 1)
     longest = max(rows, cols, 1)
     fig, ax = _new_axes(ax, (3.5 + 4.5 * cols / longest, 2.0 + 3.5 * rows / longest))
+    # A label needs about 9 points of height: thinner tiles (an expert with a row or two) get none.
+    axes_points = 72 * fig.get_size_inches()[1] * ax.get_position().height
+    min_rows = 9 * max(rows, 1) / max(axes_points, 1)
     for t in tiles:
         width, height = t["col_end"] - t["col_start"], t["row_end"] - t["row_start"]
         ax.add_patch(
@@ -371,7 +375,7 @@ def tile_schedule_plot(
                 alpha=0.85,
             )
         )
-        if len(tiles) <= 200:
+        if len(tiles) <= 200 and height >= min_rows:
             ax.text(
                 t["col_start"] + width / 2,
                 t["row_start"] + height / 2,
@@ -381,20 +385,38 @@ def tile_schedule_plot(
                 fontsize=7,
             )
     # Expert boundaries: where the last row of each expert lies (a tile never spans two experts).
-    expert_ends = {}
+    spans: dict[int, tuple[int, int]] = {}
     for t in tiles:
-        expert_ends[t["expert"]] = max(expert_ends.get(t["expert"], 0), t["row_end"])
-    for end in sorted(set(expert_ends.values()) - {rows}):
+        first, end = spans.get(t["expert"], (t["row_start"], t["row_end"]))
+        spans[t["expert"]] = (min(first, t["row_start"]), max(end, t["row_end"]))
+    for end in sorted({end for _, end in spans.values()} - {rows}):
         ax.axhline(end, color="black", linestyle="--", linewidth=1)
     ax.set_xlim(0, cols)
     ax.set_ylim(rows, 0)  # row 0 at the top, like a matrix
-    ax.set_xlabel("output column (N)")
+    # Each expert's name beside its rows; an expert with no rows has no tile, so no record:
+    # its id is missing between the others, and the x label names it.
+    if len(spans) <= 32:
+        names = ax.secondary_yaxis("right")
+        names.set_yticks([(a + b) / 2 for a, b in spans.values()], [f"expert {e}" for e in spans], fontsize=7)
+        names.tick_params(length=0)
+    empty = sorted(set(range(max(spans) + 1)) - set(spans))
+    listed = ", ".join(map(str, empty[:12])) + (", ..." if len(empty) > 12 else "")
+    no_rows = f"\nno rows, so no tiles: expert{'s' if len(empty) > 1 else ''} {listed}" if empty else ""
+    ax.set_xlabel("output column (N)" + no_rows)
     ax.set_ylabel("output row (tokens in expert order, M)")
     ax.set_title(title)
     legend_ids = sorted({t[key] for t in tiles})
-    if len(legend_ids) <= 16:
+    if len(legend_ids) <= 16 and key == "program":  # by expert, the names beside the rows say it
         handles = [Rectangle((0, 0), 1, 1, color=palette[k]) for k in legend_ids]
-        ax.legend(handles, [f"{key} {k}" for k in legend_ids], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        beside_names = ax.transAxes + ScaledTranslation(0.65, 0, fig.dpi_scale_trans)  # right of the expert names
+        ax.legend(
+            handles,
+            [f"{key} {k}" for k in legend_ids],
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1, 1),
+            bbox_transform=beside_names,
+        )
     return fig
 
 

@@ -34,8 +34,8 @@ def check_positive_int(name: str, value) -> None:
 
 
 def check_index_range(name: str, value: torch.Tensor, upper: int, what: str) -> None:
-    """Every entry of ``value`` must lie in [0, upper)."""
-    if value.numel() == 0:
+    """Every entry of ``value`` must lie in [0, upper). A meta tensor has no values to check."""
+    if value.numel() == 0 or value.is_meta:
         return
     lo, hi = int(value.min()), int(value.max())
     if lo < 0 or hi >= upper:
@@ -95,6 +95,8 @@ def check_gather_indices(gather_indices: torch.Tensor, length: int) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
+    for name, value in tensors.items():
+        check_tensor(name, value)
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())

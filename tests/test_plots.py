@@ -167,6 +167,26 @@ def test_tile_schedule_plot_draws_every_tile():
     assert [line.get_ydata()[0] for line in ax.get_lines()] == [5]  # the boundary between experts 0 and 2
 
 
+def test_tile_schedule_plot_names_the_experts_and_the_empty_ones():
+    from moe_learn.kernels import tile_schedule
+
+    records = tile_schedule(torch.tensor([5, 0, 37, 1, 0, 18]), 72, 16, 32, num_programs=4)
+    fig = plots.tile_schedule_plot(records, color_by="program")
+    ax = _labelled(fig, "Tile schedule")
+    (names,) = [child for child in ax.child_axes]  # the expert names beside the rows
+    assert [t.get_text() for t in names.get_yticklabels()] == ["expert 0", "expert 2", "expert 3", "expert 5"]
+    assert list(names.get_yticks()) == [2.5, 23.5, 42.5, 52.0]  # the middle of each expert's rows
+    assert ax.get_xlabel().endswith("no rows, so no tiles: experts 1, 4")
+    # Expert 3's one-row tiles are too thin for a label; every other tile has its own.
+    labelled = {t.get_text() for t in ax.texts}
+    label = {r: f"p{r.program}.{r.step}" for r in records}
+    thin = {label[r] for r in records if r.expert == 3}
+    assert thin and not thin & labelled
+    assert labelled == set(label.values()) - thin
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["program 0", "program 1", "program 2", "program 3"]
+
+
 def test_tile_schedule_plot_accepts_objects_and_names_a_missing_field():
     from collections import namedtuple
 

@@ -3,7 +3,7 @@
     moe-learn doctor              is everything installed, and does a Triton kernel run?
     moe-learn progress [CH]       run your notebooks/ and list every exercise: passed, failed, not started
     moe-learn hint CH.N           the next hint for an exercise (one more each time)
-    moe-learn reset CH            a fresh exercise notebook for a chapter (your copy is kept beside it)
+    moe-learn reset CH            a fresh exercise notebook for a chapter (yours is kept in notebooks/backups/)
     moe-learn bench [...]         benchmarks (on a GPU)
 
 Exit codes: 0 success (doctor: all OK; progress: every exercise passed), 1 not yet
@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -25,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moe_learn.course import notebook_build as nb_build
+from moe_learn.course import progress
 
 STATE_DIR_ENV = "MOE_LEARN_STATE_DIR"
 
@@ -111,12 +113,40 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- progress
 
 
-STATE_STYLE = {"passed": "green", "failed": "red", "not started": "yellow", "missing": "magenta"}
+STATE_STYLE = {"passed": "green", "failed": "red", "not started": "yellow", "not checked": "cyan", "missing": "magenta"}
+
+
+class _CellProgress:
+    """Shows which cell of which notebook runs: on a terminal one live line with a spinner and the
+    seconds it has run (so an endless loop shows at once), elsewhere (logs, CI) a line per cell."""
+
+    def __init__(self, console: Console, timeout: int):
+        self.console, self.timeout = console, timeout
+        self.status = None
+        self.text, self.started = "", time.monotonic()
+
+    def __rich__(self) -> Text:  # re-rendered by the spinner several times a second
+        seconds = time.monotonic() - self.started
+        return Text(f"{self.text}  {seconds:.0f} s (limit {self.timeout} s)", style="dim")
+
+    def notebook(self, path: Path) -> None:
+        self.console.print(f"running {path.name} ...", style="dim")
+
+    def cell(self, path: Path, index: int, label: str) -> None:
+        self.text, self.started = f"{path.name}: {label}", time.monotonic()
+        if not self.console.is_terminal:
+            self.console.print(f"  {label}", style="dim", highlight=False, markup=False)
+        elif self.status is None:
+            self.status = self.console.status(self)
+            self.status.start()
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
 
 
 def cmd_progress(args: argparse.Namespace) -> int:
-    from moe_learn.course import progress
-
     notebooks = _existing_dir(
         Path(args.notebooks) if args.notebooks else default_notebooks_dir(), "notebooks", "--notebooks"
     )
@@ -135,15 +165,16 @@ def cmd_progress(args: argparse.Namespace) -> int:
         _console().print("No exercises are defined yet: nothing to check.")
         return 0
 
+    if args.timeout < 1:
+        raise UsageError(f"--timeout must be at least 1 second, got {args.timeout}")
     out = _console()
-    err = _console(stderr=True)
-    statuses = progress.course_progress(
-        exercises,
-        notebooks,
-        solutions,
-        timeout=args.timeout,
-        on_run=lambda path: err.print(f"running {path.name} ...", style="dim"),
-    )
+    shown = _CellProgress(_console(stderr=True), args.timeout)
+    try:
+        statuses = progress.course_progress(
+            exercises, notebooks, solutions, timeout=args.timeout, on_run=shown.notebook, on_cell=shown.cell
+        )
+    finally:
+        shown.stop()
     table = Table(title=f"Your progress ({notebooks})", title_justify="left")
     table.add_column("exercise", no_wrap=True)
     table.add_column("title")
@@ -157,8 +188,7 @@ def cmd_progress(args: argparse.Namespace) -> int:
     out.print(f"{counts['passed']}/{len(statuses)} passed ({summary}).")
     if counts["passed"] == len(statuses):
         return 0
-    nxt = next(s for s in statuses if not s.passed)
-    ex = nxt.exercise
+    ex = progress.next_exercise(statuses).exercise
     out.print(f"Next: exercise {ex.id} in notebooks/{ex.notebook}; stuck? `moe-learn hint {ex.id}`", soft_wrap=True)
     return 1
 
@@ -228,14 +258,24 @@ def _write_state(path: Path, state: dict[str, int]) -> None:
 # ---------------------------------------------------------------- reset
 
 
+BACKUPS = "backups"  # under notebooks/, git-ignored
+
+
 def backup_path(target: Path, now: datetime.datetime | None = None) -> Path:
-    """``02_x.ipynb`` -> ``02_x.backup-20250101-120000.ipynb`` beside it, never overwriting one."""
-    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    candidate = target.with_name(f"{target.stem}.backup-{stamp}{target.suffix}")
+    """``notebooks/02_routing_indices.ipynb`` -> ``notebooks/backups/02-2026-11-27-1042-routing_indices.ipynb``.
+
+    Chapter and date come first: JupyterLab's file browser cuts names after about 14
+    characters, and the backups must differ there (from each other, and from the notebook).
+    A second backup in the same minute gets ``-2``.
+    """
+    stamp = (now or datetime.datetime.now()).strftime("%Y-%m-%d-%H%M")
+    chapter, _, rest = target.name.partition("_")
+    folder = target.parent / BACKUPS
+    candidate = folder / f"{chapter}-{stamp}-{rest}"
     n = 1
     while candidate.exists():
         n += 1
-        candidate = target.with_name(f"{target.stem}.backup-{stamp}-{n}{target.suffix}")
+        candidate = folder / f"{chapter}-{stamp}-{n}-{rest}"
     return candidate
 
 
@@ -260,6 +300,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
                 out.print(f"{target} is already fresh; nothing to do.")
                 continue
             saved = backup_path(target)
+            saved.parent.mkdir(exist_ok=True)
             target.replace(saved)
             out.print(f"Saved your copy as {saved}")
         target.write_text(fresh, encoding="utf-8")
@@ -296,7 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("chapter", nargs="?", help="only this chapter, e.g. 02")
     p.add_argument("--notebooks", metavar="DIR", help="your exercise notebooks (default: ./notebooks)")
     p.add_argument("--solutions", metavar="DIR", help=argparse.SUPPRESS)  # where the stubs come from (tests)
-    p.add_argument("--timeout", type=int, default=600, metavar="S", help="seconds allowed per cell (default 600)")
+    p.add_argument(
+        "--timeout",
+        type=int,
+        default=progress.DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds a cell may run before it is stopped (default {progress.DEFAULT_TIMEOUT})",
+    )
     p.set_defaults(func=cmd_progress)
 
     p = sub.add_parser("hint", help="show the next hint for an exercise, e.g. `moe-learn hint 02.1`")
@@ -304,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset", action="store_true", help="start this exercise's hints again from the first")
     p.set_defaults(func=cmd_hint)
 
-    p = sub.add_parser("reset", help="write a fresh exercise notebook for a chapter (yours is kept beside it)")
+    p = sub.add_parser(
+        "reset", help="write a fresh exercise notebook for a chapter (yours is kept in notebooks/backups/)"
+    )
     p.add_argument("chapter", help="chapter number, e.g. 02")
     p.add_argument("--notebooks", metavar="DIR", help="your exercise notebooks (default: ./notebooks)")
     p.add_argument("--solutions", metavar="DIR", help=argparse.SUPPRESS)

@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.execute is not None:
-        paths = [Path(p) for p in args.execute] or sorted(SOLUTIONS.glob("*.ipynb"))
+        # a path, or a name in solutions/ ("09_backward.ipynb")
+        paths = [Path(p) if Path(p).exists() else SOLUTIONS / p for p in args.execute] or sorted(
+            SOLUTIONS.glob("*.ipynb"))
         execute_solutions(paths)
     for path in write_notebooks():
         print(f"wrote {path.relative_to(REPO)}")

@@ -7,10 +7,14 @@ passed. The solved notebooks serve only to tell an untouched stub from an attemp
 An exercise is
   * ``passed``       its check cell printed ``[PASS] CH.N`` and raised nothing;
   * ``failed``       its exercise or check cell raised (the first line of the message is kept),
-                     or the check printed no pass line;
+                     ran past the time limit (the cell is named), or the check printed no pass line;
   * ``not started``  its exercise cell still equals the stub the build writes, or the stub's
                      ``NotImplementedError`` reached the check;
+  * ``not checked``  the run stopped at an earlier cell (past the time limit, or the kernel died);
   * ``missing``      its notebook is not in ``notebooks/``.
+
+Each cell may run ``DEFAULT_TIMEOUT`` seconds (a check on a CPU takes a few); a cell that runs
+longer is stopped, so an endless loop costs two minutes, not ten per cell.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from pathlib import Path
 from moe_learn.course import notebook_build as nb_build
 from moe_learn.course.exercises import Exercise
 
-PASSED, FAILED, NOT_STARTED, MISSING = "passed", "failed", "not started", "missing"
+PASSED, FAILED, NOT_STARTED, NOT_CHECKED, MISSING = "passed", "failed", "not started", "not checked", "missing"
+DEFAULT_TIMEOUT = 120  # seconds per cell
 
 
 @dataclass(frozen=True)
 class ExerciseStatus:
     exercise: Exercise
-    state: str  # one of PASSED, FAILED, NOT_STARTED, MISSING
+    state: str  # one of PASSED, FAILED, NOT_STARTED, NOT_CHECKED, MISSING
     detail: str = ""
 
     @property
@@ -81,10 +86,41 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
-def execute_notebook(path: Path, timeout: int) -> dict:
-    """Run a copy of the notebook at ``path`` (the file is not modified); errors are kept as outputs."""
+def cell_label(nb: dict, index: int) -> str:
+    """How a learner finds a cell: its place as JupyterLab's status bar counts it, markdown
+    included, what it is (from its tags) and its first line: cell 8 of 23 (exercise 06.1: `def f(x):`)."""
+    cells = nb.get("cells", [])
+    cell = cells[index]
+    kinds = []
+    for tag in cell.get("metadata", {}).get("tags", []):
+        kind, _, ex = tag.partition("-")
+        if kind == "exercise":
+            kinds.append(f"exercise {ex}")
+        elif kind == "check":
+            kinds.append(f"the check of {ex}")
+    first = _first_line(nb_build.cell_source(cell))
+    first = f"`{first if len(first) <= 50 else first[:47] + '...'}`"
+    return f"cell {index + 1} of {len(cells)} ({': '.join([*kinds, first])})"
+
+
+class NotebookStopped(Exception):
+    """The run stopped at one cell (past the time limit, or the kernel died); ``notebook`` holds
+    the outputs of the cells before it."""
+
+    def __init__(self, label: str, why: str, index: int, notebook: dict):
+        super().__init__(f"{label} {why}")
+        self.label, self.index, self.notebook = label, index, notebook
+
+
+def execute_notebook(path: Path, timeout: int, on_cell=None) -> dict:
+    """Run a copy of the notebook at ``path`` (the file is not modified); errors are kept as outputs.
+
+    ``on_cell(index, label)`` is called as each code cell starts. A cell that runs longer than
+    ``timeout`` seconds, or a kernel that dies, raises :class:`NotebookStopped` naming the cell.
+    """
     import nbclient
     import nbformat
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
@@ -94,8 +130,25 @@ def execute_notebook(path: Path, timeout: int) -> dict:
         allow_errors=True,
         resources={"metadata": {"path": str(path.parent)}},
     )
-    # The kernel's own stderr holds only start-up chatter; cell output comes over its channels.
-    client.execute(env=kernel_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plain = json.loads(nbformat.writes(nb))
+    current = [0]
+
+    def started(cell, cell_index, **_):
+        current[0] = cell_index
+        if on_cell is not None:
+            on_cell(cell_index, cell_label(plain, cell_index))
+
+    client.on_cell_execute = started
+    try:
+        # The kernel's own stderr holds only start-up chatter; cell output comes over its channels.
+        client.execute(env=kernel_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (CellTimeoutError, DeadKernelError) as exc:
+        why = (
+            f"ran longer than {timeout} s and was stopped (an endless loop? `--timeout S` allows more)"
+            if isinstance(exc, CellTimeoutError)
+            else "killed the kernel (out of memory, or a crash in native code)"
+        )
+        raise NotebookStopped(cell_label(plain, current[0]), why, current[0], json.loads(nbformat.writes(nb))) from None
     return json.loads(nbformat.writes(nb))
 
 
@@ -174,17 +227,36 @@ def judge(nb: dict, exercise: Exercise, stubs: dict[str, list[str]] | None, exec
     return ExerciseStatus(exercise, FAILED, f"the check cell printed no [PASS] {exercise.id} line")
 
 
+def _cell_indices(nb: dict, exercise: Exercise) -> list[int]:
+    tags = (f"exercise-{exercise.id}", f"check-{exercise.id}")
+    return [i for i, c in enumerate(nb.get("cells", [])) if set(tags) & set(c.get("metadata", {}).get("tags", []))]
+
+
+def _judge_stopped(nb: dict, exercise: Exercise, stubs, stop: NotebookStopped) -> ExerciseStatus:
+    """An exercise of a notebook whose run stopped at cell ``stop.index``."""
+    if is_untouched(nb, exercise, stubs):
+        return judge(nb, exercise, stubs, executed=False)
+    cells = _cell_indices(nb, exercise)
+    if stop.index in cells:
+        return ExerciseStatus(exercise, FAILED, str(stop))
+    if not cells or max(cells) < stop.index:  # ran before the stop (or has no cells: judge says so)
+        return judge(stop.notebook, exercise, stubs, executed=True)
+    return ExerciseStatus(exercise, NOT_CHECKED, f"the run stopped before it, at {stop.label}")
+
+
 def notebook_progress(
     path: Path,
     exercises: list[Exercise],
     solutions: Path,
-    timeout: int = 600,
+    timeout: int = DEFAULT_TIMEOUT,
     on_run=None,
+    on_cell=None,
 ) -> list[ExerciseStatus]:
     """Statuses of ``exercises`` (all in the notebook at ``path``).
 
     The notebook is run only when some exercise differs from its stub: a notebook the
-    learner has not touched yet needs no kernel. ``on_run(path)`` is called before a run.
+    learner has not touched yet needs no kernel. ``on_run(path)`` is called before a run,
+    ``on_cell(path, index, label)`` as each of its code cells starts.
     """
     if not path.is_file():
         return [
@@ -201,26 +273,43 @@ def notebook_progress(
         return [judge(nb, ex, stubs, executed=False) for ex in exercises]
     if on_run is not None:
         on_run(path)
+    cell_hook = None if on_cell is None else (lambda index, label: on_cell(path, index, label))
     try:
-        executed = execute_notebook(path, timeout)
-    except Exception as exc:  # kernel died, timed out or would not start: say so for each exercise
+        executed = execute_notebook(path, timeout, cell_hook)
+    except NotebookStopped as stop:
+        return [_judge_stopped(nb, ex, stubs, stop) for ex in exercises]
+    except Exception as exc:  # the kernel would not start: say so for each exercise
         why = f"could not run {path.name}: {type(exc).__name__}: {_first_line(str(exc))}"
         return [ExerciseStatus(ex, FAILED, why) for ex in exercises]
     return [judge(executed, ex, stubs, executed=True) for ex in exercises]
+
+
+def course_order(exercise: Exercise) -> tuple[int, ...]:
+    return tuple(int(p) for p in exercise.id.split("."))
 
 
 def course_progress(
     exercises: Iterable[Exercise],
     notebooks: Path,
     solutions: Path,
-    timeout: int = 600,
+    timeout: int = DEFAULT_TIMEOUT,
     on_run=None,
+    on_cell=None,
 ) -> list[ExerciseStatus]:
-    """Statuses of all ``exercises``, one notebook run per chapter notebook, in id order."""
+    """Statuses of all ``exercises``, one notebook run per chapter notebook, in course order."""
     by_notebook: dict[str, list[Exercise]] = {}
-    for ex in sorted(exercises, key=lambda e: tuple(int(p) for p in e.id.split("."))):
+    for ex in sorted(exercises, key=course_order):
         by_notebook.setdefault(ex.notebook, []).append(ex)
     statuses: list[ExerciseStatus] = []
     for name, group in by_notebook.items():
-        statuses += notebook_progress(notebooks / name, group, solutions, timeout, on_run)
-    return statuses
+        statuses += notebook_progress(notebooks / name, group, solutions, timeout, on_run, on_cell)
+    return sorted(statuses, key=lambda s: course_order(s.exercise))
+
+
+def next_exercise(statuses: list[ExerciseStatus]) -> ExerciseStatus | None:
+    """Where to work next: the first exercise, in course order, that failed or is not started
+    (a failure before an untouched exercise comes first); else the first one not passed."""
+    ordered = sorted(statuses, key=lambda s: course_order(s.exercise))
+    return next((s for s in ordered if s.state in (FAILED, NOT_STARTED)), None) or next(
+        (s for s in ordered if not s.passed), None
+    )

@@ -42,6 +42,7 @@ def _grouped_gemm_dw_kernel(
     dw_ptr,  # output, element (e, n, k) at e*stride_dwe + n*stride_dwn + k*stride_dwk
     expert_offsets_ptr,  # [E + 1] int32/int64: rows of expert e are [offsets[e], offsets[e+1])
     gather_ptr,  # [M] gather indices (read only when PERMUTE_X)
+    M,  # rows of dY; bounds every row and index the kernel forms
     N,
     K,
     stride_xm,
@@ -63,8 +64,10 @@ def _grouped_gemm_dw_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
 
-    row_start = tl.load(expert_offsets_ptr + expert)
-    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    # Clamped into [0, M] whatever m_sizes held (validate=False skips the check): a negative
+    # size gives an empty range and no range reaches past dY's last row.
+    row_start = tl.minimum(tl.maximum(tl.load(expert_offsets_ptr + expert), 0), M)
+    row_end = tl.minimum(tl.maximum(tl.load(expert_offsets_ptr + expert + 1), row_start), M)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -83,7 +86,9 @@ def _grouped_gemm_dw_kernel(
         mask_m = offs_m < row_end
         if PERMUTE_X:
             # The forward read X[gather_indices[i] // topk]; so does its gradient.
-            x_rows = tl.load(gather_ptr + offs_m, mask=mask_m, other=0) // TOP_K
+            flat = tl.load(gather_ptr + offs_m, mask=mask_m, other=0)
+            mask_m = mask_m & (flat >= 0) & (flat < M)  # an index outside [0, M) drops its row
+            x_rows = flat // TOP_K
             if USE_INT64:
                 x_rows = x_rows.to(tl.int64)
         else:
@@ -235,6 +240,7 @@ def run_grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpo
         out,
         offsets,
         gather,
+        M,
         N,
         K,
         X.stride(0),

@@ -50,42 +50,47 @@ def _topk_block(
         logits_ptr + offs_t[:, None].to(tl.int64) * stride_t + offs_e[None, :],
         mask=t_mask[:, None] & e_mask[None, :], other=0.0,
     ).to(tl.float32)
-    x = tl.where(e_mask[None, :], x, float("-inf"))  # padded experts: never chosen
-    if PRE_ACT:
-        if USE_SIGMOID:
-            scores = tl.sigmoid(x)
-        else:
-            x_max = tl.max(x, axis=1)
-            p = tl.exp(x - x_max[:, None])
-            scores = p / tl.sum(p, axis=1)[:, None]
-        # padded experts must never win, whatever the activation made of -inf
-        scores = tl.where(e_mask[None, :], scores, float("-inf"))
-    else:
-        scores = x
+    is_nan = x != x
+    # The k rounds rank the logits as calculate_topk does (its docstring has the rules).
+    # The key is an int32 that orders like the floats (negatives get their magnitude bits
+    # flipped), with every NaN above +inf, -0.0 equal to +0.0 and padded experts below all.
+    # Integers make the max and the equality exact, with none of NaN's special cases.
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = tl.where(is_nan, 0x7FFFFFFF, tl.where(x == 0.0, 0, key))
+    key = tl.where(e_mask[None, :], key, -0x80000000)  # no real logit has this key
 
-    top_vals = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.float32)
+    top_keys = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.int32)
     top_ids = tl.zeros([BLOCK_T, TOP_K_PAD], dtype=tl.int32)
     picked = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(scores, axis=1)
-        # lowest expert id among equal scores, like a stable sort
-        idx = tl.min(tl.where(scores == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        best = tl.max(key, axis=1)
+        # lowest expert id among equal keys, like a stable sort
+        idx = tl.min(tl.where(key == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
         chosen = offs_e[None, :] == idx[:, None]
-        scores = tl.where(chosen, float("-inf"), scores)
-        top_vals = tl.where(offs_k[None, :] == j, best[:, None], top_vals)
+        key = tl.where(chosen, -0x80000000, key)  # below every real key: never chosen twice
+        top_keys = tl.where(offs_k[None, :] == j, best[:, None], top_keys)
         top_ids = tl.where(offs_k[None, :] == j, idx[:, None], top_ids)
         picked += chosen.to(tl.int32)
 
     # one reduction across tokens (and warps) for the histogram, after the k rounds
     hist = tl.sum(tl.where(t_mask[:, None], picked, 0), axis=0)
     k_mask = offs_k < TOP_K
-    if not PRE_ACT:  # activate only the k chosen logits (Llama 4, gpt-oss)
-        if USE_SIGMOID:
-            top_vals = tl.sigmoid(top_vals)
-        else:
-            v = tl.where(k_mask[None, :], top_vals, float("-inf"))
-            v = tl.exp(v - tl.max(v, axis=1)[:, None])
-            top_vals = v / tl.sum(v, axis=1)[:, None]
+    # the chosen logits back from their keys (the bit flip is its own inverse)
+    top_vals = (top_keys ^ ((top_keys >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    # Softmax maxima skip NaN explicitly (tl.max on NaN differs between GPU and interpreter);
+    # NaN still reaches the weights through exp and the sums, as in torch.softmax: a row
+    # holding NaN or +inf, or only -inf, is NaN throughout.
+    if USE_SIGMOID:  # elementwise: activating before or after the top-k is the same
+        top_vals = tl.sigmoid(top_vals)
+    elif PRE_ACT:  # softmax over all E experts, taken at the k chosen
+        x_max = tl.max(tl.where(is_nan | ~e_mask[None, :], float("-inf"), x), axis=1)
+        total = tl.sum(tl.where(e_mask[None, :], tl.exp(x - x_max[:, None]), 0.0), axis=1)
+        top_vals = tl.exp(top_vals - x_max[:, None]) / total[:, None]
+    else:  # softmax over the k chosen logits only (gpt-oss)
+        v_max = tl.max(tl.where(k_mask[None, :] & (top_vals == top_vals), top_vals, float("-inf")), axis=1)
+        v = tl.where(k_mask[None, :], tl.exp(top_vals - v_max[:, None]), 0.0)
+        top_vals = v / tl.sum(v, axis=1)[:, None]
     if RENORMALIZE:
         total = tl.sum(tl.where(k_mask[None, :], top_vals, 0.0), axis=1)
         top_vals = top_vals / total[:, None]
@@ -280,17 +285,24 @@ def fused_routing(
 
     Returns (topk_weights [T, k] in the logits' dtype, topk_ids [T, k] int64,
     token_counts_by_expert [E] int32, gather_indices [T*k] int32, scatter_indices [T*k] int32).
-    Among equal scores the lower expert id wins. ``cooperative`` (default: on a GPU) picks
-    the grid-barrier version; ``False`` lets the last program of phase 1 finish alone.
-    Differentiable (op ``moe_learn::fused_routing``): the weights' gradient reaches the logits
-    as through ``calculate_topk``.
+    The same experts as ``calculate_topk``, also on NaN, inf and ties (the lower expert id
+    wins), and the same weights up to float32 rounding, NaN exactly where its are. router_logits:
+    float32, float16 or bfloat16 (the kernel ranks in float32). ``cooperative`` (default:
+    on a GPU) picks the grid-barrier version; ``False`` lets the last program of phase 1
+    finish alone. Differentiable (op ``moe_learn::fused_routing``): the weights' gradient
+    reaches the logits as through ``calculate_topk``.
     """
     check_tensor("router_logits", router_logits, ndim=2)
     check_floating("router_logits", router_logits)
+    if router_logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # float64 logits that round to one float32 would tie here but not in calculate_topk
+        raise TypeError(f"router_logits must be float32, float16 or bfloat16, got {router_logits.dtype}; "
+                        "pass router_logits.float(), or route float64 logits with calculate_topk")
     check_positive_int("top_k", top_k)
     T, E = router_logits.shape
     if top_k > E:
-        raise ValueError(f"top_k={top_k} is larger than the number of experts ({E}); pass top_k <= {E}")
+        raise ValueError(f"top_k={top_k} is larger than the number of experts ({E}, the last dim of router_logits); "
+                         "pass top_k <= num_experts")
     for name, flag in (("use_sigmoid", use_sigmoid), ("renormalize", renormalize), ("pre_act", pre_act)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")

@@ -55,7 +55,7 @@ def _grouped_gemm_kernel(
     gather_ptr,  # [M] expert-order row -> flat (token, slot) index (PERMUTE_X / PERMUTE_Y)
     topk_weights_ptr,  # [T * TOP_K] routing weights, flat (token, slot) order (HAS_WEIGHTS)
     bias_ptr,  # [E, N] one bias row per expert, unit stride along N (HAS_BIAS)
-    M,  # rows of the expert-ordered problem (sum of m_sizes); a bound that keeps bad m_sizes in memory
+    M,  # rows of the expert-ordered problem (sum of m_sizes); bounds every row and index the kernel forms
     N,
     K,
     NUM_EXPERTS,
@@ -91,7 +91,9 @@ def _grouped_gemm_kernel(
     w_expert_ptr = w_ptr  # W[e]
     bias_expert_ptr = bias_ptr  # bias[e]
     for e in range(NUM_EXPERTS):
-        m_size = tl.load(m_sizes_ptr + e).to(tl.int32)
+        # Clamped so that every row stays in [0, M) whatever m_sizes holds (validate=False
+        # skips the check): a negative size counts as 0 and no expert reaches past row M.
+        m_size = tl.minimum(tl.maximum(tl.load(m_sizes_ptr + e), 0), M - row_start).to(tl.int32)
         num_m_tiles = tl.cdiv(m_size, BLOCK_M)
         tiles_end = tiles_before + num_m_tiles * num_n_tiles
         # An empty expert has no tiles: the loop body never runs.
@@ -108,11 +110,14 @@ def _grouped_gemm_kernel(
             offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_k = tl.arange(0, BLOCK_K)
             rows = row_start + offs_m  # expert-order rows
-            mask_m = (offs_m < m_size) & (rows < M)  # ragged last row block of the expert
+            mask_m = offs_m < m_size  # ragged last row block of the expert
             mask_n = offs_n < N
 
             if PERMUTE_X or PERMUTE_Y:
                 flat = tl.load(gather_ptr + rows, mask=mask_m, other=0)  # (token, slot) of each row
+                # an index outside [0, M) (unchecked with validate=False) drops its row: it is
+                # never used to read X, the routing weights or to write Y
+                mask_m = mask_m & (flat >= 0) & (flat < M)
             if PERMUTE_X:
                 x_rows = flat // TOP_K  # the token whose hidden state this row multiplies
             else:

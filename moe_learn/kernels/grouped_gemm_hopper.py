@@ -308,11 +308,12 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     # adds at most one ragged row block, so the tiles number at most this:
     max_tiles = (M + min(E, M) * (bm - 1)) // bm * -(-N // bn)  # (not triton.cdiv: a slow call on the host)
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
+    m_sizes = m_sizes.contiguous()  # read at unit stride, like the gather indices
     placeholder = m_sizes  # for pointers a variant never reads
     args = (X, x_desc, W, w_desc, out, m_sizes,
-            gather_indices if gather_indices is not None else placeholder,
+            gather_indices.contiguous() if gather_indices is not None else placeholder,  # read at unit stride
             topk_weights.reshape(-1) if topk_weights is not None else placeholder,
-            bias if bias is not None else placeholder,
+            bias.contiguous() if bias is not None else placeholder,
             N, K, E, X.stride(0), out.stride(0))
     constexprs = dict(
         TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs,

@@ -28,7 +28,7 @@ from torch import nn
 from moe_learn.layers.experts import check_backend, moe_experts
 from moe_learn.ops.moe import is_silu
 from moe_learn.ops.routing import calculate_topk
-from moe_learn.validation import check_positive_int, check_tensor
+from moe_learn.validation import check_index_range, check_integer, check_positive_int, check_tensor
 
 ROUTINGS = ("softmax", "sigmoid")
 
@@ -226,8 +226,18 @@ def load_balancing_loss(router_logits: torch.Tensor, topk_ids: torch.Tensor, num
     """
     check_tensor("router_logits", router_logits, ndim=2)
     check_positive_int("num_experts", num_experts)
+    check_tensor("topk_ids", topk_ids, ndim=2)
+    check_integer("topk_ids", topk_ids)
+    if router_logits.shape[1] != num_experts or topk_ids.shape[0] != router_logits.shape[0]:
+        raise ValueError(f"router_logits {tuple(router_logits.shape)} and topk_ids {tuple(topk_ids.shape)} must be "
+                         f"[T, E] and [T, k] with E = num_experts = {num_experts}")
+    if topk_ids.device.type == "cpu":  # a value check: on a GPU it would stall the device
+        check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
     probs = torch.softmax(router_logits.float(), dim=-1)
-    counts = torch.bincount(topk_ids.reshape(-1), minlength=num_experts).to(probs.dtype)
+    # (a scatter-add, not bincount: no device->host copy, and an id out of range cannot grow it)
+    flat = topk_ids.reshape(-1).long().clamp(0, num_experts - 1)
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=probs.dtype))
     fraction = counts / counts.sum().clamp_min(1)
     return num_experts * (fraction * probs.mean(dim=0)).sum()
 

@@ -38,7 +38,7 @@ import torch
 from moe_learn.ops.grouped_gemm import torch_grouped_gemm, torch_grouped_gemm_dw
 from moe_learn.ops.moe import swiglu, swiglu_backward
 from moe_learn.ops.permutation import permute, unpermute
-from moe_learn.ops.routing import expert_counts, gather_indices_by_expert
+from moe_learn.ops.routing import calculate_topk, expert_counts, gather_indices_by_expert
 from moe_learn.validation import check_index_range, check_moe_args, check_positive_int, check_tensor
 
 BACKENDS = ("triton", "torch")
@@ -53,6 +53,17 @@ def check_backend(backend) -> None:
 def effective_backend(backend: str, dtype: torch.dtype) -> str:
     """The Triton kernels take float32/float16/bfloat16; a float64 model runs the PyTorch GEMMs."""
     return "torch" if backend == "triton" and dtype not in TRITON_DTYPES else backend
+
+
+def drop_invalid(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int):
+    """Ids outside [0, E) contribute nothing: routed to a valid expert with weight 0 (no gradient there).
+
+    This is what unchecked ids mean on the paths that do not read values back to the host (a GPU,
+    torch.compile): never memory outside the tensors, never a contribution. transformers'
+    expert-parallel sentinels (ids >= E) are the case it is made for.
+    """
+    invalid = (topk_ids < 0) | (topk_ids >= num_experts)
+    return topk_ids.clamp(0, num_experts - 1), topk_weights.masked_fill(invalid, 0.0)
 
 
 def route_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,13 +235,16 @@ def run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_pro
                                   transpose, backend, config)
 
 
-def _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend):
+def _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend) -> bool:
+    """Check the arguments; True when the ids' range was checked too (CPU tensors, outside torch.compile)."""
     check_backend(backend)
     check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=transpose)
     # The ids' range is a value check (a device->host copy): on the CPU, outside torch.compile.
     if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
         num_experts = gate_up_proj.shape[0]
         check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
+        return True
+    return False
 
 
 def moe_experts(
@@ -253,9 +267,11 @@ def moe_experts(
     backend: "triton" (the course's kernels; a float64 model runs the PyTorch GEMMs) or
     "torch" (the PyTorch reference GEMMs).
     config: launch parameters for the Triton grouped GEMMs (``grouped_gemm``'s ``config``).
-    Expert ids are checked on CPU tensors; on a GPU (no host sync) they must lie in [0, E).
+    Expert ids outside [0, E) raise on CPU tensors; on a GPU or under torch.compile, where
+    checking them would read values back to the host, they contribute nothing.
     """
-    _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend)
+    if not _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend):
+        topk_ids, topk_weights = drop_invalid(topk_ids, topk_weights, gate_up_proj.shape[0])
     counts, gather_indices = route_rows(topk_ids, gate_up_proj.shape[0])
     return run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj,
                        transpose=transpose, backend=backend, config=config)
@@ -319,9 +335,13 @@ def fused_moe_forward(
     check_moe_args(x, x.new_zeros(x.shape[0], top_k, dtype=torch.long), x.new_zeros(x.shape[0], top_k),
                    gate_up_proj, down_proj)
     logits = x @ router_weight.T
-    weights, _, counts, gather_indices, _ = fused_routing(
-        logits, top_k, use_sigmoid=use_sigmoid, renormalize=renormalize, pre_act=pre_act
-    )
+    if x.dtype in TRITON_DTYPES:
+        weights, _, counts, gather_indices, _ = fused_routing(
+            logits, top_k, use_sigmoid=use_sigmoid, renormalize=renormalize, pre_act=pre_act
+        )
+    else:  # float64: the same routing in PyTorch (the kernel ranks in float32), and the reference GEMMs
+        weights, ids = calculate_topk(logits, top_k, use_sigmoid, renormalize, pre_act=pre_act, post_act=not pre_act)
+        counts, gather_indices = route_rows(ids, num_experts)
     out = run_experts(x, counts, gather_indices, weights, gate_up_proj, down_proj, config=config)
     return out.reshape(shape)
 

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from moe_learn.layers.experts import (
     check_backend,
+    drop_invalid,
     experts_with_activation,
     moe_experts,
     route_rows,
@@ -110,9 +111,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     ids = top_k_index
     # transformers' expert-parallel sentinels (ids >= E, and anything else out of range) contribute
     # nothing: routed to a valid expert with weight 0, and kept out of the router's gradient.
-    invalid = (ids < 0) | (ids >= num_experts)
-    ids = ids.clamp(0, num_experts - 1)
-    weights = weights.masked_fill(invalid, 0.0)
+    ids, weights = drop_invalid(ids, weights, num_experts)
     if w1.dtype != x.dtype:  # autocast may hand over fp32 activations with bf16 weights, as in grouped_mm
         x = x.to(w1.dtype)
     counts, gather_indices = route_rows(ids, num_experts)
@@ -328,7 +327,7 @@ def patch_model(model: nn.Module, *, backend: str = "triton") -> nn.Module:
         setattr(experts, _BACKEND_ATTR, backend)
     if not replaced and not switched:
         raise ValueError(
-            f"found no MoE layer to patch in {type(model).__name__}: no experts module uses transformers' experts "
+            f"found no MoE block to patch in {type(model).__name__}: no experts module uses transformers' experts "
             f"interface and no block is a Llama 4 text MoE ({', '.join(LLAMA4_BLOCKS)})"
         )
     return model

@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from moe_learn.ops.routing import calculate_topk
-from moe_learn.validation import check_floating, check_integer, check_positive_int, check_tensor
+from moe_learn.validation import (
+    check_floating,
+    check_index_range,
+    check_integer,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 
 RouterOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -197,6 +204,8 @@ def dense_router_scores(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_
     check_positive_int("num_experts", num_experts)
     if topk_ids.shape != topk_weights.shape:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must match")
+    check_same_device(topk_weights=topk_weights, topk_ids=topk_ids)
+    check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
     dense = topk_weights.new_zeros(topk_weights.shape[0], num_experts)
     return dense.scatter_(1, topk_ids.long(), topk_weights)
 

@@ -27,6 +27,13 @@ def calculate_topk(
     renormalize: divide the k weights by their sum so they add up to 1.
     Returns (topk_weights ``[T, k]`` in the input dtype, topk_ids ``[T, k]`` int64),
     each row sorted from the largest weight down.
+
+    Which experts, exactly (``fused_routing`` picks the same ones): experts are ranked by
+    their logits (softmax and sigmoid are increasing, so this is the order of the scores,
+    and scores that rounding made equal are told apart by their logits); NaN ranks above
+    every number, equal logits go to the lower expert id first, and an expert is picked at
+    most once per token. NaN and inf reach the weights as the activation makes them: a
+    softmax over a row holding NaN or +inf (or only -inf) is NaN everywhere, as in torch.
     """
     check_tensor("gating_output", gating_output, ndim=2)
     check_floating("gating_output", gating_output)
@@ -45,24 +52,28 @@ def calculate_topk(
     # Everything in (at least) float32, one cast at the end, as transformers does: a bf16
     # softmax over 128 experts loses the small probabilities and turns distinct scores into ties.
     logits32 = gating_output.to(torch.promote_types(gating_output.dtype, torch.float32))
+    # A stable descending sort, not torch.topk: topk leaves the winner among equal values
+    # unspecified, and the fused kernel must be able to pick the very same experts.
+    topk_ids = torch.sort(logits32, dim=-1, descending=True, stable=True).indices[:, :top_k]
     if pre_act:
-        topk_weights, topk_ids = torch.topk(_activate(logits32, use_sigmoid), top_k, dim=-1)
+        topk_weights = _activate(logits32, use_sigmoid).gather(-1, topk_ids)
     else:
-        topk_logits, topk_ids = torch.topk(logits32, top_k, dim=-1)
-        topk_weights = _activate(topk_logits, use_sigmoid)
+        topk_weights = _activate(logits32.gather(-1, topk_ids), use_sigmoid)
     if renormalize:
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
     return topk_weights.to(gating_output.dtype), topk_ids
 
 
 def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens per expert with ``torch.histc`` (bins of width 1 over [0, E)), as int32.
+    """Tokens per expert, as int32: one add of 1 per id into its expert's bin.
 
-    ``histc`` refuses integer tensors on the CPU, so the ids go through float32, which
-    holds every integer below 2**24 exactly. Bin e covers [e, e+1), so id e lands in it.
+    Chapter 02 counts with ``torch.histc`` on float ids; that is fine for the course's
+    sizes, but histc computes each bin in floating point, and on the CPU float32 ids
+    already land in the wrong bin from 4099 experts on. Integer adds are exact for any E,
+    need no device->host copy, and are deterministic on a GPU.
     """
-    counts = torch.histc(flat_ids.to(torch.float32), bins=num_experts, min=0, max=num_experts)
-    return counts.to(torch.int32)
+    ones = torch.ones_like(flat_ids, dtype=torch.int32)
+    return torch.zeros(num_experts, dtype=torch.int32, device=flat_ids.device).index_add_(0, flat_ids.long(), ones)
 
 
 def gather_indices_by_expert(flat_ids: torch.Tensor) -> torch.Tensor:

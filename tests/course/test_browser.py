@@ -302,6 +302,75 @@ def test_a_solved_notebook_shows_the_checks_pass(browser, lab):
         page.close()
 
 
+OFF_BY_ONE = "        if tile_id <= tiles_before + tiles:  # off by one\n"
+
+
+def _plant_off_by_one(root: Path) -> str:
+    """notebooks/06 with exercise 06.1 answered but for a `<=` (the kernel, 06.2, still a stub)."""
+    path = root / "notebooks" / "06_triton_grouped_gemm.ipynb"
+    nb = json.loads(path.read_text())
+    solved = json.loads((root / "solutions" / path.name).read_text())
+    tag = "exercise-06.1"
+    answer = next(c for c in solved["cells"] if tag in c["metadata"].get("tags", []))
+    lines = [line for line in nb_build.cell_source(answer).splitlines(keepends=True) if "### " not in line]
+    source = "".join(lines).replace("        if tile_id < tiles_before + tiles:\n", OFF_BY_ONE)
+    assert OFF_BY_ONE in source, "the solved 06.1 changed: update the planted bug"
+    next(c for c in nb["cells"] if tag in c["metadata"].get("tags", []))["source"] = source
+    path.write_text(json.dumps(nb))
+    return f"notebooks/{path.name}"
+
+
+def test_chapter_06_shows_its_figures_a_short_failure_and_what_is_unfinished(browser, lab):
+    """A learner's chapter 06 with a wrong 06.1 and no kernel yet: what each part of the page shows."""
+    page = run_all(browser, lab, _plant_off_by_one(lab[2]), "06_triton_grouped_gemm")
+    try:
+        outputs = page.locator(f"{PANEL} .jp-OutputArea-output")
+        # The tile schedule ("Read the picture") and the GROUP_M comparison both draw.
+        images = page.locator(f"{PANEL} .jp-OutputArea-output img")
+        assert images.count() >= 2, "chapter 06's two schedule figures"
+        _show(page, images.first, "06_triton_grouped_gemm-schedule")
+
+        failed = outputs.filter(has_text="CheckFailed: 06.1")
+        assert failed.count() == 1
+        text = failed.inner_text()
+        assert "likely mistake: tile_id == tiles_before + tiles_of_e is already the next expert's first tile" in text
+        assert "m_sizes=[4, 4, 4], num_n_tiles=1, BLOCK_M=4 (equal experts)" in text, "the case"
+        for leak in ("Traceback", "moe_learn/course/checks", "call_learner", "cdiv(m_sizes[e], BLOCK_M)"):
+            assert leak not in text, f"{leak!r} in what the learner sees:\n{text}"
+        assert len(text.strip().splitlines()) <= 6, text
+        assert "%tb verbose" in text
+        _show(page, failed, "06_triton_grouped_gemm-failed-check")
+
+        kernel = outputs.filter(has_text="CheckFailed: 06.2")
+        assert kernel.count() == 1 and "your kernel wrote nothing" in kernel.inner_text()
+        unfinished = outputs.filter(has_text="ExerciseUnfinished")
+        assert unfinished.count() >= 1 and "finish exercise 06.2 first" in unfinished.first.inner_text()
+        assert "relative error vs float64: nan" not in _outputs_text(page)
+        _show(page, unfinished.first, "06_triton_grouped_gemm-unfinished")
+
+        # The glossary link at "a CUDA graph" opens the glossary at its entry, far down the page.
+        # (JupyterLab may drop the #fragment while it first opens a notebook, showing its top,
+        # with the same links in its index; from then on a link lands on the entry.)
+        link = page.locator(f"{PANEL} .jp-RenderedMarkdown a:text-is('CUDA graph')").first
+        link.click()
+        page.locator(".lm-TabBar-tab.lm-mod-current:has-text('glossary.ipynb')").wait_for()
+        page.locator(".lm-TabBar-tab:has-text('06_triton_grouped_gemm')").click()
+        link.click()
+        page.wait_for_function(
+            """sel => {
+                const h = Array.from(document.querySelectorAll(sel + ' h3'))
+                    .find(e => e.textContent.startsWith('CUDA graph'));
+                const r = h && h.getBoundingClientRect();
+                return r && r.top >= 0 && r.top < 300;
+            }""",
+            arg=PANEL,
+        )
+        assert page.locator(".lm-TabBar-tab.lm-mod-current:has-text('glossary.ipynb')").count() == 1
+        page.screenshot(path=str(SCREENSHOTS / "glossary-CUDA-graph.png"))
+    finally:
+        page.close()
+
+
 def test_a_missing_browser_skips_or_fails_as_configured(monkeypatch, tmp_path):
     monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.delenv("MOE_LEARN_REQUIRE_BROWSER", raising=False)

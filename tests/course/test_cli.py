@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import types
 from pathlib import Path
@@ -141,6 +142,92 @@ def test_progress_reports_a_wrong_answer_with_the_checks_first_line(course, caps
     assert "0/2 passed (1 failed, 1 not started)" in out
 
 
+def test_progress_stops_an_endless_loop_and_names_its_cell(course, capsys):
+    learner = course.notebooks / FIXTURE_NB
+    _edit_exercise(learner, "90.1", "raise NotImplementedError", "return 2 * x  #")
+    _edit_exercise(learner, "90.2", "raise NotImplementedError", "while True:\n        pass  #")
+    limit = 20  # seconds: far above a fixture cell (importing torch on a busy machine), far below 600
+    started = time.monotonic()
+    assert _progress(course, "--timeout", str(limit)) == 1
+    assert time.monotonic() - started < 4 * limit, "one cell's time limit, not one per cell"
+    captured = capsys.readouterr()
+    assert "passed" in _row(captured.out, "90.1"), "the exercise before the endless loop is judged"
+    row = _row(captured.out, "90.2")
+    assert "failed" in row
+    assert "cell 6 of 6 (the check of 90.2: `from moe_learn.course.checks._core import call_...`) ran longer" in row
+    assert f"ran longer than {limit} s and was stopped (an endless loop? `--timeout S` allows more)" in row
+    assert "Next: exercise 90.2" in captured.out
+    # A sign of life for every cell as it starts (stderr is not a terminal here: one line each).
+    assert "running 90_fixture.ipynb" in captured.err
+    for label in ("cell 2 of 6 (`import moe_learn`)", "cell 3 of 6 (exercise 90.1: `def double(x):`)", "cell 6 of 6"):
+        assert label in captured.err
+
+
+def test_exercises_after_a_stopped_cell_are_not_checked():
+    """Where the run stopped decides: before it judged, at it failed (the cell named), after it not checked."""
+    nb = json.loads(nbformat.writes(_solved_notebook()))
+    ex1, ex2 = FIXTURE_EXERCISES["90.1"], FIXTURE_EXERCISES["90.2"]
+    pass_line = v4.new_output("stream", name="stdout", text="[PASS] 90.1 double: 3 cases\n")
+    ran = json.loads(nbformat.writes(_solved_notebook()))
+    ran["cells"][3]["outputs"] = [json.loads(json.dumps(pass_line))]
+    where = {3: ("failed", "not checked"), 4: ("passed", "failed"), 1: ("not checked", "not checked")}
+    for index, (first, second) in where.items():
+        label = progress.cell_label(nb, index)
+        stop = progress.NotebookStopped(label, "ran longer than 9 s", index, ran)
+        got = [progress._judge_stopped(nb, ex, None, stop) for ex in (ex1, ex2)]
+        assert [s.state for s in got] == [first, second], (index, got)
+        for status in got:
+            if status.state == "failed" and "ran longer" in status.detail:
+                assert status.detail == f"{label} ran longer than 9 s"
+            if status.state == "not checked":
+                assert status.detail == f"the run stopped before it, at {label}"
+    assert progress.cell_label(nb, 3).startswith("cell 4 of 6 (the check of 90.1: `from moe_learn.course")
+    assert progress.cell_label(nb, 0) == "cell 1 of 6 (`# 90 · a fixture chapter`)"
+
+
+def test_progress_timeout_must_be_positive(course, capsys):
+    assert _progress(course, "--timeout", "0") == 2
+    assert "--timeout must be at least 1 second" in capsys.readouterr().err
+
+
+def test_the_default_time_limit_is_short():
+    assert progress.DEFAULT_TIMEOUT <= 180
+    assert cli.build_parser().parse_args(["progress"]).timeout == progress.DEFAULT_TIMEOUT
+
+
+def test_next_is_the_first_failed_or_unstarted_exercise_in_course_order():
+    ex = {i: Exercise(id=f"90.{i}", notebook=FIXTURE_NB, title="t") for i in range(1, 12)}
+
+    def nxt(*states):
+        statuses = [progress.ExerciseStatus(ex[i], state) for i, state in states]
+        return progress.next_exercise(statuses).exercise.id
+
+    assert nxt((1, "passed"), (2, "failed"), (3, "not started")) == "90.2"
+    assert nxt((1, "passed"), (2, "not started"), (3, "failed")) == "90.2"
+    assert nxt((3, "not started"), (2, "failed"), (1, "passed")) == "90.2", "course order, not list order"
+    assert nxt((10, "not started"), (2, "failed")) == "90.2", "90.10 comes after 90.2"
+    assert nxt((1, "missing"), (2, "not checked"), (3, "failed")) == "90.3"
+    assert nxt((1, "passed"), (2, "missing")) == "90.2", "else the first one not passed"
+    assert progress.next_exercise([progress.ExerciseStatus(ex[1], "passed")]) is None
+
+
+def test_a_terminal_sees_one_live_line_with_the_seconds(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    shown = cli._CellProgress(Console(file=screen, force_terminal=True, width=200), timeout=120)
+    shown.cell(Path("06_x.ipynb"), 3, "cell 4 of 9 (exercise 06.1: `def f(x):`)")
+    time.sleep(0.3)
+    shown.cell(Path("06_x.ipynb"), 4, "cell 5 of 9 (the check of 06.1: `check(f)`)")
+    time.sleep(0.3)
+    shown.stop()
+    text = screen.getvalue()
+    assert "06_x.ipynb: cell 5 of 9 (the check of 06.1: `check(f)`)  0 s (limit 120 s)" in text
+    assert "\n  cell 4 of 9" not in text, "a terminal gets the live line, not a line per cell"
+
+
 def test_progress_says_which_notebook_is_missing(course, capsys):
     (course.notebooks / FIXTURE_NB).unlink()
     assert _progress(course) == 1
@@ -251,24 +338,43 @@ def test_reset_restores_the_build_and_keeps_the_learners_copy(course, capsys):
     assert cli.main(args) == 0
     assert "Saved your copy as" in capsys.readouterr().out
     assert learner.read_text() == nb_build.built_files(course.solutions)[FIXTURE_NB]
-    backups = list(course.notebooks.glob("90_fixture.backup-*.ipynb"))
+    backups = list((course.notebooks / "backups").glob("90-*-fixture.ipynb"))
     assert len(backups) == 1 and backups[0].read_text() == mine
     assert cli.main(args) == 0
     assert "already fresh" in capsys.readouterr().out
-    assert len(list(course.notebooks.glob("*.ipynb"))) == 2
+    assert [p.name for p in course.notebooks.glob("*.ipynb")] == [FIXTURE_NB], "backups stay out of the way"
+    # progress reads only the chapter notebooks, never a backup
+    assert cli.main(["progress", "--notebooks", str(course.notebooks), "--solutions", str(course.solutions)]) == 1
+    assert "not started" in _row(capsys.readouterr().out, "90.1")
     learner.unlink()
     assert cli.main(args) == 0 and learner.exists()
 
 
-def test_backup_names_never_collide(tmp_path):
+def test_backup_names_start_with_chapter_and_date_and_never_collide(tmp_path):
     import datetime
 
-    target = tmp_path / "02_x.ipynb"
-    now = datetime.datetime(2025, 1, 2, 3, 4, 5)
+    target = tmp_path / "02_routing_indices.ipynb"
+    now = datetime.datetime(2026, 11, 27, 10, 42, 5)
     first = cli.backup_path(target, now)
-    assert first.name == "02_x.backup-20250102-030405.ipynb"
+    assert first == tmp_path / "backups" / "02-2026-11-27-1042-routing_indices.ipynb"
+    first.parent.mkdir()
     first.write_text("{}")
-    assert cli.backup_path(target, now).name == "02_x.backup-20250102-030405-2.ipynb"
+    assert cli.backup_path(target, now).name == "02-2026-11-27-1042-2-routing_indices.ipynb"
+    # JupyterLab's file browser shows about 14 characters of a name: enough to tell them apart.
+    next_day = cli.backup_path(target, now + datetime.timedelta(days=1))
+    other = cli.backup_path(tmp_path / "03_permutation.ipynb", now)
+    shown = {path.name[:14] for path in (target, first, next_day, other)}
+    assert len(shown) == 4, shown
+
+
+def test_backups_are_git_ignored():
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    name = "notebooks/backups/02-2026-11-27-1042-routing_indices.ipynb"
+    result = subprocess.run(["git", "check-ignore", "-q", name], cwd=REPO, capture_output=True, timeout=30)
+    assert result.returncode == 0, f"{name} is not git-ignored"
+    result = subprocess.run(["git", "check-ignore", "-q", "notebooks/02_routing_indices.ipynb"], cwd=REPO, timeout=30)
+    assert result.returncode == 1, "the chapter notebooks themselves are tracked"
 
 
 def test_reset_unknown_chapter(course, capsys):

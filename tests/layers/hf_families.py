@@ -20,7 +20,8 @@ import moe_learn  # noqa: F401  (registers "moe_learn" with transformers once it
 SIZES = dict(
     hidden_size=32, intermediate_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=16,
     expert_intermediate_size=16, ffn_hidden_size=32, moe_ffn_hidden_size=16, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=64,
+    num_attention_heads=4, num_key_value_heads=4, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=96, max_position_embeddings=64,
     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
     moe_topk=2, moe_k=2, top_k=2, n_shared_experts=1, num_shared_experts=1, first_k_dense_replace=0,
     n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
@@ -56,14 +57,18 @@ def families() -> tuple[str, ...]:
 
 def _shrink(config) -> None:
     for key, value in SIZES.items():
-        if hasattr(config, key):
+        try:
+            if not hasattr(config, key):
+                continue
             current = getattr(config, key)
             if current is None and key in ("q_lora_rank", "kv_lora_rank"):
                 continue  # the family has no low-rank projection: keep it that way
-            try:
-                setattr(config, key, copy.copy(value))
-            except Exception:  # noqa: BLE001 - a read-only or validated field stays as it is
-                pass
+            setattr(config, key, copy.copy(value))
+        except Exception:  # noqa: BLE001 - a per-layer, read-only or validated field stays as it is
+            pass
+    if hasattr(config, "attn_layer_period"):  # Jamba: attention in layer 1, experts in every layer
+        config.attn_layer_period, config.attn_layer_offset = 2, 1
+        config.expert_layer_period, config.expert_layer_offset = 1, 0
     layers = getattr(config, "num_hidden_layers", None)
     for key in ("layer_types", "layers_block_type", "hybrid_override_pattern", "mlp_layer_types", "attn_layer_types"):
         value = getattr(config, key, None)
@@ -75,9 +80,11 @@ def _shrink(config) -> None:
                 setattr(config, key, pattern)
             except Exception:  # noqa: BLE001
                 pass
-    head_dim = getattr(config, "head_dim", None) or 8
     for key in ("rope_parameters", "rope_scaling"):
-        rope = getattr(config, key, None)
+        try:
+            rope, head_dim = getattr(config, key, None), getattr(config, "head_dim", None) or 8
+        except Exception:  # noqa: BLE001 - a per-layer attribute
+            continue
         if isinstance(rope, dict) and rope.get("mrope_section"):
             # multimodal rotary sections must add up to half the rotary dims: keep their number
             n, half = len(rope["mrope_section"]), head_dim // 2
@@ -135,15 +142,37 @@ def _run(model, input_ids):
     return hidden.detach(), grads
 
 
-def compare(model_type: str) -> dict:
-    """Outputs and every parameter's gradient under "eager" and "moe_learn" (same weights, same input)."""
-    reference = build_tiny(model_type, "eager")
-    if not experts_modules(reference):
-        raise LookupError(f"{model_type}: the tiny model has no experts module")
+class EagerFails(Exception):
+    """The tiny model does not build or run with transformers' own "eager" experts: not counted."""
+
+
+class AlreadyCompared(Exception):
+    """The model type builds the same model class as one compared before."""
+
+
+def compare(model_type: str, seen: dict | None = None) -> dict:
+    """Outputs and every parameter's gradient under "eager" and "moe_learn" (same weights, same input).
+
+    Raises ``EagerFails`` when the tiny model does not build or run with "eager" (or has no
+    experts module): such a family is left out of the comparison, not counted as ours failing.
+    ``seen`` maps model classes already compared to their model type (``AlreadyCompared``).
+    """
+    seen = {} if seen is None else seen
+    input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    try:
+        reference = build_tiny(model_type, "eager")
+        if not experts_modules(reference):
+            raise EagerFails("the tiny model has no experts module")
+        ref_out, ref_grads = _run(reference, input_ids)
+    except EagerFails:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers' own failure, reported with the family
+        raise EagerFails(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    if type(reference).__name__ in seen:  # a multimodal type whose language model was compared already
+        raise AlreadyCompared(f"builds {type(reference).__name__}, compared as {seen[type(reference).__name__]}")
+    seen[type(reference).__name__] = model_type
     ours = copy.deepcopy(reference)
     ours.set_experts_implementation("moe_learn")
-    input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
-    ref_out, ref_grads = _run(reference, input_ids)
     out, grads = _run(ours, input_ids)
     scale = lambda t: t.abs().max().clamp_min(1e-6).item()  # noqa: E731
     return {
@@ -152,3 +181,36 @@ def compare(model_type: str) -> dict:
         "grad": max((((grads[n] - g).abs().max()) / scale(g)).item() for n, g in ref_grads.items()),
         "same_grad_names": grads.keys() == ref_grads.keys(),
     }
+
+
+def sweep(path: str) -> None:
+    """Compare every family; write {family: result} as JSON to ``path`` (run in a child process)."""
+    import json
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    from moe_learn.layers.hf import UnsupportedExperts
+
+    results, seen = {}, {}
+    for model_type in families():
+        try:
+            results[model_type] = {"status": "compared", **compare(model_type, seen)}
+        except AlreadyCompared as exc:
+            results[model_type] = {"status": "same model", "why": str(exc)}
+        except EagerFails as exc:
+            results[model_type] = {"status": "eager fails", "why": str(exc)}
+        except UnsupportedExperts as exc:
+            results[model_type] = {"status": "refused", "why": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - ours failed: the test reports it
+            results[model_type] = {"status": "error", "why": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sweep(sys.argv[1])

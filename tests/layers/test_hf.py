@@ -131,7 +131,7 @@ def test_unpatch_restores_and_errors_are_clear():
         patch_model(model, backend="cuda")
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         patch_model("qwen3")
-    with pytest.raises(ValueError, match="found no MoE layer"):
+    with pytest.raises(ValueError, match="found no MoE block"):
         patch_model(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="Linear has no experts module"):
         fuse_moe_block(torch.nn.Linear(2, 2))
@@ -175,7 +175,8 @@ def test_expert_parallel_sentinels_contribute_nothing():
 def test_unservable_experts_are_refused_when_the_model_is_built():
     model = _init(_qwen3())
     experts = model.model.layers[0].mlp.experts
-    experts.gate_up_proj.data = experts.gate_up_proj.data.to(torch.int8)  # as a quantized checkpoint would be
+    # int8 weights, as a quantized checkpoint would hold them
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().to(torch.int8), requires_grad=False)
     with pytest.raises(UnsupportedExperts, match=r"qwen3_moe \(Qwen3MoeExperts\): gate_up_proj is torch.int8"):
         experts_layout(experts)
     with pytest.raises(UnsupportedExperts, match="gate_up_proj is torch.int8"):

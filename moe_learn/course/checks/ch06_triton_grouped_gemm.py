@@ -64,14 +64,54 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _reference_locate(tile_id: int, m_sizes: list[int], num_n_tiles: int, block_m: int):
+def _reference_locate(
+    tile_id: int, m_sizes: list[int], num_n_tiles: int, block_m: int, *, inclusive=False, floor=False, min_one=False
+):
+    """The right answer, or (with a flag set) what a known mistake computes."""
     before = 0
     for e, m in enumerate(m_sizes):
-        tiles = _cdiv(m, block_m) * num_n_tiles
-        if tile_id < before + tiles:
+        blocks = m // block_m if floor else _cdiv(m, block_m)
+        tiles = max(blocks, 1 if min_one else 0) * num_n_tiles
+        if tile_id < before + tiles or (inclusive and tile_id == before + tiles):
             local = tile_id - before
             return (e, local // num_n_tiles, local % num_n_tiles)
         before += tiles
+    return None
+
+
+# Known wrong answers to 06.1 and the cause each one names. A cause is named only when that
+# mistake reproduces every answer of the learner's on the failing case (one tile can agree by
+# chance: m // BLOCK_M and a forgotten num_n_tiles both shift a tile onto a later expert).
+LOCATE_MISTAKES = (
+    (
+        {"inclusive": True},
+        "tile_id == tiles_before + tiles_of_e is already the next expert's first tile: "
+        "the test is tile_id < tiles_before + tiles_of_e, not <= (an off-by-one)",
+    ),
+    (
+        {"floor": True},
+        "an expert with m rows has cdiv(m, BLOCK_M) row blocks: m // BLOCK_M forgets the partial last one",
+    ),
+    ({"min_one": True}, "an empty expert has no row blocks, hence no tiles: its count is cdiv(0, BLOCK_M) = 0"),
+)
+
+
+def _as_answer(got):
+    try:
+        return None if got is None else tuple(int(v) for v in got)
+    except (TypeError, ValueError):
+        return got  # not a tuple of ints: matches no mistake
+
+
+def _named_mistake(locate_tile, m_sizes: list[int], num_n: int, block_m: int, total: int) -> str | None:
+    """The cause of the known mistake that computes exactly what ``locate_tile`` does on this case."""
+    try:
+        answers = [_as_answer(locate_tile(t, list(m_sizes), num_n, block_m)) for t in range(total + 2)]
+    except Exception:
+        return None
+    for flags, cause in LOCATE_MISTAKES:
+        if answers == [_reference_locate(t, m_sizes, num_n, block_m, **flags) for t in range(total + 2)]:
+            return cause
     return None
 
 
@@ -112,7 +152,8 @@ def check_locate_tile(locate_tile) -> None:
                         ex,
                         f"tile {tile_id} is past the last tile ({total} tiles in all) but you returned {got!r}; "
                         f"expected None. {setting}",
-                        "after the last expert there are no more tiles: return None",
+                        _named_mistake(locate_tile, m_sizes, num_n, block_m, total)
+                        or "after the last expert there are no more tiles: return None",
                     )
                 continue
             if got is None:
@@ -121,7 +162,8 @@ def check_locate_tile(locate_tile) -> None:
                     ex,
                     f"tile {tile_id} belongs to expert {e} (row block {tm}, column block {tn}) but you returned None. "
                     f"{setting}",
-                    "count cdiv(m, BLOCK_M) row blocks per expert (a partly full last block is a tile too)",
+                    _named_mistake(locate_tile, m_sizes, num_n, block_m, total)
+                    or "count cdiv(m, BLOCK_M) row blocks per expert (a partly full last block is a tile too)",
                 )
             try:
                 got_t = tuple(int(v) for v in got)
@@ -136,17 +178,20 @@ def check_locate_tile(locate_tile) -> None:
             span = f"row {lo}" if lo == hi else f"rows {lo}-{hi}"
             glob = f"row {row_start[e] + lo}" if lo == hi else f"rows {row_start[e] + lo}-{row_start[e] + hi}"
             rows = f"{span} of expert {e}, expert-order {glob}"
+            named = _named_mistake(locate_tile, m_sizes, num_n, block_m, total)
             if got_t[0] != e:
-                hint = (
-                    "an expert with m rows has cdiv(m, BLOCK_M) row blocks: m // BLOCK_M forgets the partial last one, "
-                    "and an empty expert has none"
+                hint = named or (
+                    "the tiles of the experts before this one are miscounted: expert e has "
+                    "cdiv(m_sizes[e], BLOCK_M) * num_n_tiles tiles, an empty one none"
                 )
                 fail(
                     ex,
                     f"tile {tile_id} covers {rows}, column block {tn}, but you said expert {got_t[0]}. {setting}",
                     hint,
                 )
-            if got_t[1:] == (tn, tm) or (got_t[1] != tm and got_t[2] != tn):
+            if named:
+                hint = named
+            elif got_t[1:] == (tn, tm) or (got_t[1] != tm and got_t[2] != tn):
                 hint = (
                     "inside an expert tiles go row block by row block: "
                     "tile_m = local // num_n_tiles, tile_n = local % num_n_tiles"
