@@ -17,8 +17,8 @@ then also include the CPU doing the SwiGLU and the sum over the k slots for real
 
 from __future__ import annotations
 
-import importlib
 import functools
+import importlib
 import json
 import statistics
 import sys

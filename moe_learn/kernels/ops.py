@@ -25,7 +25,7 @@ import torch
 
 from moe_learn.kernels.backward import run_grouped_gemm_dw
 from moe_learn.kernels.fused_routing import run_fused_routing
-from moe_learn.kernels.grouped_gemm import decode_config, grouped_gemm_trusted, run_grouped_gemm
+from moe_learn.kernels.grouped_gemm import decode_config, run_grouped_gemm
 
 Tensor = torch.Tensor
 
@@ -56,10 +56,8 @@ def _gemm_setup_context(ctx, inputs, output):
 
 def _gemm(X, W, m_sizes, gather=None, weights=None, bias=None, topk=1, permute_x=False, permute_y=False,
           transpose=True, config="", kernel="auto"):
-    # the backward's operands are consistent by construction: no checks; still the op when
-    # autograd must record it (a double backward) or torch.compile traces it
-    return grouped_gemm_trusted(X, W, m_sizes, gather, weights, bias, topk, permute_x, permute_y, transpose,
-                                decode_config(config), kernel)
+    return torch.ops.moe_learn.grouped_gemm(X, W, m_sizes, gather, weights, bias, topk, permute_x, permute_y,
+                                            transpose, config, kernel)
 
 
 def _gemm_backward(ctx, d_out):

@@ -197,7 +197,8 @@ def _check_run_args(hidden_states, counts, gather_indices, topk_weights, gate_up
     """What the GEMMs need to stay inside their tensors, in a few comparisons (this runs on every decode step)."""
     if hidden_states.ndim != 2 or topk_weights.ndim != 2 or gate_up_proj.ndim != 3 or down_proj.ndim != 3:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and topk_weights {tuple(topk_weights.shape)} "
-                         f"must be 2-D, gate_up_proj {tuple(gate_up_proj.shape)} and down_proj {tuple(down_proj.shape)} 3-D")
+                         f"must be 2-D, gate_up_proj {tuple(gate_up_proj.shape)} and down_proj "
+                         f"{tuple(down_proj.shape)} 3-D")
     tokens, hidden = hidden_states.shape
     experts, n1, k1 = gate_up_proj.shape if transpose else gate_up_proj.transpose(1, 2).shape
     experts2, n2, k2 = down_proj.shape if transpose else down_proj.transpose(1, 2).shape

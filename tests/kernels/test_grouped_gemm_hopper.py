@@ -32,54 +32,113 @@ def _routing(T, E, topk, empty=(), skew=None):
     return counts.to(DEVICE), gather.to(DEVICE)
 
 
+def _weights(E, N, K, dtype, transpose):
+    """[E, N, K] weights (the reference's layout) and the tensor the kernel gets: itself, or [E, K, N]."""
+    W = (torch.randn(E, N, K, device=DEVICE) / K**0.5).to(dtype)
+    return W, (W if transpose else W.transpose(1, 2).contiguous())
+
+
+@pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,E,topk,N,K,empty,skew", [
-    (37, 6, 2, 40, 72, (1, 4), None),  # ragged, two empty experts, N and K not multiples of a block
+    # ragged, two empty experts, N and K not multiples of a block ([E, K, N]: masked W loads)
+    (37, 6, 2, 40, 72, (1, 4), None),
     (1, 5, 1, 24, 40, (), None),  # one token
-    (29, 4, 3, 56, 48, (), 2),  # every token picks expert 2
+    (29, 4, 3, 56, 48, (), 2),  # every token picks expert 2 ([E, K, N]: W through TMA, K % 16 == 0)
     (64, 8, 1, 32, 64, (0, 7), None),  # sizes that are multiples of nothing in particular
 ])
-def test_all_fusions_match_float64(dtype, T, E, topk, N, K, empty, skew):
+def test_all_fusions_match_float64(dtype, T, E, topk, N, K, empty, skew, transpose):
+    """transpose=False reads W as [E, K, N], as the backward's dX does; the same fusions apply."""
     counts, gather = _routing(T, E, topk, empty, skew)
     X = torch.randn(T, K, device=DEVICE).to(dtype)
-    W1 = (torch.randn(E, N, K, device=DEVICE) / K**0.5).to(dtype)
-    W2 = (torch.randn(E, K, N, device=DEVICE) / N**0.5).to(dtype)
+    W1, W1_run = _weights(E, N, K, dtype, transpose)
+    W2, W2_run = _weights(E, K, N, dtype, transpose)
     weights = torch.rand(T, topk, device=DEVICE).to(dtype)
     M = T * topk
+    gemm = lambda *a, **kw: grouped_gemm(*a, kernel="hopper", config=TINY, transpose=transpose, **kw)  # noqa: E731
 
     # plain: X already in expert order; m_sizes as int64 (torch's default) must work too
     Xp = permute(X, gather, topk)
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)  # unwritten rows stay NaN
-    grouped_gemm(Xp, W1, counts.long(), out=out, kernel="hopper", config=TINY)
+    gemm(Xp, W1_run, counts.long(), out=out)
     ref = torch_grouped_gemm(Xp.double(), W1.double(), counts)
     assert relative_error(out, ref) <= BOUNDS[dtype]
 
     # gather in the prologue
     out1 = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-    grouped_gemm(X, W1, counts, gather_indices=gather, topk=topk, permute_x=True, out=out1, kernel="hopper",
-                 config=TINY)
+    gemm(X, W1_run, counts, gather_indices=gather, topk=topk, permute_x=True, out=out1)
     assert relative_error(out1, ref) <= BOUNDS[dtype]
 
     # scatter + routing weights in the epilogue
     out2 = torch.full((M, K), float("nan"), dtype=dtype, device=DEVICE)
-    grouped_gemm(out1, W2, counts, gather_indices=gather, topk=topk, permute_y=True, topk_weights=weights,
-                 out=out2, kernel="hopper", config=TINY)
+    gemm(out1, W2_run, counts, gather_indices=gather, topk=topk, permute_y=True, topk_weights=weights, out=out2)
     ref2 = unpermute(torch_grouped_gemm(ref, W2.double(), counts), gather) * weights.double().reshape(-1, 1)
     assert relative_error(out2, ref2) <= BOUNDS[dtype]
 
 
 def test_default_configs_run():
-    """Every tuning candidate (the H100's big tiles) on a small ragged problem."""
+    """Every tuning candidate (the H100's big tiles, the decode buckets' small ones) on a small ragged problem.
+
+    Candidates alternate between the two W layouts; K = 136 is a multiple of none of the
+    BLOCK_K values, so the [E, K, N] ones take the masked-load path for W.
+    """
     T, E, topk, N, K = 50, 4, 2, 72, 136
     counts, gather = _routing(T, E, topk, empty=(3,))
     dtype = DTYPES[0]
     X = torch.randn(T * topk, K, device=DEVICE).to(dtype)
-    W = torch.randn(E, N, K, device=DEVICE).to(dtype)
+    W, W_kn = _weights(E, N, K, dtype, False)
     ref = torch_grouped_gemm(X.double(), W.double(), counts)
-    for config in {tuple(sorted(c.items())) for _, group in CANDIDATES_BY_ROWS_PER_EXPERT for c in group}:
+    configs = sorted({tuple(sorted(c.items())) for _, group in CANDIDATES_BY_ROWS_PER_EXPERT for c in group})
+    for i, config in enumerate(configs):
+        transpose = i % 2 == 0
         out = torch.full((T * topk, N), float("nan"), dtype=dtype, device=DEVICE)
-        grouped_gemm(X, W, counts, out=out, kernel="hopper", config={**dict(config), "NUM_PROGRAMS": 2})
-        assert relative_error(out, ref) <= BOUNDS[dtype], config
+        grouped_gemm(X, W if transpose else W_kn, counts, out=out, kernel="hopper", transpose=transpose,
+                     config={**dict(config), "NUM_PROGRAMS": 2})
+        assert relative_error(out, ref) <= BOUNDS[dtype], (config, transpose)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_decode_sizes_every_tile_written(tokens):
+    """A token's k experts get a row each, most experts none; the small-M configs, and as many
+    programs as the host's tile bound allows (too small a bound would leave rows NaN)."""
+    E, topk, N, K = 16, 4, 48, 64
+    counts, gather = _routing(tokens, E, topk)
+    dtype = DTYPES[0]
+    X = torch.randn(tokens, K, device=DEVICE).to(dtype)
+    W, W_kn = _weights(E, N, K, dtype, False)
+    ref = torch_grouped_gemm(permute(X, gather, topk).double(), W.double(), counts)
+    for config, transpose in ((hopper.SMALL_M_BUCKETS[0][1][0], True), (hopper.SMALL_M_BUCKETS[1][1][0], False)):
+        out = torch.full((tokens * topk, N), float("nan"), dtype=dtype, device=DEVICE)
+        grouped_gemm(X, W if transpose else W_kn, counts, gather_indices=gather, topk=topk, permute_x=True, out=out,
+                     kernel="hopper", transpose=transpose, config={**config, "BLOCK_N": 16, "NUM_PROGRAMS": 10**6})
+        assert relative_error(out, ref) <= BOUNDS[dtype], (config, transpose)
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_non_finite_weights_stay_in_their_expert(transpose):
+    """A NaN in expert 1's weights makes only expert 1's outputs NaN: no tile reads past its expert.
+
+    K = 40 with BLOCK_K = 16: the last K step of expert 0 ends 8 rows short of the [E*K, N]
+    view's next expert; reading those rows (0 * NaN) would leak NaN into expert 0.
+    """
+    E, N, K = 3, 24, 40
+    counts = torch.tensor([5, 6, 4], dtype=torch.int32, device=DEVICE)
+    dtype = DTYPES[0]
+    X = torch.randn(15, K, device=DEVICE).to(dtype)
+    W, W_run = _weights(E, N, K, dtype, transpose)
+    W[1, 3, :2] = float("nan")
+    W_run = W if transpose else W.transpose(1, 2).contiguous()
+    out = grouped_gemm(X, W_run, counts, kernel="hopper", transpose=transpose, config=TINY)
+    ref = torch_grouped_gemm(X.double(), W.double(), counts)
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN exactly in expert 1's rows, column 3"
+    torch.testing.assert_close(out.double(), ref, rtol=BOUNDS[dtype], atol=BOUNDS[dtype], equal_nan=True)
+
+
+def test_decode_buckets_and_their_switch(monkeypatch):
+    assert pick_config(4, 128)["BLOCK_M"] == 16, "a token's rows: 16-row tiles"
+    assert pick_config(12 * 128, 128)["BLOCK_M"] == 32
+    monkeypatch.setattr(hopper, "SMALL_M", False)
+    assert pick_config(4, 128)["BLOCK_M"] == 128, "switched off: the 64-row bucket's default"
 
 
 def test_zero_rows():
@@ -96,10 +155,11 @@ def test_pick_config_buckets():
     assert all(c["FLATTEN"] for c in (pick_config(m, 8) for m in (1, 1000, 10**6)))
 
 
-def test_refusals_name_the_fix():
+def test_refusals_name_the_fix(monkeypatch):
     X = torch.randn(8, 24, device=DEVICE, dtype=DTYPES[0])
     m_sizes = torch.tensor([8, 0], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="transpose=True.*kernel='portable'"):
+    monkeypatch.setattr(hopper, "KN_LAYOUT", False)  # the A/B switch for the [E, K, N] layout
+    with pytest.raises(ValueError, match="transpose=False.*KN_LAYOUT.*kernel='portable'"):
         grouped_gemm(X, torch.randn(2, 24, 16, device=DEVICE, dtype=X.dtype), m_sizes, transpose=False,
                      kernel="hopper")
     with pytest.raises(ValueError, match="16-byte aligned"):  # K = 6: rows of 12 or 24 bytes
