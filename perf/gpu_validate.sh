@@ -16,5 +16,5 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rs tests solutions notebooks 2>&1 | tee "$OUT/pytest.log"
+MOE_LEARN_CHECK_LAUNCH=1 python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rs tests solutions notebooks 2>&1 | tee "$OUT/pytest.log"
 python3 -m moe_learn bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"

@@ -184,7 +184,7 @@ def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted, biased=Fals
 
 
 @functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
+def capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
@@ -194,7 +194,7 @@ def unsupported_reason(X: torch.Tensor, W: torch.Tensor, transpose: bool) -> str
         return "this Triton has no tensor descriptors (needs 3.4 or newer)"
     if not transpose and not KN_LAYOUT:
         return "reading W in the [E, K, N] layout (transpose=False) is switched off (grouped_gemm_hopper.KN_LAYOUT)"
-    if X.is_cuda and _capability(X.device.index)[0] < 9:
+    if X.is_cuda and capability(X.device.index)[0] < 9:
         return "TMA needs a Hopper (sm90) or newer GPU"
     experts, _, inner = W.shape
     if experts == 0:
@@ -275,7 +275,7 @@ def _descriptor_defaults() -> dict | None:
 _DESCRIPTOR_DEFAULTS = _descriptor_defaults()
 
 
-def _descriptor(base: torch.Tensor, shape: tuple, strides: tuple, block_shape: list):
+def tensor_descriptor(base: torch.Tensor, shape: tuple, strides: tuple, block_shape: list):
     """``TensorDescriptor(base, shape, strides, block_shape)`` without its per-call checks (~2 us each).
 
     Safe because ``unsupported_reason`` checked what they check (16-byte aligned base and
@@ -298,12 +298,12 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     w_tma = transpose or K % bk == 0
     if transpose:
-        w_desc = _descriptor(W, (E * N, K), (K, 1), [bn, bk])
+        w_desc = tensor_descriptor(W, (E * N, K), (K, 1), [bn, bk])
     elif w_tma:
-        w_desc = _descriptor(W, (E * K, N), (N, 1), [bk, bn])
+        w_desc = tensor_descriptor(W, (E * K, N), (N, 1), [bk, bn])
     else:
         w_desc = None
-    x_desc = _descriptor(X, (X.shape[0], K), (X.stride(0), 1), [bm, bk])
+    x_desc = tensor_descriptor(X, (X.shape[0], K), (X.stride(0), 1), [bm, bk])
     # more programs than tiles would only idle. At most min(E, M) experts have rows, and each
     # adds at most one ragged row block, so the tiles number at most this:
     max_tiles = (M + min(E, M) * (bm - 1)) // bm * -(-N // bn)  # (not triton.cdiv: a slow call on the host)

@@ -87,7 +87,7 @@ def _gemm_backward(ctx, d_out):
         d_sorted = d_rows.index_select(0, gather.long()) if permute_y else d_rows  # expert order
         if need_w:  # dW in W's own layout ([E, N, K] with transpose, else [E, K, N])
             d_w = torch.ops.moe_learn.grouped_gemm_dw(X, d_sorted, m_sizes, gather if permute_x else None, topk,
-                                                      permute_x, transpose, "")
+                                                      permute_x, transpose, "", "auto")
         if need_bias:
             expert_of_row = torch.repeat_interleave(
                 torch.arange(m_sizes.numel(), device=d_out.device), m_sizes.long().clamp_min(0), output_size=M)
@@ -106,19 +106,20 @@ grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup_cont
 @torch.library.custom_op("moe_learn::grouped_gemm_dw", mutates_args=())
 def grouped_gemm_dw_op(
     X: Tensor, dY: Tensor, m_sizes: Tensor, gather_indices: Tensor | None, topk: int, permute_x: bool,
-    transpose: bool, config: str,
+    transpose: bool, config: str, kernel: str,
 ) -> Tensor:
-    return run_grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpose, decode_config(config))
+    return run_grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpose, decode_config(config),
+                               kernel=kernel)
 
 
 @grouped_gemm_dw_op.register_fake
-def _(X, dY, m_sizes, gather_indices, topk, permute_x, transpose, config):
+def _(X, dY, m_sizes, gather_indices, topk, permute_x, transpose, config, kernel):
     E, N, K = m_sizes.shape[0], dY.shape[1], X.shape[1]
     return X.new_empty((E, N, K) if transpose else (E, K, N))
 
 
 def _dw_setup_context(ctx, inputs, output):
-    X, dY, m_sizes, gather, topk, permute_x, transpose, config = inputs
+    X, dY, m_sizes, gather, topk, permute_x, transpose, config, kernel = inputs
     ctx.save_for_backward(X, dY, m_sizes, gather)
     ctx.flags = (topk, permute_x, transpose)
 
@@ -136,7 +137,7 @@ def _dw_backward(ctx, g):
             d_x = d_x.view(X.shape[0], topk, X.shape[1]).sum(dim=1)
     if need_dy:
         d_dy = _gemm(X, g, m_sizes, gather, None, None, topk, permute_x, False, transpose)
-    return d_x, d_dy, None, None, None, None, None, None
+    return d_x, d_dy, None, None, None, None, None, None, None
 
 
 grouped_gemm_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup_context)

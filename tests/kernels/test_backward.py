@@ -1,9 +1,11 @@
-"""The weight-gradient kernel against one PyTorch matmul per expert."""
+"""The weight-gradient kernels (portable and Hopper) against one PyTorch matmul per expert."""
 
 import pytest
 import torch
 
 from moe_learn.device import DEVICE, ON_GPU
+from moe_learn.kernels import autotune
+from moe_learn.kernels import backward as bw
 from moe_learn.kernels.backward import grouped_gemm_dw
 from moe_learn.ops.grouped_gemm import torch_grouped_gemm_dw
 from moe_learn.ops.routing import get_routing_indices
@@ -30,11 +32,13 @@ def _rel(got, ref):
     return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("kernel", ["portable", "hopper"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("permute_x", [False, True])
 @pytest.mark.parametrize("transpose", [True, False])
-def test_dw_matches_per_expert_matmuls(dtype, permute_x, transpose):
-    # Ragged: 13 tokens x top-2 over 5 experts, expert 1 empty; N, K not multiples of 16.
+def test_dw_matches_per_expert_matmuls(dtype, permute_x, transpose, kernel):
+    # Ragged: 13 tokens x top-2 over 5 experts, expert 1 empty; N, K not multiples of 16
+    # (the Hopper kernel's default tiles; N * 2 bytes not a multiple of 16: dY without TMA).
     T, k, E, N, K = 13, 2, 5, 20, 35
     ids = _routing(T, k, E, empty=(1,))
     counts, gather = get_routing_indices(ids, E)
@@ -42,7 +46,7 @@ def test_dw_matches_per_expert_matmuls(dtype, permute_x, transpose):
     dY = torch.randn(T * k, N, device=DEVICE, dtype=dtype)
     out = torch.full((E, N, K) if transpose else (E, K, N), float("nan"), device=DEVICE, dtype=dtype)
     got = grouped_gemm_dw(X, dY, counts, gather_indices=gather, topk=k, permute_x=permute_x, transpose=transpose,
-                          out=out)
+                          out=out, kernel=kernel)
     assert got.data_ptr() == out.data_ptr()
     ref = torch_grouped_gemm_dw(X.double(), dY.double(), counts, gather_indices=gather, topk=k,
                                 permute_x=permute_x, transpose=transpose)
@@ -88,3 +92,73 @@ def test_dw_rejects_bad_arguments():
         grouped_gemm_dw(X[:3], dY, counts)
     with pytest.raises(ValueError, match="out has shape"):
         grouped_gemm_dw(X, dY, counts, out=torch.empty(2, 8, 3, device=DEVICE))
+
+
+# Tiny Hopper tiles: several whole 16-row steps, a ragged tail, several N and K tiles.
+HOPPER_TINY = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, PROGRAMS_PER_SM=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("permute_x", [False, True])
+def test_dw_hopper_steps_tails_and_tma_paths(dtype, permute_x):
+    """Sizes with whole steps only (32), a tail only (5), both (37), none (0); N and K so that
+    dY and X rows are 16-byte aligned (TMA) in one run and not in the other."""
+    counts = torch.tensor([32, 5, 0, 37, 16], dtype=torch.int32, device=DEVICE)
+    M, topk = int(counts.sum()), 2 if permute_x else 1
+    gather = torch.randperm(M, device=DEVICE)
+    for N, K in ((40, 48), (36, 20)):
+        X = torch.randn(M // topk if permute_x else M, K, device=DEVICE, dtype=dtype)
+        dY = torch.randn(M, N, device=DEVICE, dtype=dtype)
+        ref = torch_grouped_gemm_dw(X.double(), dY.double(), counts, gather_indices=gather, topk=topk,
+                                    permute_x=permute_x)
+        out = torch.full((5, N, K), float("nan"), device=DEVICE, dtype=dtype)
+        grouped_gemm_dw(X, dY, counts, gather_indices=gather, topk=topk, permute_x=permute_x, out=out,
+                        kernel="hopper", config=HOPPER_TINY)
+        assert _rel(out, ref) <= TOL[dtype], (N, K)
+        assert torch.count_nonzero(out[2]) == 0
+
+
+@pytest.mark.parametrize("kernel", ["portable", "hopper"])
+def test_dw_non_finite_rows_stay_in_their_expert(kernel):
+    """inf in expert 2's rows of dY and X makes only expert 2's gradient non-finite.
+
+    Expert 1 ends 5 rows into a 16-row step: a step that read past its end (a TMA box or an
+    unmasked load) would multiply expert 2's inf by expert 1's values, or by zero (NaN).
+    """
+    counts = torch.tensor([16, 21, 9], dtype=torch.int32, device=DEVICE)
+    X = torch.randn(46, 32, device=DEVICE)
+    dY = torch.randn(46, 48, device=DEVICE)
+    X[37, 3] = float("inf")  # expert 2's first row
+    dY[38, 5] = float("-inf")
+    config = HOPPER_TINY if kernel == "hopper" else dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    got = grouped_gemm_dw(X, dY, counts, kernel=kernel, config=config)
+    ref = torch_grouped_gemm_dw(X.double(), dY.double(), counts)
+    assert torch.isfinite(got[:2]).all(), "experts 0 and 1 saw no inf"
+    assert torch.equal(torch.isfinite(got[2]), torch.isfinite(ref[2]))
+    torch.testing.assert_close(got[:2].double(), ref[:2], rtol=5e-4, atol=5e-4)
+
+
+def test_dw_hopper_candidates_and_tuning_key(monkeypatch):
+    """Each bucket's candidates run (default tiles are large: one tile here), and the tuner's
+    key separates what changes the kernel."""
+    counts = torch.tensor([30, 0, 50], dtype=torch.int32, device=DEVICE)
+    X, dY = torch.randn(80, 24, device=DEVICE), torch.randn(80, 40, device=DEVICE)
+    ref = torch_grouped_gemm_dw(X.double(), dY.double(), counts)
+    configs = {tuple(sorted(c.items())) for _, group in bw.DW_CANDIDATES_BY_ROWS_PER_EXPERT for c in group}
+    for config in sorted(configs):
+        got = grouped_gemm_dw(X, dY, counts, kernel="hopper", config=dict(config))
+        assert _rel(got, ref) <= TOL[torch.float32], config
+    assert bw.dw_candidates(64 * 128, 128)[0]["PROGRAMS_PER_SM"] == 2
+    assert bw.dw_candidates(4096 * 8, 8)[0]["BLOCK_K"] == 256
+    key = lambda rows, permute_x=True: bw.dw_tuning_key(rows, 1536, 2048, 128, torch.bfloat16, permute_x, True,  # noqa: E731
+                                                      False, True)
+    assert key(500 * 128) == key(400 * 128) != key(600 * 128) and key(512) != key(512, permute_x=False)
+    # kernel="auto": the old kernel on the CPU, and on a GPU when the switch says so
+    monkeypatch.setattr(autotune, "TUNED", {})
+    assert bw.choose_dw_kernel("auto", None, X) == ("hopper" if ON_GPU and X.dtype != torch.float32 else "portable")
+    monkeypatch.setattr(bw, "DW_KERNEL", "portable")
+    assert bw.choose_dw_kernel("auto", None, X.half()) == "portable"
+    with pytest.raises(ValueError, match="unknown keys"):
+        grouped_gemm_dw(X, dY, counts, kernel="hopper", config={"GROUP_M": 8})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        grouped_gemm_dw(X, dY, counts, kernel="fast")

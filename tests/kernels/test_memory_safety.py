@@ -106,7 +106,7 @@ def _cases_grouped_gemm(kernel: str):
             ), {"out": (out_buf, out)}, {"X": (x_buf, X), "W": (w_buf, W), "topk_weights": (tw_buf, weights)}
 
 
-def _cases_grouped_gemm_dw():
+def _cases_grouped_gemm_dw(kernel: str = "portable"):
     from moe_learn.kernels.backward import grouped_gemm_dw
 
     runs = [(f"m_sizes {n}", s, list(range(M)), px) for n, s in BAD_SIZES.items() for px in (False, True)]
@@ -114,7 +114,7 @@ def _cases_grouped_gemm_dw():
     runs.append(("both bad", BAD_SIZES["negative size"], _bad_gathers()["negative index"], True))
     for transpose in (True, False):
         for label, sizes, gather, permute_x in runs:
-            name = f"dw transpose={transpose} {label} permute_x={permute_x}"
+            name = f"dw {kernel} transpose={transpose} {label} permute_x={permute_x}"
             x_buf, X = _guarded((T if permute_x else M, K), float("nan"))
             dy_buf, dY = _guarded((M, N), float("nan"))
             _fill_inputs(X, dY)
@@ -123,7 +123,7 @@ def _cases_grouped_gemm_dw():
             m_sizes = sizes if isinstance(sizes, torch.Tensor) else torch.tensor(sizes)
             yield name, partial(
                 grouped_gemm_dw, X, dY, m_sizes, gather_indices=torch.tensor(gather) if permute_x else None, topk=TOPK,
-                permute_x=permute_x, transpose=transpose, out=out, validate=False,
+                permute_x=permute_x, transpose=transpose, out=out, validate=False, kernel=kernel,
             ), {"dW": (out_buf, out)}, {"X": (x_buf, X), "dY": (dy_buf, dY)}
 
 
@@ -132,7 +132,10 @@ def run_cases(which: str) -> None:
     import moe_learn  # noqa: F401  (the interpreter on CPU)
 
     torch.manual_seed(0)
-    cases = _cases_grouped_gemm_dw() if which == "dw" else _cases_grouped_gemm(which)
+    if which.startswith("dw"):  # "dw" (the portable kernel) or "dw-hopper"
+        cases = _cases_grouped_gemm_dw("hopper" if which == "dw-hopper" else "portable")
+    else:
+        cases = _cases_grouped_gemm(which)
     for name, call, outputs, inputs in cases:
         print(f"START {name}", flush=True)
         try:
@@ -145,7 +148,7 @@ def run_cases(which: str) -> None:
     print("DONE", flush=True)
 
 
-@pytest.mark.parametrize("which", ["portable", "hopper", "dw"])
+@pytest.mark.parametrize("which", ["portable", "hopper", "dw", "dw-hopper"])
 def test_unvalidated_bad_values_stay_inside_the_tensors(which):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     code = f"from tests.kernels.test_memory_safety import run_cases; run_cases({which!r})"

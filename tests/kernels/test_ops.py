@@ -123,7 +123,7 @@ def test_opcheck_fake_and_autograd_registrations():
                           (X, W, counts, gather, w, b, TOP_K, True, True, True, "", "auto"))
     dY = torch.randn(T * TOP_K, N, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.moe_learn.grouped_gemm_dw.default,
-                          (X, dY, counts, gather, TOP_K, True, True, ""))
+                          (X, dY, counts, gather, TOP_K, True, True, "", "auto"))
     logits = torch.randn(T, E, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.moe_learn.fused_routing.default, (logits, 2, False, True, True, False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
