@@ -14,6 +14,8 @@ Sections (all by default, in this order; later ones reuse the tuned configs of e
 * decode: gpt-oss-120b's two GEMMs at T = 1 and 64 tokens, plain (expert-ordered X, out=),
   as the bench's decode section: new = decode buckets (``SMALL_M``) and the direct launch
   (``launcher.DIRECT``), old = neither; eager back-to-back calls (host included) and CUDA graph.
+  Then the whole experts call (``moe_experts``, inference) at the same sizes: new adds the
+  SwiGLU in GEMM1's epilogue (``experts.FUSED_SWIGLU``); the error column is against "new".
 * experts: the experts half of the layer, forward+backward (and forward alone), Qwen3-30B-A3B
   and Mixtral at T = 8192: ours with every switch new, ours with every switch old, and
   transformers' default ``grouped_mm`` experts when transformers is installed.
@@ -70,6 +72,7 @@ def switches(new: bool) -> None:
     hopper.KN_LAYOUT = new
     hopper.SMALL_M = new
     bw.DW_KERNEL = "auto" if new else "portable"
+    experts_mod.FUSED_SWIGLU = new
     autotune.TUNED.clear()
 
 
@@ -232,6 +235,37 @@ def section_decode(rec):
                     eager_us=_eager_us(fn), graph_us=timing.do_bench_graph(fn) * 1e6)
             del W
             free()
+        _decode_experts(rec, model, T)
+        free()
+
+
+def _decode_experts(rec, model, T):
+    """The whole experts call at decode size (routing given as ids), inference: what a decode step pays."""
+    from moe_learn.bench import experts as bx
+
+    case = ExpertsCase(model, T, *MODELS[model])
+    p = bx.make_problem(case, seed=0, device=DEVICE, dtype=DTYPE)
+    hidden, weights = p["hidden"].detach(), p["weights"].detach()
+    name = f"{model} experts T={T}"
+    ref = None
+    impls = [("new", True, None), ("old", False, None)]
+    default = next(i for i in bx.implementations(with_eager=False) if i.name == "default")
+    if default.missing is None:
+        impls.append(("grouped_mm (transformers default)", True, default))
+    for variant, new, impl in impls:
+        switches(new)
+        try:
+            call = (impl.build(case, p["gate_up"], p["down"]) if impl else
+                    functools.partial(experts_mod.moe_experts, gate_up_proj=p["gate_up"], down_proj=p["down"]))
+            fn = functools.partial(torch.no_grad()(call), hidden, p["ids"], weights)
+            out = fn()
+            ref = out if ref is None else ref
+            rec.add(section="decode", case=name, variant=variant, ms=None, rel_err=rel_err(out, ref),
+                    eager_us=_eager_us(fn), graph_us=timing.do_bench_graph(fn) * 1e6)
+        except Exception as exc:  # noqa: BLE001
+            rec.add(section="decode", case=name, variant=variant, ms=None,
+                    error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
+    switches(True)
 
 
 def section_experts(rec):

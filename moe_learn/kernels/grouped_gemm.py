@@ -452,6 +452,30 @@ def grouped_gemm_trusted(X, W, m_sizes, gather_indices=None, topk_weights=None, 
                             config, kernel, problem=problem)
 
 
+def grouped_gemm_swiglu(X, W, m_sizes, gather_indices=None, topk=1, permute_x=False, transpose=True, config=None,
+                        kernel="auto") -> torch.Tensor:
+    """``swiglu(grouped_gemm(X, W, ...))`` with the SwiGLU in the GEMM's epilogue, for inference.
+
+    W is ``gate_up_proj``: ``[E, 2I, K]`` (transpose=True) or ``[E, K, 2I]``, gate half first;
+    returns ``[M, I]``. Each program computes a gate tile and the matching up tile and stores
+    ``silu(gate) * up`` from its fp32 accumulators: ``[M, 2I]`` is never written or read back.
+    Arguments are taken as checked (``layers/experts.run_experts`` did). Where the fused
+    kernel does not apply (the portable kernel, autograd, torch.compile, K = 0, bf16 under the
+    interpreter) the GEMM and the SwiGLU run one after the other, with the same result.
+    """
+    from moe_learn.ops.moe import swiglu
+
+    two_i, K = (W.shape[1], W.shape[2]) if transpose else (W.shape[2], W.shape[1])
+    if (torch.compiler.is_compiling() or needs_autograd(X, W) or K == 0 or (X.is_cpu and X.dtype == torch.bfloat16)
+            or choose_kernel(kernel, config, X, W, transpose) != "hopper"):
+        return swiglu(grouped_gemm_trusted(X, W, m_sizes, gather_indices, None, None, topk, permute_x, False,
+                                           transpose, config, kernel))
+    out = X.new_empty(X.shape[0] * topk if permute_x else X.shape[0], two_i // 2)
+    grouped_gemm_hopper(X, W, m_sizes, out, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
+                        transpose=transpose, config=config, swiglu=True)
+    return out
+
+
 def encode_config(config: dict | None) -> str:
     """A config dict as the string a custom op can carry (sorted keys: equal dicts, equal strings)."""
     return "" if not config else json.dumps(config, sort_keys=True)

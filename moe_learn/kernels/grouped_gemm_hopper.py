@@ -56,9 +56,14 @@ def _grouped_gemm_tma_kernel(
     HAS_WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     W_KN: tl.constexpr,  # W is [E, K, N] (the backward's dX reads the forward's W this way), else [E, N, K]
     W_TMA: tl.constexpr,  # W through TMA; False only for [E, K, N] with K % BLOCK_K != 0 (masked loads)
+    SWIGLU: tl.constexpr,  # W holds 2N outputs, [gate | up]; Y = silu(X @ W_gate.T) * (X @ W_up.T), N columns
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
+    if SWIGLU:  # rows of W per expert ([E, N, K]) or columns ([E, K, N])
+        W_N = 2 * N
+    else:
+        W_N = N
     offs_k = tl.arange(0, BLOCK_K)
     # rows of the expert-ordered problem (and of Y): X's rows, or its tokens x TOP_K when gathered
     if PERMUTE_X:
@@ -100,6 +105,8 @@ def _grouped_gemm_tma_kernel(
         if PERMUTE_X:  # gather token rows straight from X in token order
             src = flat // TOP_K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if SWIGLU:  # the up half's tile, N columns further along W: both halves of a column block in one program
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if PERMUTE_X:
                 x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + (k0 + offs_k)[None, :],
@@ -107,13 +114,21 @@ def _grouped_gemm_tma_kernel(
             else:
                 x = x_desc.load([row_start + tile_m * BLOCK_M, k0])
             if not W_KN:  # [E*N, K] rows: a [BLOCK_N, BLOCK_K] tile, zero past K
-                acc = tl.dot(x, w_desc.load([e * N + n0, k0]).T, acc)
+                acc = tl.dot(x, w_desc.load([e * W_N + n0, k0]).T, acc)
+                if SWIGLU:
+                    acc_up = tl.dot(x, w_desc.load([e * W_N + N + n0, k0]).T, acc_up)
             elif W_TMA:  # [E*K, N] rows: a [BLOCK_K, BLOCK_N] tile; K % BLOCK_K == 0 keeps it inside expert e
                 acc = tl.dot(x, w_desc.load([e * K + k0, n0]), acc)
+                if SWIGLU:
+                    acc_up = tl.dot(x, w_desc.load([e * K + k0, N + n0]), acc_up)
             else:  # the K tail would reach into expert e + 1's rows: masked loads instead
-                w = tl.load(w_ptr + e.to(tl.int64) * K * N + (k0 + offs_k)[:, None] * N + offs_n[None, :],
-                            mask=(offs_k[:, None] < K - k0) & (offs_n[None, :] < N), other=0.0)
-                acc = tl.dot(x, w, acc)
+                w_rows = w_ptr + e.to(tl.int64) * K * W_N + (k0 + offs_k)[:, None] * W_N
+                mask_w = (offs_k[:, None] < K - k0) & (offs_n[None, :] < N)
+                acc = tl.dot(x, tl.load(w_rows + offs_n[None, :], mask=mask_w, other=0.0), acc)
+                if SWIGLU:
+                    acc_up = tl.dot(x, tl.load(w_rows + N + offs_n[None, :], mask=mask_w, other=0.0), acc_up)
+        if SWIGLU:  # in fp32, before rounding: silu(gate) * up
+            acc = acc * tl.sigmoid(acc) * acc_up
         if PERMUTE_Y:  # each row goes back to its (token, slot) position
             out_rows = flat
         else:
@@ -176,11 +191,21 @@ def pick_config(rows: int, num_experts: int) -> dict:
     return dict(candidates(rows, num_experts)[0])
 
 
-def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted, biased=False, w_kn=False) -> tuple:
+def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted, biased=False, w_kn=False, swiglu=False) -> tuple:
     """Routings differ call to call; rows per expert, rounded up to a power of two, do not."""
     per_expert = -(-rows // max(E, 1))  # the power of two above rows / E is the one above its ceiling
     bucket = 1 << max(per_expert - 1, 0).bit_length()
-    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted, biased, w_kn)
+    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted, biased, w_kn, swiglu)
+
+
+def swiglu_candidates(configs) -> tuple[dict, ...]:
+    """The fused SwiGLU keeps two accumulators (gate and up): column tiles of at most 128 keep them in registers."""
+    out = []
+    for config in configs:
+        narrowed = {**config, "BLOCK_N": min(config["BLOCK_N"], 128)}
+        if narrowed not in out:
+            out.append(narrowed)
+    return tuple(out)
 
 
 @functools.cache
@@ -228,10 +253,13 @@ def grouped_gemm_hopper(
     bias: torch.Tensor | None = None,
     transpose: bool = True,
     config: dict | None = None,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """Fill ``out`` with ``Y_e = X_e @ W_e.T (+ bias[e])`` for all experts in one persistent launch.
 
     W is ``[E, N, K]`` (transpose=True) or ``[E, K, N]`` (``Y_e = X_e @ W_e``, the backward's dX).
+    swiglu: W has 2N outputs, gate half then up half (``gate_up_proj``); ``out`` ``[M, N]`` gets
+    ``silu(gate) * up`` computed in the epilogue (no bias, weights or scatter with it).
     Arguments are taken as valid: ``grouped_gemm`` checks them before it dispatches here.
     ``config`` overrides the tuned (or, without tuning, the default) choice; keys: ``CONFIG_KEYS``.
     """
@@ -239,26 +267,21 @@ def grouped_gemm_hopper(
     if M == 0:
         return out
     E, K = W.shape[0], X.shape[1]
+    run = functools.partial(_launch, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices, topk=topk,
+                            permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights, bias=bias,
+                            transpose=transpose, swiglu=swiglu)
     if config:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; allowed: {list(CONFIG_KEYS)}")
-        cfg = {**pick_config(M, E), **config}
-    else:
-        key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None, bias is not None,
-                         not transpose)
-        cfg = autotune.TUNED.get(key)  # the hot path: this bucket was tuned before
-        if cfg is None:
-            if autotune_enabled(X):
-                run = functools.partial(_launch, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices,
-                                        topk=topk, permute_x=permute_x, permute_y=permute_y,
-                                        topk_weights=topk_weights, bias=bias, transpose=transpose)
-                cfg = choose_config(key, candidates(M, E), run)
-            else:
-                cfg = pick_config(M, E)
-    return _launch(cfg, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices, topk=topk,
-                   permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights, bias=bias,
-                   transpose=transpose)
+        return run({**pick_config(M, E), **config})
+    key = tuning_key(M, N, K, E, X.dtype, permute_x, permute_y, topk_weights is not None, bias is not None,
+                     not transpose, swiglu)
+    cfg = autotune.TUNED.get(key)  # the hot path: this bucket was tuned before
+    if cfg is None:
+        configs = swiglu_candidates(candidates(M, E)) if swiglu else candidates(M, E)
+        cfg = choose_config(key, configs, run) if autotune_enabled(X) else dict(configs[0])
+    return run(cfg)
 
 
 def _descriptor_defaults() -> dict | None:
@@ -292,15 +315,16 @@ _LAUNCH = FastLauncher(_grouped_gemm_tma_kernel)
 
 
 def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights, bias,
-            transpose=True):
+            transpose=True, swiglu=False):
     E, K = W.shape[0], X.shape[1]
     M, N = out.shape
+    w_n = 2 * N if swiglu else N  # W's outputs per expert
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     w_tma = transpose or K % bk == 0
     if transpose:
-        w_desc = tensor_descriptor(W, (E * N, K), (K, 1), [bn, bk])
+        w_desc = tensor_descriptor(W, (E * w_n, K), (K, 1), [bn, bk])
     elif w_tma:
-        w_desc = tensor_descriptor(W, (E * K, N), (N, 1), [bk, bn])
+        w_desc = tensor_descriptor(W, (E * K, w_n), (w_n, 1), [bk, bn])
     else:
         w_desc = None
     x_desc = tensor_descriptor(X, (X.shape[0], K), (X.stride(0), 1), [bm, bk])
@@ -319,6 +343,7 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
         TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs,
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y, HAS_WEIGHTS=topk_weights is not None, HAS_BIAS=bias is not None,
         FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"], W_KN=not transpose, W_TMA=w_tma,
+        SWIGLU=swiglu,
     )
     _LAUNCH((programs,), args, constexprs, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return out

@@ -42,6 +42,9 @@ from moe_learn.ops.routing import calculate_topk, expert_counts, gather_indices_
 from moe_learn.validation import check_index_range, check_moe_args, check_positive_int, check_tensor
 
 BACKENDS = ("triton", "torch")
+# Inference: SwiGLU in GEMM1's epilogue on the Hopper kernel (A/B switch, perf/ab_kernels.py). Training keeps
+# gate_up for the backward (stored, not recomputed: perf/NOTES.md item 13 weighs the two).
+FUSED_SWIGLU = True
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -113,16 +116,24 @@ def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weight
                      transpose=True, config=None, weighted_epilogue=True):
     """GEMM1 (gather) -> SwiGLU -> GEMM2 (scatter) -> sum over the k slots.
 
-    Returns (out [T, H], gate_up [M, 2I], y [T, k, H]). With ``weighted_epilogue`` GEMM2 applies
-    the routing weights as it stores (inference); without, y stays unweighted because the
-    weights' gradient needs it (``d_w_tj = <d_out_t, y_tj>``) and the sum weights it.
+    Returns (out [T, H], gate_up [M, 2I], y [T, k, H]). With ``weighted_epilogue`` (inference)
+    GEMM2 applies the routing weights as it stores and, with ``FUSED_SWIGLU``, GEMM1 applies the
+    SwiGLU as it stores (gate_up is then None: it is never written); without, y stays unweighted
+    because the weights' gradient needs it (``d_w_tj = <d_out_t, y_tj>``) and the sum weights it.
     """
     num_tokens, hidden = hidden_states.shape
     top_k = topk_weights.shape[1]
     # GEMM1 gathers token rows itself: the permuted copy of hidden_states never exists.
-    gate_up = _gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
-                    transpose=transpose, config=config)
-    h = swiglu(gate_up)
+    if weighted_epilogue and backend == "triton" and FUSED_SWIGLU:
+        # inference: nothing is kept for a backward, so the SwiGLU runs in GEMM1's epilogue
+        from moe_learn.kernels.grouped_gemm import grouped_gemm_swiglu
+
+        gate_up = None
+        h = grouped_gemm_swiglu(hidden_states, gate_up_proj, counts, gather_indices, top_k, True, transpose, config)
+    else:
+        gate_up = _gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
+                        transpose=transpose, config=config)
+        h = swiglu(gate_up)
     weights = topk_weights.to(hidden_states.dtype)
     y = _gemm(backend, h, down_proj, counts, gather_indices, permute_y=True, transpose=transpose, config=config,
               topk_weights=weights if weighted_epilogue else None)

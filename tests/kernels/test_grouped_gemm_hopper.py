@@ -134,6 +134,35 @@ def test_non_finite_weights_stay_in_their_expert(transpose):
     torch.testing.assert_close(out.double(), ref, rtol=BOUNDS[dtype], atol=BOUNDS[dtype], equal_nan=True)
 
 
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("K", [48, 40])  # [E, K, 2I] with K = 40: masked W loads (BLOCK_K = 16)
+def test_swiglu_in_the_epilogue(transpose, K):
+    """GEMM1 with the SwiGLU fused: silu(x @ W_gate.T) * (x @ W_up.T) for every row, gathered,
+    empty experts, an I that is not a multiple of BLOCK_N; the same through the unfused fallback."""
+    from moe_learn.kernels.grouped_gemm import grouped_gemm_swiglu
+    from moe_learn.ops.moe import swiglu
+
+    T, E, topk, I = 21, 5, 2, 40  # noqa: E741
+    counts, gather = _routing(T, E, topk, empty=(3,))
+    dtype = DTYPES[0]
+    X = torch.randn(T, K, device=DEVICE).to(dtype)
+    W, W_run = _weights(E, 2 * I, K, dtype, transpose)
+    ref = swiglu(torch_grouped_gemm(permute(X, gather, topk).double(), W.double(), counts))
+    out = torch.full((T * topk, I), float("nan"), dtype=dtype, device=DEVICE)
+    hopper.grouped_gemm_hopper(X, W_run, counts, out, gather_indices=gather, topk=topk, permute_x=True,
+                               transpose=transpose, config=TINY, swiglu=True)
+    assert relative_error(out, ref) <= BOUNDS[dtype]
+    for kernel in ("hopper", "portable"):  # fused, and the GEMM then the SwiGLU
+        got = grouped_gemm_swiglu(X, W_run, counts, gather, topk, True, transpose, None, kernel)
+        assert got.shape == (T * topk, I) and relative_error(got, ref) <= BOUNDS[dtype], kernel
+
+
+def test_swiglu_candidates_keep_two_accumulators_small():
+    for _, configs in CANDIDATES_BY_ROWS_PER_EXPERT:
+        narrowed = hopper.swiglu_candidates(configs)
+        assert all(c["BLOCK_N"] <= 128 for c in narrowed) and len(narrowed) == len({tuple(c.items()) for c in narrowed})
+
+
 def test_decode_buckets_and_their_switch(monkeypatch):
     assert pick_config(4, 128)["BLOCK_M"] == 16, "a token's rows: 16-row tiles"
     assert pick_config(12 * 128, 128)["BLOCK_M"] == 32
