@@ -44,6 +44,8 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
+        if _LAZY[name].startswith("moe_learn.kernels."):
+            device.require_triton(f"moe_learn.{name}")  # names what was asked for, not the module
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups skip this hook
         return value
