@@ -11,7 +11,7 @@ Layers, each importing only from the ones above it in this list:
 
 Importing ``moe_learn`` first decides where Triton kernels run (``moe_learn.device``). It
 needs no Triton: the names that do (``grouped_gemm``, the fused experts and routing) load
-on first use, so chapters 00-04 run where Triton cannot be installed (macOS, Windows).
+on first use, so chapters 00-04 and 10 run where Triton cannot be installed (macOS, Windows).
 """
 
 import importlib

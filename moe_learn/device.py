@@ -18,8 +18,8 @@ if not ON_GPU:
 
 INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Triton publishes Linux wheels only. Chapters 00-04 are pure PyTorch and run without it;
-# chapters 05+ need it. Importing it (after TRITON_INTERPRET is set) is the only true test:
+# Triton publishes Linux wheels only. Chapters 00-04 and 10 are pure PyTorch and run without it;
+# chapters 05-09 need it. Importing it (after TRITON_INTERPRET is set) is the only true test:
 # a package can be found on disk and still fail to import.
 try:
     import triton
@@ -37,7 +37,7 @@ TRITON_WAYS = (
 )
 TRITON_MISSING = (
     f"this needs Triton, which installs on Linux only (pip install triton). On macOS or Windows use "
-    f"{TRITON_WAYS}; chapters 00-04 run without Triton"
+    f"{TRITON_WAYS}; chapters 00-04 and 10 run without Triton"
 )
 
 
@@ -64,10 +64,10 @@ def describe() -> str:
     if ON_GPU:
         name = torch.cuda.get_device_name()
         if not HAS_TRITON:
-            return f"GPU: {name}; Triton is missing: chapters 00-04 run, 05+ need it (moe-learn doctor)"
+            return f"GPU: {name}; Triton is missing: chapters 00-04 and 10 run, 05-09 need it (moe-learn doctor)"
         return f"GPU: {name} (Triton kernels compile for it)"
     if not HAS_TRITON:
-        return "CPU, PyTorch only: Triton is missing, so chapters 00-04 run and 05+ need it (moe-learn doctor)"
+        return "CPU, PyTorch only: Triton is missing, so chapters 00-04 and 10 run, 05-09 need it (moe-learn doctor)"
     return "CPU: Triton interpreter mode (TRITON_INTERPRET=1); tiny shapes, no timings"
 
 

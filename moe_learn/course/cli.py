@@ -106,8 +106,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 1
     warned = [r for r in results if r.warn]
     if warned:
-        out.print(f"{len(warned)} of {len(results)} checks warn: chapters 00-04 are ready; the [WARN] lines say how to "
-                  "get chapters 05-10. Start with notebooks/00_setup_and_tour.ipynb (`make lab`).")
+        out.print(
+            f"{len(warned)} of {len(results)} checks warn: chapters 00-04 and 10 are ready; the [WARN] lines say "
+            "how to get chapters 05-09. Start with notebooks/00_setup_and_tour.ipynb (`make lab`)."
+        )
         return 0
     out.print(f"All {len(results)} checks passed: open notebooks/00_setup_and_tour.ipynb (`make lab`).")
     return 0

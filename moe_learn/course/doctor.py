@@ -3,7 +3,7 @@
 ``moe-learn doctor`` prints these results; chapter 00 calls :func:`run_checks` too.
 Each requirement gives one :class:`Requirement` line: OK, WARN or FAIL, what was found,
 and, unless OK, the command that fixes it. Triton publishes Linux wheels only: elsewhere a
-missing Triton is a WARN (chapters 00-04 run without it), on Linux a FAIL.
+missing Triton is a WARN (chapters 00-04 and 10 run without it), on Linux a FAIL.
 """
 
 from __future__ import annotations
@@ -71,12 +71,12 @@ def _platform_name() -> str:
 
 
 def triton_optional(name: str, found: str) -> Requirement:
-    """Off Linux, a missing Triton: chapters 00-04 run, 05-10 need a Linux environment."""
+    """Off Linux, a missing Triton: chapters 00-04 and 10 run, 05-09 need a Linux environment."""
     return Requirement(
         name,
         True,
-        f"{found}; optional on {_platform_name()}, where Triton does not install: chapters 00-04 run, 05-10 need it",
-        f"for chapters 05-10 use {device.TRITON_WAYS}",
+        f"{found}; optional on {_platform_name()}, where Triton does not install: chapters 05-09 need it",
+        f"for chapters 05-09 use {device.TRITON_WAYS}",
         warn=True,
     )
 
