@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 		$(BIN)/python -m pip install --quiet --index-url "$(TORCH_INDEX)" "$(TORCH)"; \
 	else \
 		echo "$(TORCH_INDEX) cannot be reached: installing $(TORCH) from pip's default index and configuration."; \
-		echo "(A local wheel or mirror pip is set up with comes first; on Linux x86_64 PyPI's torch is the CUDA build, several GB.)"; \
+		echo "(A local wheel or mirror that pip is set up with wins; if none, on Linux x86_64 this is PyPI's CUDA build: several GB.)"; \
 		$(BIN)/python -m pip install --quiet "$(TORCH)"; \
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"

@@ -169,7 +169,7 @@ def test_install_falls_back_when_the_torch_index_cannot_be_reached(fake_venv):
         unreachable = f"http://127.0.0.1:{s.getsockname()[1]}"
     result, pip = _install(venv, unreachable)
     assert f"{unreachable} cannot be reached: installing torch==2.13.0 from pip's default index" in result.stdout
-    assert "PyPI's torch is the CUDA build, several GB" in result.stdout, "says what the fallback may cost"
+    assert "PyPI's CUDA build: several GB" in result.stdout, "says what the fallback may cost"
     assert pip[1] == "-m pip install --quiet torch==2.13.0", pip
     assert (venv / ".installed").exists()
 
