@@ -11,7 +11,7 @@ Layers, each importing only from the ones above it in this list:
 
 Importing ``moe_learn`` first decides where Triton kernels run (``moe_learn.device``). It
 needs no Triton: the names that do (``grouped_gemm``, the fused experts and routing) load
-on first use, so chapters 00-04 run where Triton cannot be installed (macOS, Windows).
+on first use, so chapters 00-04 and 10 run where Triton cannot be installed (macOS, Windows).
 """
 
 import importlib
@@ -46,6 +46,8 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
+        if _LAZY[name].startswith("moe_learn.kernels."):
+            device.require_triton(f"moe_learn.{name}")  # names what was asked for, not the module
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups skip this hook
         return value

@@ -6,9 +6,7 @@ module must run before any kernel is defined. ``import moe_learn`` imports it fi
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import torch
 
@@ -20,22 +18,35 @@ if not ON_GPU:
 
 INTERPRETER: bool = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Triton publishes Linux wheels only. Chapters 00-04 are pure PyTorch and run without it;
-# chapters 05+ need it (a Linux machine or VM, WSL2 on Windows, or the course's container).
-HAS_TRITON: bool = ("triton" in sys.modules and sys.modules["triton"] is not None) or (
-    "triton" not in sys.modules and importlib.util.find_spec("triton") is not None
+# Triton publishes Linux wheels only. Chapters 00-04 and 10 are pure PyTorch and run without it;
+# chapters 05-09 need it. Importing it (after TRITON_INTERPRET is set) is the only true test:
+# a package can be found on disk and still fail to import.
+try:
+    import triton
+
+    TRITON_VERSION: str | None = triton.__version__
+    TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # not installed (macOS, Windows) or broken: report it, never crash here
+    TRITON_VERSION = None
+    TRITON_IMPORT_ERROR = exc
+HAS_TRITON: bool = TRITON_IMPORT_ERROR is None
+
+TRITON_WAYS = (
+    "a Linux machine or VM, WSL2 on Windows, or the course's container "
+    "(docker build -t moe-learn . && docker run -p 8888:8888 moe-learn)"
 )
 TRITON_MISSING = (
-    "this needs Triton, which installs on Linux only (pip install triton). On macOS or Windows use "
-    "a Linux machine or VM, WSL2 on Windows, or the course's container (Dockerfile: docker build -t "
-    "moe-learn . && docker run -p 8888:8888 moe-learn); chapters 00-04 run without Triton"
+    f"this needs Triton, which installs on Linux only (pip install triton). On macOS or Windows use "
+    f"{TRITON_WAYS}; chapters 00-04 and 10 run without Triton"
 )
 
 
 def require_triton(what: str) -> None:
     """Raise a clear error naming ``what`` when Triton cannot be imported here."""
     if not HAS_TRITON:
-        raise ModuleNotFoundError(f"{what}: {TRITON_MISSING}", name="triton")
+        found = f" (here: {type(TRITON_IMPORT_ERROR).__name__}: {TRITON_IMPORT_ERROR})"
+        raise ModuleNotFoundError(f"{what}: {TRITON_MISSING}{found}", name="triton")
+
 
 DEVICE = torch.device("cuda") if ON_GPU else torch.device("cpu")
 
@@ -52,7 +63,11 @@ def describe() -> str:
     """One line saying where kernels run, for the top of every notebook."""
     if ON_GPU:
         name = torch.cuda.get_device_name()
+        if not HAS_TRITON:
+            return f"GPU: {name}; Triton is missing: chapters 00-04 and 10 run, 05-09 need it (moe-learn doctor)"
         return f"GPU: {name} (Triton kernels compile for it)"
+    if not HAS_TRITON:
+        return "CPU, PyTorch only: Triton is missing, so chapters 00-04 and 10 run, 05-09 need it (moe-learn doctor)"
     return "CPU: Triton interpreter mode (TRITON_INTERPRET=1); tiny shapes, no timings"
 
 

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The GPU validation run of docs/gpu-validation.md and docs/benchmarks.md, in one command:
-#   OUT=gpu-out bash perf/gpu_validate.sh
-# The whole suite (unit and property tests, every check against wrong answers, nbval over
-# solutions/ and notebooks/) with compiled kernels, then the benchmark. On a machine whose
-# Python has torch and triton but no jupyter/nbval, put their wheels in .whl/ first
-# (docs/gpu-validation.md lists them); they are installed into /tmp/site.
-set -euo pipefail
+# The GPU validation run of docs/gpu-validation.md, in one command (one device call):
+#   OUT=gpu-out bash perf/gpu_validate.sh            # tests, then both sanitizers
+#   OUT=gpu-out STEPS="bench" bash perf/gpu_validate.sh
+# Steps (STEPS, space-separated, default "tests sanitize"):
+#   tests     the whole suite with compiled kernels, and nbval over solutions/
+#   sanitize  compute-sanitizer memcheck and racecheck over perf/sanitize.py (every kernel and mode)
+#   bench     python -m moe_learn bench (all sections) into $OUT/bench
+#   ab        perf/ab_kernels.py, the kernel variants side by side, into $OUT/ab.json
+# On a machine whose Python has torch and triton but not pytest/jupyter/nbval/liger, put their
+# wheels in .whl/ first (docs/gpu-validation.md lists them); they are installed into /tmp/site.
+set -uo pipefail
 OUT=${OUT:-gpu-out}
+STEPS=${STEPS:-tests sanitize}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -15,6 +20,26 @@ else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-MOE_LEARN_CHECK_LAUNCH=1 python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rs tests solutions notebooks 2>&1 | tee "$OUT/pytest.log"
-python3 -m moe_learn bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+for step in $STEPS; do
+    start=$(date +%s)
+    case $step in
+        tests)
+            MOE_LEARN_CHECK_LAUNCH=1 python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rs tests solutions 2>&1 \
+                | tee "$OUT/pytest.log" | tail -40 ;;
+        sanitize)
+            for tool in memcheck racecheck; do
+                compute-sanitizer --tool "$tool" --error-exitcode 9 python3 perf/sanitize.py > "$OUT/$tool.log" 2>&1
+                echo "compute-sanitizer --tool $tool python3 perf/sanitize.py: exit $?"
+                tail -4 "$OUT/$tool.log"
+            done ;;
+        bench)
+            python3 -m moe_learn bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+        ab)
+            python3 perf/ab_kernels.py "$OUT/ab.json" 2>&1 | tee "$OUT/ab.log" | tail -60 ;;
+        *) echo "unknown step $step" ;;
+    esac
+    echo "step $step took $(( $(date +%s) - start )) s"
+done

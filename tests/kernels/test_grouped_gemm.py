@@ -442,3 +442,38 @@ def test_int64_chosen_from_offsets_not_sizes():
     wide = torch.empty_strided((3, 2), (2**30, 1), device="meta")  # 6 elements, offsets up to 2**31 + 1
     assert _max_offset(wide) > INT32_MAX
     assert _max_offset(torch.empty(0, 5)) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs a GPU with 40 GB for a tensor of more than 2**31 elements")
+@pytest.mark.parametrize("kernel", ["portable", "hopper"])
+def test_more_than_2_31_elements(kernel):
+    """X of 2**31 + 2**21 elements: offsets past int32, on the rows at the end and the gathered ones."""
+    K, E, N = 256, 4, 64
+    M = (2**31 + 2**21) // K
+    counts = torch.tensor([M - 3000, 1000, 0, 2000], device="cuda", dtype=torch.int32)
+    X = torch.empty(M, K, device="cuda", dtype=torch.bfloat16).normal_()
+    W = (torch.randn(E, N, K, device="cuda") / K**0.5).to(torch.bfloat16)
+    out = grouped_gemm(X, W, counts, kernel=kernel, config={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64} if
+                       kernel == "portable" else None)
+    for rows, e in ((slice(0, 512), 0), (slice(M - 3000, M - 2000), 1), (slice(M - 2000, M), 3)):
+        ref = X[rows].float() @ W[e].float().T
+        assert relative_error(out[rows], ref) < 1e-2, (kernel, rows)
+    # gathered: expert-order row i reads token X[gather[i]], reversed, so the last tokens (past 2**31) come first
+    gather = torch.arange(M - 1, -1, -1, device="cuda", dtype=torch.int32)
+    out = grouped_gemm(X, W, counts, gather_indices=gather, permute_x=True, permute_y=True, kernel=kernel,
+                       config={"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64} if kernel == "portable" else None)
+    # row i is expert e's product of token gather[i], stored back at gather[i]: check the first and last tokens
+    for tokens, e in ((slice(M - 512, M), 0), (slice(0, 2000), 3)):
+        ref = X[tokens].float() @ W[e].float().T
+        assert relative_error(out[tokens], ref) < 1e-2, (kernel, "gathered", tokens)
+    # the weight gradient over the same rows: dW_e = dY_e.T @ X_e, offsets past int32 for the last experts
+    from moe_learn import grouped_gemm_dw
+
+    dY = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    dW = grouped_gemm_dw(X, dY, counts)
+    for rows, e in ((slice(M - 3000, M - 2000), 1), (slice(M - 2000, M), 3)):
+        ref = dY[rows].float().T @ X[rows].float()
+        assert relative_error(dW[e], ref) < 1e-2, ("dW", e)
+    assert not dW[2].any()

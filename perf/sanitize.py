@@ -1,0 +1,81 @@
+"""Every kernel and mode once, on small ragged shapes: what compute-sanitizer runs over.
+
+    compute-sanitizer --tool memcheck  python3 perf/sanitize.py
+    compute-sanitizer --tool racecheck python3 perf/sanitize.py
+
+Each call's output is checked against a float32 PyTorch reference, so the run also fails on a
+wrong answer. Autotuning is off (MOE_LEARN_AUTOTUNE=0): the sanitizer makes timing meaningless.
+"""
+
+import os
+
+os.environ.setdefault("MOE_LEARN_AUTOTUNE", "0")
+
+import torch  # noqa: E402
+
+import moe_learn  # noqa: E402
+from moe_learn import fused_routing, get_routing_indices, grouped_gemm, grouped_gemm_dw, moe_experts  # noqa: E402
+from moe_learn.ops.grouped_gemm import torch_grouped_gemm  # noqa: E402
+
+
+def check(name, got, want, tol=2e-2):
+    err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)).item()
+    status = "ok" if err < tol else "WRONG"
+    print(f"{status:5s} {name}: relative error {err:.1e}", flush=True)
+    if err >= tol:
+        raise SystemExit(1)
+
+
+def main():
+    torch.manual_seed(0)
+    dev, T, k, E, H, I = "cuda", 37, 2, 6, 96, 80
+    ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)]).to(dev)  # the last expert gets nothing
+    counts, gather = get_routing_indices(ids, E)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        X = torch.randn(T, H, device=dev, dtype=dtype)
+        W = (torch.randn(E, 2 * I, H, device=dev) / H**0.5).to(dtype)
+        bias = torch.randn(E, 2 * I, device=dev, dtype=dtype)
+        Xs = X[gather.long() // k]
+        ref = torch_grouped_gemm(Xs.float(), W.float(), counts)
+        kernels = ("portable", "hopper") if dtype != torch.float32 else ("portable",)
+        for kernel in kernels:
+            tag = f"{kernel} {str(dtype)[6:]}"
+            check(f"{tag} gather", grouped_gemm(X, W, counts, gather_indices=gather, topk=k, permute_x=True,
+                                                kernel=kernel), ref)
+            check(f"{tag} plain", grouped_gemm(Xs, W, counts, kernel=kernel), ref)
+            w = torch.rand(T, k, device=dev, dtype=dtype)
+            y = grouped_gemm(Xs, W, counts, gather_indices=gather, permute_y=True, topk_weights=w, bias=bias,
+                             kernel=kernel)
+            want = torch.empty_like(ref).index_copy_(0, gather.long(), (ref + bias.float()[
+                torch.repeat_interleave(torch.arange(E, device=dev), counts.long())]) * w.reshape(-1, 1)[gather.long()])
+            check(f"{tag} scatter+weights+bias", y, want)
+            Wt = W.transpose(1, 2).contiguous()  # [E, K, N]: the backward's dX layout
+            check(f"{tag} transpose=False", grouped_gemm(Xs, Wt, counts, transpose=False, kernel=kernel), ref)
+        dY = torch.randn(T * k, 2 * I, device=dev, dtype=dtype)
+        dW = grouped_gemm_dw(X, dY, counts, gather_indices=gather, topk=k, permute_x=True)
+        check(f"dW {str(dtype)[6:]}", dW, torch.stack([
+            dY[s:e].float().T @ Xs[s:e].float() for s, e in zip(
+                [0, *counts.cumsum(0)[:-1].tolist()], counts.cumsum(0).tolist(), strict=True)]))
+    logits = torch.randn(T, E, device=dev)
+    for cooperative in (True, False):
+        w, i, c, g, s = fused_routing(logits, k, cooperative=cooperative)
+        rw, ri = moe_learn.calculate_topk(logits, k, False, True)
+        check(f"fused routing cooperative={cooperative}", w, rw)
+        assert torch.equal(i, ri) and int(c.sum()) == T * k
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(E, 2 * I, H, device=dev) / H**0.5).to(torch.bfloat16).requires_grad_()
+    w2 = (torch.randn(E, H, I, device=dev) / I**0.5).to(torch.bfloat16).requires_grad_()
+    weights = torch.rand(T, k, device=dev, requires_grad=True)
+    out = moe_experts(x, ids, weights, w1, w2)
+    grads = torch.autograd.grad(out.float().square().sum(), [x, weights, w1, w2])
+    ref_out = moe_experts(x, ids, weights, w1, w2, backend="torch")
+    ref_grads = torch.autograd.grad(ref_out.float().square().sum(), [x, weights, w1, w2])
+    check("experts forward", out, ref_out)
+    for name, g, r in zip(("d_x", "d_weights", "d_w1", "d_w2"), grads, ref_grads, strict=True):
+        check(f"experts backward {name}", g, r, tol=3e-2)
+    torch.cuda.synchronize()
+    print("all kernels and modes ran", flush=True)
+
+
+if __name__ == "__main__":
+    main()
