@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 import moe_learn  # noqa: E402
 from moe_learn import fused_routing, get_routing_indices, grouped_gemm, grouped_gemm_dw, moe_experts  # noqa: E402
+from moe_learn.kernels.grouped_gemm import grouped_gemm_swiglu  # noqa: E402
 from moe_learn.ops.grouped_gemm import torch_grouped_gemm  # noqa: E402
 
 
@@ -51,11 +52,22 @@ def main():
             check(f"{tag} scatter+weights+bias", y, want)
             Wt = W.transpose(1, 2).contiguous()  # [E, K, N]: the backward's dX layout
             check(f"{tag} transpose=False", grouped_gemm(Xs, Wt, counts, transpose=False, kernel=kernel), ref)
+            if kernel == "hopper":  # [E, K, N] through TMA (BLOCK_K divides K = 96; the default 128 does not)
+                check(f"{tag} transpose=False W by TMA", grouped_gemm(Xs, Wt, counts, transpose=False, kernel=kernel,
+                                                                     config={"BLOCK_K": 32}), ref)
+                h = grouped_gemm_swiglu(X, W, counts, gather, k, True, True, None, kernel)
+                check(f"{tag} SwiGLU in the epilogue", h, moe_learn.swiglu(ref))
+                one = counts.new_zeros(E)
+                one[2] = 1  # a decode step: one row, the 16-row tiles
+                check(f"{tag} one row", grouped_gemm(Xs[:1], W, one, kernel=kernel), Xs[:1].float() @ W[2].float().T)
         dY = torch.randn(T * k, 2 * I, device=dev, dtype=dtype)
-        dW = grouped_gemm_dw(X, dY, counts, gather_indices=gather, topk=k, permute_x=True)
-        check(f"dW {str(dtype)[6:]}", dW, torch.stack([
-            dY[s:e].float().T @ Xs[s:e].float() for s, e in zip(
-                [0, *counts.cumsum(0)[:-1].tolist()], counts.cumsum(0).tolist(), strict=True)]))
+        want = torch.stack([dY[s:e].float().T @ Xs[s:e].float() for s, e in zip(
+            [0, *counts.cumsum(0)[:-1].tolist()], counts.cumsum(0).tolist(), strict=True)])
+        for kernel in ("portable", "hopper") if dtype != torch.float32 else ("portable",):
+            dW = grouped_gemm_dw(X, dY, counts, gather_indices=gather, topk=k, permute_x=True, kernel=kernel)
+            check(f"dW {kernel} {str(dtype)[6:]}", dW, want)
+        if dtype != torch.float32:  # X not gathered: both operands through TMA in the Hopper dW
+            check(f"dW hopper plain {str(dtype)[6:]}", grouped_gemm_dw(Xs, dY, counts, kernel="hopper"), want)
     logits = torch.randn(T, E, device=dev)
     for cooperative in (True, False):
         w, i, c, g, s = fused_routing(logits, k, cooperative=cooperative)
