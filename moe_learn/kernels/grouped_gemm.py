@@ -438,9 +438,10 @@ def grouped_gemm_trusted(X, W, m_sizes, gather_indices=None, topk_weights=None, 
                          permute_y=False, transpose=True, config=None, kernel="auto") -> torch.Tensor:
     """``grouped_gemm`` for callers whose arguments are consistent by construction: no checks, no validation.
 
-    The layers (``layers/experts.py``) check their own arguments once per layer call and
-    the op's backward builds its operands itself; both call this, so a decode step pays
-    for no check twice. Autograd and torch.compile go through the op as in ``grouped_gemm``.
+    The layers (``layers/experts.py``) check their arguments once per layer call
+    (``run_experts``) and then call this for both GEMMs, forward and backward, so a decode
+    step pays for no check twice. Autograd and torch.compile go through the op as in
+    ``grouped_gemm`` (whose implementation checks the arguments again, as any op call does).
     """
     if torch.compiler.is_compiling() or needs_autograd(X, W, topk_weights, bias):
         return torch.ops.moe_learn.grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x,

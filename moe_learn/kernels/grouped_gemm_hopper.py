@@ -122,7 +122,7 @@ def _grouped_gemm_tma_kernel(
                 if SWIGLU:
                     acc_up = tl.dot(x, w_desc.load([e * K + k0, N + n0]), acc_up)
             else:  # the K tail would reach into expert e + 1's rows: masked loads instead
-                w_rows = w_ptr + e.to(tl.int64) * K * W_N + (k0 + offs_k)[:, None] * W_N
+                w_rows = w_ptr + (e.to(tl.int64) * K + k0 + offs_k)[:, None] * W_N  # int64: one expert may pass 2**31
                 mask_w = (offs_k[:, None] < K - k0) & (offs_n[None, :] < N)
                 acc = tl.dot(x, tl.load(w_rows + offs_n[None, :], mask=mask_w, other=0.0), acc)
                 if SWIGLU:

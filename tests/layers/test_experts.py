@@ -113,6 +113,30 @@ def test_moe_experts_rejects_bad_arguments():
         moe_experts(x, ids, w, w1.half(), w2)
 
 
+def test_run_experts_refuses_inconsistent_operands():
+    """run_experts (transformers' path) checks shapes once, then runs the GEMMs unchecked: every
+    mismatch that would send a kernel past a tensor must be refused there."""
+    from moe_learn.layers.experts import route_rows, run_experts
+
+    ids, (x, w, w1, w2) = _case("ragged", H=8, I=4, dtype=torch.float32)
+    counts, gather = route_rows(ids, w1.shape[0])
+    run_experts(x, counts, gather, w, w1, w2)  # consistent: runs
+    bad = {
+        "hidden size": (x[:, :6], counts, gather, w, w1, w2),
+        "experts": (x, counts, gather, w, w1, w2[:-1]),
+        "intermediate size": (x, counts, gather, w, w1, w2[:, :, :3]),
+        "gather length": (x, counts, gather[:-1], w, w1, w2),
+        "counts length": (x, counts[:-1], gather, w, w1, w2),
+        "weights rows": (x, counts, gather, w[:-1], w1, w2),
+        "weights 1-D": (x, counts, gather, w.reshape(-1), w1, w2),
+    }
+    for args in bad.values():
+        with pytest.raises(ValueError, match="must be"):
+            run_experts(*args)
+    with pytest.raises(TypeError, match="cast them to one dtype"):
+        run_experts(x, counts, gather, w, w1.half(), w2)
+
+
 @pytest.mark.parametrize("routing", ["softmax", "sigmoid"])
 def test_block_trains_router_and_matches_reference_backend(routing):
     torch.manual_seed(0)
