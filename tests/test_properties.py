@@ -37,6 +37,11 @@ from moe_learn import (
     torch_grouped_gemm_dw,
     unpermute,
 )
+from moe_learn.device import ON_GPU
+
+# Written for CPU tensors through Triton's interpreter; on a GPU the same ops are checked by
+# tests/kernels and tests/layers on the device (and perf/sanitize.py under compute-sanitizer).
+pytestmark = pytest.mark.skipif(ON_GPU, reason="property tests of the CPU (interpreter) path")
 
 TOL = {torch.float64: 1e-10, torch.float32: 5e-4, torch.float16: 2e-3}
 FEW = settings(max_examples=20, deadline=None)
@@ -451,7 +456,16 @@ def test_fused_moe_forward(case, flags, layout, batched):
     weights, ids = ref_topk(logits, k, use_sigmoid, renormalize, pre_act)
     ref = ref_moe(x.double(), ids, weights.to(dtype).double(), W1.double(), W2.double())
     assert got.shape == ((1, *x.shape) if batched else x.shape) and got.dtype == dtype
-    assert_close_to(got.reshape(x.shape), ref, dtype)
+    if dtype == torch.float16:
+        # Two fp16 roundings (GEMM1's output, SwiGLU's) before a dot that may cancel: allow what the
+        # PyTorch reference itself loses in fp16 on the same inputs, twice over, besides the tolerance.
+        base = moe_experts_torch(x, ids, weights.to(dtype), W1, W2).double()
+        lost = ((base - ref).norm() / max(ref.norm().item(), 0.1 * ref.numel() ** 0.5)).item()
+        got64 = got.reshape(x.shape).double()
+        err = ((got64 - ref).norm() / max(ref.norm().item(), 0.1 * ref.numel() ** 0.5)).item()
+        assert err <= TOL[dtype] + 2 * lost, f"relative error {err:.2e} (the fp16 reference loses {lost:.2e})"
+    else:
+        assert_close_to(got.reshape(x.shape), ref, dtype)
 
 
 @FEW

@@ -134,6 +134,7 @@ def _grouped_gemm_dw_tma_kernel(
     DY_TMA: tl.constexpr,  # dY tiles through TMA (16-byte aligned rows)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (exact), "tf32" (unused) for bf16/fp16
 ):
     pid = tl.program_id(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -179,7 +180,7 @@ def _grouped_gemm_dw_tma_kernel(
             else:
                 dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :],
                              mask=offs_n[None, :] < N, other=0.0)
-            acc = tl.dot(dy.T, x, acc)
+            acc = tl.dot(dy.T, x, acc, input_precision=INPUT_PRECISION)
         if full_end < end:  # the ragged last step: masked loads stop exactly at the expert's end
             offs_m = full_end + tl.arange(0, BLOCK_M)
             mask_m = offs_m < end
@@ -193,7 +194,7 @@ def _grouped_gemm_dw_tma_kernel(
                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
             dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :],
                          mask=mask_m[:, None] & (offs_n[None, :] < N), other=0.0)
-            acc = tl.dot(dy.T, x, acc)
+            acc = tl.dot(dy.T, x, acc, input_precision=INPUT_PRECISION)
         dw_ptrs = (dw_ptr + e.to(tl.int64) * stride_dwe + offs_n.to(tl.int64)[:, None] * stride_dwn
                    + offs_k.to(tl.int64)[None, :] * stride_dwk)
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
@@ -459,6 +460,7 @@ def _launch_dw(cfg, *, X, dY, m_sizes, gather_indices, topk, permute_x, out, str
     args = (X, x_desc, dY, dy_desc, out, m_sizes, gather_indices if gather_indices is not None else m_sizes,
             M, N, K, E, X.stride(0), dY.stride(0), *strides)
     constexprs = dict(TOP_K=topk, PERMUTE_X=permute_x, X_TMA=x_tma, DY_TMA=dy_tma, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs)
+                      BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs,
+                      INPUT_PRECISION="ieee" if X.dtype == torch.float32 else "tf32")
     _DW_LAUNCH((programs,), args, constexprs, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return out

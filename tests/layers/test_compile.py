@@ -37,7 +37,7 @@ def test_fused_routing_compiles_and_trains_the_router():
     weights, counts = torch.compile(route, fullgraph=True)(logits)
     assert int(counts.sum()) == 10
     # (renormalized weights sum to 1 per token: a plain sum would have a zero gradient)
-    (grad,) = torch.autograd.grad((weights * torch.arange(10.0).view(5, 2)).sum(), logits)
+    (grad,) = torch.autograd.grad((weights * torch.arange(10.0, device=DEVICE).view(5, 2)).sum(), logits)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 

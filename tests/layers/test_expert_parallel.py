@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from moe_learn import calculate_topk, moe_experts_torch
+from moe_learn.device import DEVICE
 from moe_learn.layers.expert_parallel import (
     ExpertParallelMoE,
     dispatch_plan,
@@ -139,12 +140,12 @@ def test_triton_local_experts_train():
     from moe_learn import grouped_gemm
 
     tokens, num_experts, top_k = [4, 0, 5], 6, 2
-    xs = [torch.randn(t, 16, requires_grad=True) for t in tokens]
-    routing = [calculate_topk(torch.randn(t, num_experts), top_k, False, True) for t in tokens]
+    xs = [torch.randn(t, 16, device=DEVICE, requires_grad=True) for t in tokens]
+    routing = [calculate_topk(torch.randn(t, num_experts, device=DEVICE), top_k, False, True) for t in tokens]
     ws = [w.requires_grad_() for w, _ in routing]
     ids = [i for _, i in routing]
-    gate_up = (torch.randn(num_experts, 16, 16) / 4).requires_grad_()
-    down = (torch.randn(num_experts, 16, 8) / 3).requires_grad_()
+    gate_up = (torch.randn(num_experts, 16, 16, device=DEVICE) / 4).requires_grad_()
+    down = (torch.randn(num_experts, 16, 8, device=DEVICE) / 3).requires_grad_()
     outs = simulate_expert_parallel(xs, ids, ws, gate_up, down, local_experts_fn=make_local_experts_fn(grouped_gemm))
     leaves = [*xs, *ws, gate_up, down]
     grads = torch.autograd.grad(torch.cat(outs).square().sum(), leaves, allow_unused=True)
