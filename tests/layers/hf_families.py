@@ -16,6 +16,7 @@ from functools import cache
 import torch
 
 import moe_learn  # noqa: F401  (registers "moe_learn" with transformers once it is imported)
+from moe_learn.device import DEVICE
 
 SIZES = dict(
     hidden_size=32, intermediate_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=16,
@@ -106,7 +107,7 @@ def build_tiny(model_type: str, implementation: str = "eager", seed: int = 0):
     _shrink(config)
     config._experts_implementation = implementation
     torch.manual_seed(seed)
-    model = _model_class(config)._from_config(config).float().eval()
+    model = _model_class(config)._from_config(config).float().eval().to(DEVICE)
     with torch.no_grad():  # some inits leave experts at zero or empty
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
@@ -158,7 +159,7 @@ def compare(model_type: str, seen: dict | None = None) -> dict:
     ``seen`` maps model classes already compared to their model type (``AlreadyCompared``).
     """
     seen = {} if seen is None else seen
-    input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     try:
         reference = build_tiny(model_type, "eager")
         if not experts_modules(reference):
