@@ -1,11 +1,20 @@
+import atexit
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
 import pytest
 import torch
 
-import moe_learn  # noqa: F401  (sets TRITON_INTERPRET on machines without CUDA)
+# torch.compile's on-disk caches outlive a run; a graph cached before an op's schema changed
+# (a new argument) fails to load. Each test session compiles into its own cache.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_learn_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import moe_learn  # noqa: E402, F401  (sets TRITON_INTERPRET on machines without CUDA)
 
 
 @pytest.fixture(autouse=True)
