@@ -51,6 +51,21 @@ def check_block_args(hidden_size, intermediate_size, num_experts, top_k, routing
     check_backend(backend)
 
 
+def setup_block(module: nn.Module, hidden_size, intermediate_size, num_experts, top_k, routing, renormalize,
+                backend, *, experts_here: int, device=None, dtype=None) -> None:
+    """The attributes and parameters every block of the course holds (``experts_here``: the
+    experts this module stores, all of them or, for the expert-parallel layer, its rank's share)."""
+    check_block_args(hidden_size, intermediate_size, num_experts, top_k, routing, renormalize, backend)
+    factory = {"device": device, "dtype": dtype}
+    module.hidden_size, module.intermediate_size = hidden_size, intermediate_size
+    module.num_experts, module.top_k = num_experts, top_k
+    module.routing, module.renormalize, module.backend = routing, renormalize, backend
+    module.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+    module.gate_up_proj = nn.Parameter(torch.empty(experts_here, 2 * intermediate_size, hidden_size, **factory))
+    module.down_proj = nn.Parameter(torch.empty(experts_here, hidden_size, intermediate_size, **factory))
+    init_expert_weights(module.gate_up_proj, module.down_proj)
+
+
 def init_expert_weights(*weights: torch.Tensor) -> None:
     """nn.Linear's default scale for each expert's ``[N, K]`` matrix: uniform in +-1/sqrt(K)."""
     with torch.no_grad():
@@ -89,15 +104,8 @@ class MoEBlock(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_block_args(hidden_size, intermediate_size, num_experts, top_k, routing, renormalize, backend)
-        factory = {"device": device, "dtype": dtype}
-        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        self.num_experts, self.top_k = num_experts, top_k
-        self.routing, self.renormalize, self.backend = routing, renormalize, backend
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
-        init_expert_weights(self.gate_up_proj, self.down_proj)
+        setup_block(self, hidden_size, intermediate_size, num_experts, top_k, routing, renormalize, backend,
+                    experts_here=num_experts, device=device, dtype=dtype)
         self.router_logits: torch.Tensor | None = None
         self.topk_ids: torch.Tensor | None = None
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from moe_learn.layers.blocks import check_block_args, init_expert_weights, route
+from moe_learn.layers.blocks import check_block_args, route, setup_block
 from moe_learn.ops.grouped_gemm import torch_grouped_gemm
 from moe_learn.ops.moe import moe_experts_torch, swiglu
 from moe_learn.ops.permutation import combine, permute, unpermute
@@ -503,15 +503,9 @@ class ExpertParallelMoE(torch.nn.Module):
         super().__init__()
         check_block_args(hidden_size, intermediate_size, num_experts, top_k, routing, renormalize, backend)
         world_size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-        per_rank = experts_per_rank(num_experts, world_size)
-        factory = {"device": device, "dtype": dtype}
-        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        self.num_experts, self.top_k = num_experts, top_k
-        self.routing, self.renormalize, self.backend, self.group = routing, renormalize, backend, group
-        self.router = torch.nn.Linear(hidden_size, num_experts, bias=False, **factory)
-        self.gate_up_proj = torch.nn.Parameter(torch.empty(per_rank, 2 * intermediate_size, hidden_size, **factory))
-        self.down_proj = torch.nn.Parameter(torch.empty(per_rank, hidden_size, intermediate_size, **factory))
-        init_expert_weights(self.gate_up_proj, self.down_proj)
+        setup_block(self, hidden_size, intermediate_size, num_experts, top_k, routing, renormalize, backend,
+                    experts_here=experts_per_rank(num_experts, world_size), device=device, dtype=dtype)
+        self.group = group
 
     @classmethod
     def from_full_weights(cls, gate_up_proj, down_proj, router_weight=None, *, top_k, group=None,
