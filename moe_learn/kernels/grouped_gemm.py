@@ -32,6 +32,7 @@ from moe_learn import device as _device
 from moe_learn.kernels.autotune import num_sms
 from moe_learn.kernels.grouped_gemm_hopper import auto_candidate, grouped_gemm_hopper, unsupported_reason
 from moe_learn.kernels.launcher import FastLauncher
+from moe_learn.ops.grouped_gemm import expert_of_rows
 from moe_learn.validation import (
     check_gather_indices,
     check_integer,
@@ -525,9 +526,7 @@ def _epilogue_only(result, m_sizes, gather_indices, topk_weights, bias, permute_
     M, N = result.shape
     rows = torch.zeros(M, N, dtype=torch.float32, device=result.device)
     if bias is not None:
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(m_sizes.numel(), device=result.device), m_sizes.long().clamp_min(0), output_size=M)
-        rows = bias.float()[expert_of_row]
+        rows = bias.float()[expert_of_rows(m_sizes, M)]
     if permute_y:
         rows = torch.empty_like(rows).index_copy_(0, gather_indices.long(), rows)
         if topk_weights is not None:

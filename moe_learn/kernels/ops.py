@@ -26,6 +26,7 @@ import torch
 from moe_learn.kernels.backward import run_grouped_gemm_dw
 from moe_learn.kernels.fused_routing import run_fused_routing
 from moe_learn.kernels.grouped_gemm import decode_config, run_grouped_gemm
+from moe_learn.ops.grouped_gemm import expert_of_rows
 
 Tensor = torch.Tensor
 
@@ -89,11 +90,9 @@ def _gemm_backward(ctx, d_out):
             d_w = torch.ops.moe_learn.grouped_gemm_dw(X, d_sorted, m_sizes, gather if permute_x else None, topk,
                                                       permute_x, transpose, "", "auto")
         if need_bias:
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(m_sizes.numel(), device=d_out.device), m_sizes.long().clamp_min(0), output_size=M)
             acc = torch.promote_types(d_out.dtype, torch.float32)
             d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device).index_add_(
-                0, expert_of_row, d_sorted.to(acc)).to(bias.dtype)
+                0, expert_of_rows(m_sizes, M), d_sorted.to(acc)).to(bias.dtype)
     return d_x, d_w, None, None, d_weights, d_bias, None, None, None, None, None, None
 
 

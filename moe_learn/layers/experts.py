@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_learn.ops.grouped_gemm import torch_grouped_gemm, torch_grouped_gemm_dw
+from moe_learn.ops.grouped_gemm import expert_of_rows, torch_grouped_gemm, torch_grouped_gemm_dw
 from moe_learn.ops.moe import swiglu, swiglu_backward
 from moe_learn.ops.permutation import permute, unpermute
 from moe_learn.ops.routing import calculate_topk, expert_counts, gather_indices_by_expert
@@ -363,12 +363,6 @@ def fused_moe_forward(
 # ---------------------------------------------------------------------------------------
 
 
-def _bias_rows(bias: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """bias[e] for every expert-order row (the rows of expert e are counts[e] consecutive rows)."""
-    experts = torch.arange(counts.numel(), device=counts.device)
-    return bias[torch.repeat_interleave(experts, counts.long())]
-
-
 def experts_with_activation(hidden_states, counts, gather_indices, topk_weights, w1, w2, activation, *,
                             b1=None, b2=None, post_norm=None, transpose=True, backend="triton", config=None):
     """GEMM1 (gather, + b1) -> ``activation`` -> GEMM2 (+ b2) -> [post_norm] -> weighted sum over the k slots.
@@ -392,7 +386,7 @@ def experts_with_activation(hidden_states, counts, gather_indices, topk_weights,
                 x = x[gather_indices.long() // topk]
             y = torch_grouped_gemm(x, w, counts, transpose=transpose)
             if b is not None:
-                y = y + _bias_rows(b, counts)
+                y = y + b[expert_of_rows(counts)]
             if topk_weights is not None:
                 y = y * topk_weights.reshape(-1)[gather_indices.long()].unsqueeze(-1).to(y.dtype)
             return y.new_empty(y.shape).index_copy(0, gather_indices.long(), y) if permute_y else y

@@ -16,6 +16,16 @@ def _n_k(W: torch.Tensor, transpose: bool) -> tuple[int, int]:
     return (W.shape[1], W.shape[2]) if transpose else (W.shape[2], W.shape[1])
 
 
+def expert_of_rows(m_sizes: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The expert of every expert-order row: ``e`` repeated ``m_sizes[e]`` times (negative sizes count 0).
+
+    ``rows``, the total when the caller knows it, spares the device->host copy that sizing
+    the result would otherwise need.
+    """
+    experts = torch.arange(m_sizes.numel(), device=m_sizes.device)
+    return torch.repeat_interleave(experts, m_sizes.long().clamp_min(0), output_size=rows)
+
+
 def torch_grouped_gemm(X: torch.Tensor, W: torch.Tensor, m_sizes: torch.Tensor, transpose: bool = True) -> torch.Tensor:
     """One matmul per expert over consecutive row blocks of X.
 
