@@ -85,17 +85,19 @@ def route_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 
 
 def _gemm(backend, X, W, counts, gather_indices, *, topk=1, permute_x=False, permute_y=False, transpose=True,
-          topk_weights=None, config=None):
+          topk_weights=None, config=None, bias=None):
     """Y = grouped GEMM of X and W, optionally gathering X / scattering Y (see grouped_gemm)."""
     if backend == "triton":
         from moe_learn.kernels.grouped_gemm import grouped_gemm_trusted
 
         # run_experts checked the shapes once for both GEMMs (and the backward's)
-        return grouped_gemm_trusted(X, W, counts, gather_indices, topk_weights, None, topk, permute_x, permute_y,
+        return grouped_gemm_trusted(X, W, counts, gather_indices, topk_weights, bias, topk, permute_x, permute_y,
                                     transpose, config)
     if permute_x:
         X = permute(X, gather_indices, topk)
     Y = torch_grouped_gemm(X, W, counts, transpose=transpose)
+    if bias is not None:  # before the routing weight, as the kernels' epilogue does
+        Y = Y + bias[expert_of_rows(counts)]
     if topk_weights is not None:
         Y = Y * topk_weights.reshape(-1)[gather_indices.long()].unsqueeze(-1).to(Y.dtype)
     return unpermute(Y, gather_indices) if permute_y else Y
@@ -380,16 +382,9 @@ def experts_with_activation(hidden_states, counts, gather_indices, topk_weights,
 
         gemm = lambda x, w, b, **kw: grouped_gemm(x, w, counts, gather_indices=gather_indices, bias=b,  # noqa: E731
                                                   transpose=transpose, config=config, validate=False, **kw)
-    else:
-        def gemm(x, w, b, *, topk=1, permute_x=False, permute_y=False, topk_weights=None):
-            if permute_x:
-                x = x[gather_indices.long() // topk]
-            y = torch_grouped_gemm(x, w, counts, transpose=transpose)
-            if b is not None:
-                y = y + b[expert_of_rows(counts)]
-            if topk_weights is not None:
-                y = y * topk_weights.reshape(-1)[gather_indices.long()].unsqueeze(-1).to(y.dtype)
-            return y.new_empty(y.shape).index_copy(0, gather_indices.long(), y) if permute_y else y
+    else:  # the reference GEMMs, as the torch backend of moe_experts runs them
+        gemm = lambda x, w, b, **kw: _gemm("torch", x, w, counts, gather_indices, transpose=transpose,  # noqa: E731
+                                           bias=b, **kw)
 
     h = activation(gemm(hidden_states, w1, b1, topk=top_k, permute_x=True))
     if post_norm is None:  # the routing weights go in GEMM2's epilogue
