@@ -116,12 +116,28 @@ def check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_pro
     check_tensor("down_proj", down_proj, ndim=3)
     check_same_device(hidden_states=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
                       gate_up_proj=gate_up_proj, down_proj=down_proj)
-    num_tokens, hidden = hidden_states.shape
+    num_tokens = hidden_states.shape[0]
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
         raise ValueError(
             f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
             f"must both be [T, k] with T={num_tokens}"
         )
+    _check_expert_shapes(hidden_states, gate_up_proj, down_proj, transpose)
+
+
+def check_expert_weights(hidden_states, gate_up_proj, down_proj, *, transpose: bool = True) -> None:
+    """Hidden ``[T, H]`` and the experts' weights ``[E, 2I, H]`` / ``[E, H, I]`` (``transpose=False``:
+    ``[E, H, 2I]`` / ``[E, I, H]``): the shapes, one dtype and one device."""
+    check_tensor("hidden_states", hidden_states, ndim=2)
+    check_floating("hidden_states", hidden_states)
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3)
+    check_tensor("down_proj", down_proj, ndim=3)
+    check_same_device(hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    _check_expert_shapes(hidden_states, gate_up_proj, down_proj, transpose)
+
+
+def _check_expert_shapes(hidden_states, gate_up_proj, down_proj, transpose: bool) -> None:
+    hidden = hidden_states.shape[1]
     # shapes as [E, N, K] whatever the storage layout
     w1 = gate_up_proj.shape if transpose else gate_up_proj.transpose(1, 2).shape
     w2 = down_proj.shape if transpose else down_proj.transpose(1, 2).shape

@@ -39,7 +39,13 @@ from moe_learn.ops.grouped_gemm import expert_of_rows, torch_grouped_gemm, torch
 from moe_learn.ops.moe import swiglu, swiglu_backward
 from moe_learn.ops.permutation import permute, unpermute
 from moe_learn.ops.routing import calculate_topk, expert_counts, gather_indices_by_expert
-from moe_learn.validation import check_index_range, check_moe_args, check_positive_int, check_tensor
+from moe_learn.validation import (
+    check_expert_weights,
+    check_index_range,
+    check_moe_args,
+    check_positive_int,
+    check_tensor,
+)
 
 BACKENDS = ("triton", "torch")
 # Inference: SwiGLU in GEMM1's epilogue on the Hopper kernel (A/B switch, perf/ab_kernels.py). Training keeps
@@ -346,8 +352,7 @@ def fused_moe_forward(
     num_experts = gate_up_proj.shape[0]
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} is larger than num_experts={num_experts}; pass top_k <= num_experts")
-    check_moe_args(x, x.new_zeros(x.shape[0], top_k, dtype=torch.long), x.new_zeros(x.shape[0], top_k),
-                   gate_up_proj, down_proj)
+    check_expert_weights(x, gate_up_proj, down_proj)
     logits = x @ router_weight.T
     if x.dtype in TRITON_DTYPES:
         weights, _, counts, gather_indices, _ = fused_routing(
