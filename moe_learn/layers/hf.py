@@ -270,9 +270,14 @@ class FusedLlama4TextMoe(nn.Module):
 # ------------------------------------------------------------------------------------------ patch_model
 
 
-def _own_config(module: nn.Module) -> None:
-    """Give one experts module its own config copy, so switching it leaves the others alone."""
-    module.config = copy.copy(module.config)
+def _switch(experts: nn.Module, backend: str) -> None:
+    """Run one experts module on "moe_learn" with ``backend``, through a config copy of its own (so
+    the other modules keep theirs); the original config is kept for ``unpatch_model``."""
+    if not hasattr(experts, "_moe_learn_previous"):
+        experts._moe_learn_previous = (experts.config, experts.config._experts_implementation)
+    experts.config = copy.copy(experts.config)
+    experts.config._experts_implementation_internal = IMPLEMENTATION
+    setattr(experts, _BACKEND_ATTR, backend)
 
 
 def fuse_moe_block(block: nn.Module, backend: str = "triton") -> nn.Module:
@@ -287,10 +292,9 @@ def fuse_moe_block(block: nn.Module, backend: str = "triton") -> nn.Module:
         raise TypeError(f"{name} has no experts module that uses transformers' experts interface and is not a "
                         f"Llama 4 text MoE ({', '.join(LLAMA4_BLOCKS)}); it cannot run on the course's kernels")
     for _, experts in found:
-        experts_layout(experts)
-        _own_config(experts)
-        experts.config._experts_implementation_internal = IMPLEMENTATION
-        setattr(experts, _BACKEND_ATTR, backend)
+        experts_layout(experts)  # refuse before changing anything
+    for _, experts in found:
+        _switch(experts, backend)
     return block
 
 
@@ -320,11 +324,7 @@ def patch_model(model: nn.Module, *, backend: str = "triton") -> nn.Module:
         experts_layout(experts)  # refuse before changing anything
         switched.append((name, experts))
     for _, experts in switched:
-        if not hasattr(experts, "_moe_learn_previous"):
-            experts._moe_learn_previous = (experts.config, experts.config._experts_implementation)
-        _own_config(experts)
-        experts.config._experts_implementation_internal = IMPLEMENTATION
-        setattr(experts, _BACKEND_ATTR, backend)
+        _switch(experts, backend)
     if not replaced and not switched:
         raise ValueError(
             f"found no MoE block to patch in {type(model).__name__}: no experts module uses transformers' experts "
