@@ -5,6 +5,7 @@
     autotune.py             the SM count and the shape-bucket autotuner
     ops.py                  the kernels as torch.library custom ops (torch.compile, autograd)
     backward.py             the weight gradient ``grouped_gemm_dw`` (chapter 09)
+    swiglu.py               training's SwiGLU with the routing weight folded in, and its backward
     fused_routing.py        top-k, counts, gather and scatter indices in one launch
     primer.py               chapter 05's small kernels
     schedule.py             the grouped GEMM's tile walk in plain Python (chapter 06's picture)

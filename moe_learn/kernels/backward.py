@@ -377,16 +377,20 @@ def _dw_config(n, k, m, warps, stages, per_sm=1):
     return dict(BLOCK_N=n, BLOCK_K=k, BLOCK_M=m, num_warps=warps, num_stages=stages, PROGRAMS_PER_SM=per_sm)
 
 
-# Output tiles BLOCK_N x BLOCK_K, reduction steps of BLOCK_M rows, by average rows per expert
-# (predictions in perf/NOTES.md, not yet measured). Few rows: short reductions, so two
-# programs per SM (one's stores overlap the other's loads); many rows: 128 x 256 tiles halve
-# the L2 reads of the 128 x 128 ones. The first of each bucket is the default without tuning.
+# Output tiles BLOCK_N x BLOCK_K, reduction steps of BLOCK_M rows, by average rows per expert.
+# Measured on an H200 (perf/ab_dw.py, Qwen3-30B-A3B T=8192, 512 rows per expert, X gathered in
+# the kernel; perf/NOTES.md item 14): 32-row steps with 5 stages beat 64-row steps by 13-15%
+# (dW1 1178 us against 1350 us): an expert's reduction is only 512 rows long, and the deeper
+# pipeline of thinner steps keeps the gathered loads ahead of the MMAs. Few rows: two programs
+# per SM (one's stores overlap the other's loads). The first of each bucket is the default
+# without tuning.
 DW_CANDIDATES_BY_ROWS_PER_EXPERT = (
-    (64, (_dw_config(128, 128, 32, 4, 3, 2), _dw_config(128, 128, 64, 4, 3, 2), _dw_config(64, 128, 64, 4, 4, 2))),
-    (512, (_dw_config(128, 128, 64, 4, 3, 2), _dw_config(128, 128, 64, 8, 4), _dw_config(128, 256, 64, 8, 3),
-           _dw_config(128, 128, 128, 8, 3))),
-    (float("inf"), (_dw_config(128, 256, 64, 8, 3), _dw_config(128, 256, 64, 8, 4), _dw_config(256, 128, 64, 8, 3),
-                    _dw_config(128, 128, 64, 4, 3, 2))),
+    (64, (_dw_config(128, 128, 32, 4, 5, 2), _dw_config(128, 128, 32, 4, 3, 2), _dw_config(128, 128, 64, 4, 3, 2),
+          _dw_config(64, 128, 64, 4, 4, 2))),
+    (512, (_dw_config(128, 128, 32, 4, 5, 2), _dw_config(256, 128, 32, 8, 5), _dw_config(128, 128, 64, 4, 3, 2),
+           _dw_config(128, 256, 32, 8, 5))),
+    (float("inf"), (_dw_config(128, 256, 64, 8, 3), _dw_config(128, 128, 32, 4, 5, 2), _dw_config(256, 128, 32, 8, 5),
+                    _dw_config(128, 256, 64, 8, 4), _dw_config(256, 128, 64, 8, 3))),
 )
 
 

@@ -1,7 +1,7 @@
 """The kernels as ``torch.library`` custom ops, with fake (meta) implementations and autograd.
 
-``moe_learn::grouped_gemm``, ``moe_learn::grouped_gemm_dw`` and ``moe_learn::fused_routing``
-are what ``torch.compile`` traces (no graph break: the compiler sees one opaque op with a
+``moe_learn::grouped_gemm``, ``moe_learn::grouped_gemm_dw``, ``moe_learn::fused_routing`` and
+``moe_learn::weighted_swiglu`` (with its backward) are what ``torch.compile`` traces (no graph break: the compiler sees one opaque op with a
 known output shape) and what autograd records. The public Python functions
 (``grouped_gemm``, ``grouped_gemm_dw``, ``fused_routing``) call them whenever a gradient
 must be recorded or a graph is being compiled; an eager call with nothing to record goes
@@ -26,6 +26,7 @@ import torch
 from moe_learn.kernels.backward import run_grouped_gemm_dw
 from moe_learn.kernels.fused_routing import run_fused_routing
 from moe_learn.kernels.grouped_gemm import decode_config, run_grouped_gemm
+from moe_learn.kernels.swiglu import run_weighted_swiglu, run_weighted_swiglu_backward
 from moe_learn.ops.grouped_gemm import expert_of_rows
 
 Tensor = torch.Tensor
@@ -206,3 +207,42 @@ def _routing_backward(ctx, d_weights, d_ids, d_counts, d_gather, d_scatter):
 
 
 fused_routing_op.register_autograd(_routing_backward, setup_context=_routing_setup_context)
+
+
+# ------------------------------------------------------------------------------- weighted SwiGLU
+
+
+@torch.library.custom_op("moe_learn::weighted_swiglu", mutates_args=())
+def weighted_swiglu_op(gate_up: Tensor, topk_weights: Tensor, gather_indices: Tensor) -> Tensor:
+    return run_weighted_swiglu(gate_up, topk_weights, gather_indices)
+
+
+@weighted_swiglu_op.register_fake
+def _(gate_up, topk_weights, gather_indices):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
+@torch.library.custom_op("moe_learn::weighted_swiglu_backward", mutates_args=())
+def weighted_swiglu_backward_op(gate_up: Tensor, topk_weights: Tensor, gather_indices: Tensor,
+                                d_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+
+
+@weighted_swiglu_backward_op.register_fake
+def _(gate_up, topk_weights, gather_indices, d_h):
+    return (torch.empty_like(gate_up), topk_weights.new_empty(topk_weights.shape, dtype=torch.float32),
+            gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, d_h):
+    gate_up, topk_weights, gather_indices = ctx.saved_tensors
+    d_gate_up, d_weights, _ = torch.ops.moe_learn.weighted_swiglu_backward(gate_up, topk_weights, gather_indices,
+                                                                           d_h.contiguous())
+    return d_gate_up, d_weights.to(topk_weights.dtype), None
+
+
+weighted_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)

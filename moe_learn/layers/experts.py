@@ -13,22 +13,28 @@ All of them are differentiable and traceable by ``torch.compile(fullgraph=True)`
 Triton GEMMs are ``torch.library`` ops (``moe_learn.kernels.ops``), the routing is plain
 tensor code with no host sync, and the autograd Function below is traceable too.
 
-Forward, per (token t, slot j) routed to expert e (``x = hidden_states``, ``w = topk_weights``):
+Forward, per row r of the expert-ordered problem, which belongs to (token t, slot j)
+``= divmod(gather_indices[r], k)`` and expert e (``x = hidden_states``, ``w_r = topk_weights[t, j]``):
 
-    g   = x_t @ W1_e.T            GEMM1, rows gathered from token order     [M, 2I]
-    h   = silu(g_gate) * g_up     SwiGLU                                   [M, I]
-    y   = h @ W2_e.T              GEMM2, rows scattered to (t, j) order     [M, H]
-    out_t = sum_j w_tj * y_tj
+    g_r   = x_t @ W1_e.T                   GEMM1, rows gathered from token order     [M, 2I]
+    h_r   = w_r * silu(g_gate) * g_up      SwiGLU with the routing weight folded in  [M, I]
+    y_tj  = h_r @ W2_e.T                   GEMM2, rows scattered to (t, j) order     [M, H]
+    out_t = sum_j y_tj
 
 Backward, given ``d_out [T, H]``:
 
-    d_w_tj  = <d_out_t, y_tj>                 the router's gradient, through its weights
-    dy_tj   = w_tj * d_out_t
-    dh      = dy_e @ W2_e                     grouped GEMM, other W layout (forward kernel)
-    dW2_e   = dy_e.T @ h_e                    weight-gradient kernel
-    dg      = SwiGLU'(g) * dh
-    dW1_e   = dg_e.T @ x_e                    weight-gradient kernel, x gathered from token order
-    dx_t    = sum_j (dg_tj @ W1_e)            forward kernel scattering to (t, j), summed over j
+    a_r     = d_out_t @ W2_e               grouped GEMM reading d_out's rows by token (other W layout)
+    d_w_tj  = <a_r, silu(g_gate) * g_up>   the router's gradient       } one element-wise pass
+    dg_r    = SwiGLU'(g_r) * (w_r a_r)                                  } (kernels/swiglu.py),
+    h_r     = recomputed                                               } which recomputes h
+    dW2_e   = sum_r d_out_t.T h_r          weight-gradient kernel, d_out rows read by token
+    dW1_e   = dg_e.T @ x_e                 weight-gradient kernel, x gathered from token order
+    dx_t    = sum_j (dg_r @ W1_e)          forward kernel scattering to (t, j), summed over j
+
+Folding w into h (GEMM2 is linear in its rows) is what keeps the backward lean: nothing of
+size ``[M, H]`` is kept from the forward (only g), and no weighted copy of ``d_out`` is made;
+the expert outputs, weighted or not, never exist outside GEMM2's output. Inference (no
+gradient) applies the weights in GEMM2's epilogue and the SwiGLU in GEMM1's instead.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from moe_learn.ops.grouped_gemm import expert_of_rows, torch_grouped_gemm, torch_grouped_gemm_dw
-from moe_learn.ops.moe import swiglu, swiglu_backward
+from moe_learn.ops.moe import swiglu, weighted_swiglu, weighted_swiglu_backward
 from moe_learn.ops.permutation import permute, unpermute
 from moe_learn.ops.routing import calculate_topk, expert_counts, gather_indices_by_expert
 from moe_learn.validation import (
@@ -49,7 +55,7 @@ from moe_learn.validation import (
 
 BACKENDS = ("triton", "torch")
 # Inference: SwiGLU in GEMM1's epilogue on the Hopper kernel (A/B switch, perf/ab_kernels.py). Training keeps
-# gate_up for the backward (stored, not recomputed: perf/NOTES.md item 13 weighs the two).
+# gate_up for the backward (stored, not recomputed: perf/NOTES.md item 13 weighs the two) and recomputes h.
 FUSED_SWIGLU = True
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -121,33 +127,50 @@ def _gemm_dw(backend, X, dY, counts, gather_indices, *, topk=1, permute_x=False,
 
 
 def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, *,
-                     transpose=True, config=None, weighted_epilogue=True):
-    """GEMM1 (gather) -> SwiGLU -> GEMM2 (scatter) -> sum over the k slots.
+                     transpose=True, config=None):
+    """Inference: GEMM1 (gather) -> SwiGLU -> GEMM2 (scatter, routing weights in its epilogue) -> sum over k.
 
-    Returns (out [T, H], gate_up [M, 2I], y [T, k, H]). With ``weighted_epilogue`` (inference)
-    GEMM2 applies the routing weights as it stores and, with ``FUSED_SWIGLU``, GEMM1 applies the
-    SwiGLU as it stores (gate_up is then None: it is never written); without, y stays unweighted
-    because the weights' gradient needs it (``d_w_tj = <d_out_t, y_tj>``) and the sum weights it.
+    With ``FUSED_SWIGLU`` and the Triton backend, GEMM1 applies the SwiGLU as it stores:
+    ``[M, 2I]`` is never written.
     """
     num_tokens, hidden = hidden_states.shape
     top_k = topk_weights.shape[1]
     # GEMM1 gathers token rows itself: the permuted copy of hidden_states never exists.
-    if weighted_epilogue and backend == "triton" and FUSED_SWIGLU:
-        # inference: nothing is kept for a backward, so the SwiGLU runs in GEMM1's epilogue
+    if backend == "triton" and FUSED_SWIGLU:
         from moe_learn.kernels.grouped_gemm import grouped_gemm_swiglu
 
-        gate_up = None
         h = grouped_gemm_swiglu(hidden_states, gate_up_proj, counts, gather_indices, top_k, True, transpose, config)
     else:
-        gate_up = _gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
-                        transpose=transpose, config=config)
-        h = swiglu(gate_up)
-    weights = topk_weights.to(hidden_states.dtype)
+        h = swiglu(_gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
+                         transpose=transpose, config=config))
     y = _gemm(backend, h, down_proj, counts, gather_indices, permute_y=True, transpose=transpose, config=config,
-              topk_weights=weights if weighted_epilogue else None)
-    y = y.view(num_tokens, top_k, hidden)
-    out = y.sum(dim=1) if weighted_epilogue else (y * weights.unsqueeze(-1)).sum(dim=1)
-    return out, gate_up, y
+              topk_weights=topk_weights.to(hidden_states.dtype))
+    return y.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def _weighted_swiglu(backend, gate_up, topk_weights, gather_indices):
+    """h_r = w_r * swiglu(gate_up_r): the Triton kernel, or the PyTorch reference."""
+    if backend == "triton":
+        from moe_learn.kernels.swiglu import run_weighted_swiglu
+
+        if not torch.compiler.is_compiling():
+            return run_weighted_swiglu(gate_up, topk_weights, gather_indices)
+        return torch.ops.moe_learn.weighted_swiglu(gate_up, topk_weights, gather_indices)
+    return weighted_swiglu(gate_up, topk_weights.reshape(-1)[gather_indices.long()])
+
+
+def _weighted_swiglu_backward(backend, gate_up, topk_weights, gather_indices, d_h):
+    """(d_gate_up, d_topk_weights in float32 or wider, shaped like topk_weights, h)."""
+    if backend == "triton":
+        from moe_learn.kernels.swiglu import run_weighted_swiglu_backward
+
+        if not torch.compiler.is_compiling():
+            return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+        return torch.ops.moe_learn.weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+    index = gather_indices.long()
+    d_gate_up, d_rows, h = weighted_swiglu_backward(gate_up, topk_weights.reshape(-1)[index], d_h)
+    d_weights = d_rows.new_zeros(topk_weights.numel()).index_copy_(0, index, d_rows)
+    return d_gate_up, d_weights.view(topk_weights.shape), h
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,55 +183,49 @@ class FusedMoEFunction(torch.autograd.Function):
 
     Inputs: hidden_states [T, H], counts [E], gather_indices [T*k] (from the routing),
     topk_weights [T, k], gate_up_proj, down_proj, and the flags (transpose, backend, config).
+    Keeps GEMM1's output g [M, 2I] for the backward; h is recomputed from it there.
     """
 
     @staticmethod
     def forward(ctx, hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, transpose, backend,
                 config):
-        out, gate_up, y = _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
-                                           down_proj, transpose=transpose, config=config, weighted_epilogue=False)
-        # h is cheap to recompute from gate_up, so it is not kept.
-        ctx.save_for_backward(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up, y)
+        num_tokens, hidden = hidden_states.shape
+        top_k = topk_weights.shape[1]
+        gate_up = _gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
+                        transpose=transpose, config=config)
+        h = _weighted_swiglu(backend, gate_up, topk_weights, gather_indices)
+        y = _gemm(backend, h, down_proj, counts, gather_indices, permute_y=True, transpose=transpose, config=config)
+        ctx.save_for_backward(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up)
         ctx.transpose, ctx.backend = transpose, backend
-        return out
+        return y.view(num_tokens, top_k, hidden).sum(dim=1)
 
     @staticmethod
     def backward(ctx, d_out):
-        hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up, y = ctx.saved_tensors
+        hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
         backend, transpose = ctx.backend, ctx.transpose
         need_x, _, _, need_w, need_w1, need_w2 = ctx.needs_input_grad[:6]
-        num_tokens, top_k, hidden = y.shape
-        d_out = d_out.to(y.dtype).contiguous()
-        acc = torch.promote_types(y.dtype, torch.float32)  # never narrower than the inputs (float64 stays)
-
-        d_weights = None
-        if need_w:
-            d_weights = (y.to(acc) * d_out.to(acc).unsqueeze(1)).sum(-1).to(topk_weights.dtype)
-
+        num_tokens, top_k = topk_weights.shape
+        d_out = d_out.to(hidden_states.dtype).contiguous()
+        # a = d_out_t @ W2_e for every row: d_out's token rows read in place, as GEMM1 reads x.
+        d_h = _gemm(backend, d_out, down_proj, counts, gather_indices, topk=top_k, permute_x=True,
+                    transpose=not transpose)
+        d_gate_up, d_weights, h = _weighted_swiglu_backward(backend, gate_up, topk_weights, gather_indices, d_h)
+        d_weights = d_weights.to(topk_weights.dtype) if need_w else None
         d_x = d_w1 = d_w2 = None
-        if need_x or need_w1 or need_w2:
-            # dy in (token, slot) order; the GEMMs below gather its rows into expert order.
-            weights = topk_weights.to(y.dtype)
-            d_y = (d_out.unsqueeze(1) * weights.unsqueeze(-1)).reshape(num_tokens * top_k, hidden)
-            if need_w2:
-                # dW2_e = dy_e.T @ h_e. The dW kernel gathers only its X operand, so swap the
-                # roles: it computes h_e.T @ dy_e (= dW2_e.T) with dy gathered, and storing it
-                # in the opposite layout (transpose flipped) puts it back in W2's layout.
-                d_w2 = _gemm_dw(backend, d_y, swiglu(gate_up), counts, gather_indices, topk=1, permute_x=True,
-                                transpose=not transpose)
-            if need_x or need_w1:
-                # dh = dy_e @ W2_e: the forward kernel with W read in the other layout.
-                d_h = _gemm(backend, d_y, down_proj, counts, gather_indices, topk=1, permute_x=True,
+        if need_w2:
+            # dW2_e = sum_r d_out_t.T h_r. The dW kernel gathers only its X operand, so swap the
+            # roles: it computes h_e.T @ D_e (= dW2_e.T) with d_out's token rows gathered, and
+            # storing it in the opposite layout (transpose flipped) puts it back in W2's layout.
+            d_w2 = _gemm_dw(backend, d_out, h, counts, gather_indices, topk=top_k, permute_x=True,
                             transpose=not transpose)
-                d_gate_up = swiglu_backward(gate_up, d_h)
-                if need_w1:
-                    d_w1 = _gemm_dw(backend, hidden_states, d_gate_up, counts, gather_indices, topk=top_k,
-                                    permute_x=True, transpose=transpose)
-                if need_x:
-                    # Each (token, slot) row lands at its own place; a token's k rows are summed.
-                    d_x_slots = _gemm(backend, d_gate_up, gate_up_proj, counts, gather_indices, permute_y=True,
-                                      transpose=not transpose)
-                    d_x = d_x_slots.view(num_tokens, top_k, hidden).sum(dim=1)
+        if need_w1:
+            d_w1 = _gemm_dw(backend, hidden_states, d_gate_up, counts, gather_indices, topk=top_k, permute_x=True,
+                            transpose=transpose)
+        if need_x:
+            # Each (token, slot) row lands at its own place; a token's k rows are summed.
+            d_x_slots = _gemm(backend, d_gate_up, gate_up_proj, counts, gather_indices, permute_y=True,
+                              transpose=not transpose)
+            d_x = d_x_slots.view(num_tokens, top_k, -1).sum(dim=1)
         return d_x, None, None, d_weights, d_w1, d_w2, None, None, None
 
 
@@ -248,9 +265,8 @@ def run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_pro
     )
     if not needs_grad:
         # Inference: the routing weights are applied in GEMM2's epilogue, nothing is kept.
-        out, _, _ = _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
-                                     down_proj, transpose=transpose, config=config)
-        return out
+        return _experts_forward(backend, hidden_states, counts, gather_indices, topk_weights, gate_up_proj,
+                                down_proj, transpose=transpose, config=config)
     return FusedMoEFunction.apply(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj,
                                   transpose, backend, config)
 

@@ -44,6 +44,40 @@ def swiglu_backward(gate_up: torch.Tensor, d_h: torch.Tensor) -> torch.Tensor:
     return torch.cat([d_gate, d_up], dim=-1).to(gate_up.dtype)
 
 
+def weighted_swiglu(gate_up: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """``row_weights[:, None] * silu(gate) * up``: the SwiGLU with each row's routing weight folded in.
+
+    Training applies the routing weight here, before GEMM2, instead of after it: GEMM2 is
+    linear in its input rows, so ``(w h) @ W2.T = w (h @ W2.T)``, and the backward then needs
+    neither the unweighted expert outputs ``[M, H]`` nor a weighted copy of ``d_out``
+    (``weighted_swiglu_backward``). Computed in float32 or wider, returned in gate_up's dtype.
+    """
+    acc = torch.promote_types(gate_up.dtype, torch.float32)
+    gate, up = gate_up.to(acc).chunk(2, dim=-1)
+    return (row_weights.to(acc).unsqueeze(-1) * F.silu(gate) * up).to(gate_up.dtype)
+
+
+def weighted_swiglu_backward(gate_up: torch.Tensor, row_weights: torch.Tensor, d_h: torch.Tensor):
+    """The backward of ``h = weighted_swiglu(gate_up, row_weights)`` given ``d_h``.
+
+    Returns ``(d_gate_up, d_row_weights, h)``: ``d_row_weights[r] = <d_h[r], swiglu(gate_up[r])>``
+    (float32 or wider), ``d_gate_up = swiglu_backward(gate_up, row_weights * d_h)``, and h itself,
+    recomputed for the backward's dW2 rather than kept from the forward.
+    """
+    acc = torch.promote_types(gate_up.dtype, torch.float32)
+    gate, up = gate_up.to(acc).chunk(2, dim=-1)
+    d_h, w = d_h.to(acc), row_weights.to(acc).unsqueeze(-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    s = silu * up
+    d_w = (d_h * s).sum(-1)
+    d_s = w * d_h
+    d_gate = d_s * up * sig * (1 + gate * (1 - sig))
+    d_up = d_s * silu
+    dtype = gate_up.dtype
+    return torch.cat([d_gate, d_up], dim=-1).to(dtype), d_w, (w * s).to(dtype)
+
+
 def is_silu(activation) -> bool:
     """Whether ``activation`` computes SiLU: asked by probing values, not by trusting a class name."""
     if activation is None:

@@ -1,0 +1,106 @@
+"""Where the host time of one eager decode-sized call goes (cProfile), on a GPU.
+
+    PYTHONPATH=$PWD python3 perf/profile_host.py > $OUT/profile_host.txt
+
+Cases: the qwen3-30b-a3b gate_up GEMM at T=1 (gathered, what the decode bench's weakest
+case calls) and the fused experts at T=1. For each: host microseconds per call in a
+back-to-back loop, the cProfile table of 2000 calls, and the bare pieces timed alone
+(the compiled kernel's own launcher with our cached arguments, torch.empty, and
+torch._grouped_mm of the same GEMM) so the Python of ours can be told from the floor.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import importlib
+import pstats
+import time
+
+import torch
+
+import moe_learn  # noqa: F401
+from moe_learn.bench.cases import route
+from moe_learn.kernels import launcher
+
+gg = importlib.import_module("moe_learn.kernels.grouped_gemm")
+hopper = importlib.import_module("moe_learn.kernels.grouped_gemm_hopper")
+experts = importlib.import_module("moe_learn.layers.experts")
+
+
+def per_call_us(fn, calls=2000) -> float:
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls // 5):
+            fn()
+        best = min(best, (time.perf_counter() - start) / (calls // 5) * 1e6)
+    torch.cuda.synchronize()
+    return best
+
+
+def profile(name, fn, calls=2000):
+    print(f"\n=== {name}: {per_call_us(fn):.1f} us/call host (best of 5 loops)")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+
+
+def main():
+    E, H, I, k, T = 128, 2048, 768, 8, 1  # noqa: E741  qwen3-30b-a3b decode
+    dev, dt = "cuda", torch.bfloat16
+    weights, ids = route(T, E, k, seed=0, device=dev)
+    counts, gather = experts.route_rows(ids, E)
+    x = torch.randn(T, H, device=dev, dtype=dt)
+    w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02
+    w2 = torch.randn(E, H, I, device=dev, dtype=dt) * 0.02
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    xg = x[gather.long() // k]
+    with torch.no_grad():
+        gate_up = lambda: gg.grouped_gemm(x, w1, counts, gather_indices=gather, topk=k, permute_x=True)  # noqa: E731
+        trusted = lambda: gg.grouped_gemm_trusted(x, w1, counts, gather, topk=k, permute_x=True)  # noqa: E731
+        fused = lambda: experts.moe_experts(x, ids, weights, w1, w2)  # noqa: E731
+        routed = lambda: experts.run_experts(x, counts, gather, weights, w1, w2)  # noqa: E731
+        gmm = lambda: torch._grouped_mm(xg, w1.transpose(1, 2), offs=offs)  # noqa: E731
+        for name, fn in (("grouped_gemm gate_up gather", gate_up), ("grouped_gemm_trusted gate_up gather", trusted),
+                         ("run_experts (routing given)", routed), ("moe_experts (ids in)", fused)):
+            profile(name, fn)
+        print(f"\ntorch._grouped_mm gate_up (pre-gathered): {per_call_us(gmm):.1f} us/call")
+        print(f"torch.empty(8, 1536): {per_call_us(lambda: torch.empty(8, 1536, device=dev, dtype=dt)):.1f} us/call")
+        print(f"x.new_empty(8, 1536): {per_call_us(lambda: x.new_empty(8, 1536)):.1f} us/call")
+        # the compiled kernel's own launcher, called with the arguments our last launch cached
+        cache = hopper._LAUNCH.cache
+        print(f"hopper launcher cache: {len(cache)} entries")
+        captured = {}
+
+        def spy_on(kernel):
+            real = kernel.run
+
+            def spy(*a):
+                captured["args"] = (kernel, real, a)
+                return real(*a)
+
+            kernel.run = spy
+
+        for kernel, _ in cache.values():
+            spy_on(kernel)
+        trusted()
+        torch.cuda.synchronize()
+        if "args" in captured:
+            kernel, real, a = captured["args"]
+            kernel.run = real
+            print(f"compiled launcher alone (kernel.run, same args incl. 2 TMA descriptors): "
+                  f"{per_call_us(lambda: real(*a)):.1f} us/call")
+        launcher.DIRECT = False
+        print(f"grouped_gemm_trusted through Triton's own launch: {per_call_us(trusted):.1f} us/call")
+        launcher.DIRECT = True
+
+
+if __name__ == "__main__":
+    main()
