@@ -232,6 +232,17 @@ def estimate_seconds(plan: dict, impls, rest: float) -> dict:
     return {"seconds": seconds, "rests": rests, "timings": timed + 6 * len(plan["decode"])}
 
 
+def _experts_line(row: dict) -> str:
+    """One experts case in a line: each implementation's forward and forward+backward milliseconds."""
+    if "error" in row:
+        return row["error"]
+    parts = []
+    for mode in ("forward", "training"):
+        times = ", ".join(f"{name} {r['ms']:.3f}" if "ms" in r else f"{name} -" for name, r in row[mode].items())
+        parts.append(f"{mode} ms: {times}")
+    return "; ".join(parts)
+
+
 def _error_row(case, error: str) -> dict:
     return {**asdict(case), "name": case.name, "error": error}
 
@@ -342,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row if error is None else _error_row(case, error))
                 torch.cuda.empty_cache()
                 progress.advance(task)
-            result["experts"], result["experts_summary"] = rows, summarize_experts(rows)
-            save()
+                # saved after every case: one case takes minutes to compile and tune, and a run cut short keeps them
+                result["experts"], result["experts_summary"] = rows, summarize_experts(rows)
+                save()
+                console.print(f"experts {case.name}: {_experts_line(rows[-1])}")
         if plan["decode"]:
             result["decode"] = _gemm_rows(plan["decode"], bench_decode_case, progress, task)
             save()
