@@ -191,3 +191,26 @@ def test_forward_matches_fused_moe_experts():
     with torch.no_grad():
         torch.testing.assert_close(moe_experts(x, ids, w, w1, w2), fused_moe_experts(x, ids, w, w1, w2),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_training_keeps_only_gemm1_output_beyond_its_inputs(backend):
+    """What the forward saves for the backward: its inputs, the routing and gate_up [M, 2I], nothing [M, H].
+
+    The routing weight is folded into the SwiGLU, so neither the expert outputs nor h are kept
+    (h is recomputed in the backward's element-wise pass); a regression here costs [M, H] of memory.
+    """
+    T, k, E, H, I = 9, 3, 4, 40, 8  # noqa: E741  (H much wider than 2I: an [M, H] tensor would stand out)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(DEVICE)
+    x = torch.randn(T, H, device=DEVICE, requires_grad=True)
+    w = torch.rand(T, k, device=DEVICE, requires_grad=True)
+    w1 = torch.randn(E, 2 * I, H, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(E, H, I, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = moe_experts(x, ids, w, w1, w2, backend=backend)
+    inputs = (x, w, w1, w2)
+    extra = [tuple(t.shape) for t in saved if t.is_floating_point() and not any(t is i for i in inputs)]
+    assert extra == [(T * k, 2 * I)], f"saved beyond the inputs: {extra}"
+    out.sum().backward()
+    assert all(t.grad is not None for t in (x, w, w1, w2))
