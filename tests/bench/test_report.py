@@ -131,6 +131,17 @@ def test_a_failed_case_makes_its_targets_incomplete_and_is_listed():
     assert "6 of 7 cases" in text
 
 
+def test_a_run_of_fewer_cases_than_the_issue_is_incomplete_not_met():
+    """Targets are set over the issue's cases: 2 of the 7 experts cases cannot meet a geometric-mean target."""
+    result = synthetic(training=1.5)
+    result["experts"] = result["experts"][:2]
+    result["decode"] = result["decode"][:4]
+    s = statuses(result)
+    assert s["experts fwd+bwd vs transformers' default, geometric mean"] == ("incomplete", pytest.approx(1.5))
+    assert s["decode from a CUDA graph vs `_grouped_mm`, geometric mean"][0] == "incomplete"
+    assert "2 of 7 cases" in R.markdown_report(result) and "4 of 32 cases" in R.markdown_report(result)
+
+
 def test_every_table_row_has_as_many_cells_as_its_header():
     text = R.markdown_report(synthetic(with_liger=False))
     tables = 0
