@@ -68,6 +68,7 @@ def _with(args, i, value):
 
 def _cases() -> list[Bad]:
     import moe_learn as m
+    from moe_learn.kernels import swiglu
     from moe_learn.layers.hf import fuse_moe_block
     from moe_learn.ops import routers
 
@@ -186,6 +187,24 @@ def _cases() -> list[Bad]:
         Bad("grouped_gemm_dw", "dY", "dtype", lambda: m.grouped_gemm_dw(X, _x(T * k, 6).double(), counts)),
         Bad("grouped_gemm_dw", "config", "BLOCK_K = 8", lambda: m.grouped_gemm_dw(X, _x(T * k, 6), counts,
                                                                                    config={"BLOCK_K": 8})),
+        # the weighted SwiGLU of training (kernels/swiglu.py)
+        Bad("weighted_swiglu", "gate_up", "odd columns",
+            lambda: swiglu.weighted_swiglu(_x(T * k, 5), _x(T, k), gather)),
+        Bad("weighted_swiglu", "gate_up", "integers",
+            lambda: swiglu.weighted_swiglu(torch.ones(T * k, 6, dtype=torch.long), _x(T, k), gather)),
+        Bad("weighted_swiglu", "topk_weights", "integers",
+            lambda: swiglu.weighted_swiglu(_x(T * k, 6), torch.ones(T, k, dtype=torch.long), gather)),
+        Bad("weighted_swiglu", "gather_indices", "floats",
+            lambda: swiglu.weighted_swiglu(_x(T * k, 6), _x(T, k), gather.float())),
+        Bad("weighted_swiglu", "gather_indices", "too short",
+            lambda: swiglu.weighted_swiglu(_x(T * k, 6), _x(T, k), gather[:-1])),
+        Bad("weighted_swiglu", "gate_up", "a list", lambda: swiglu.weighted_swiglu([[1.0, 2.0]], _x(T, k), gather)),
+        Bad("weighted_swiglu", "device", "two devices",
+            lambda: swiglu.weighted_swiglu(_x(T * k, 6, device="meta"), _x(T, k), gather)),
+        Bad("weighted_swiglu_backward", "d_h", "wrong shape",
+            lambda: swiglu.weighted_swiglu_backward(_x(T * k, 6), _x(T, k), gather, _x(T * k, 2))),
+        Bad("weighted_swiglu_backward", "d_h", "integers", lambda: swiglu.weighted_swiglu_backward(
+            _x(T * k, 6), _x(T, k), gather, torch.ones(T * k, 3, dtype=torch.long))),
         # fused_routing
         Bad("fused_routing", "router_logits", "float64", lambda: m.fused_routing(_x(4, 8).double(), 2)),
         Bad("fused_routing", "router_logits", "integers",

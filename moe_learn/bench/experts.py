@@ -20,6 +20,7 @@ expert at a time (so DeepSeek-V3's 22 GB of bf16 weights never exist in float32)
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -232,7 +233,7 @@ def bench_experts_case(case: ExpertsCase, impls: list[Implementation], *, seed: 
     from moe_learn.bench.timing import do_bench
 
     row = {**asdict(case), "name": case.name, "note": case.note, "flops_forward": case.flops_forward,
-           "flops_training": case.flops_training, "forward": {}, "training": {}, "rel_err": {}}
+           "flops_training": case.flops_training, "forward": {}, "training": {}, "rel_err": {}, "setup_s": {}}
     problem, error = guarded(lambda: make_problem(case, seed, device, dtype))
     if error:
         row["error"] = error
@@ -264,7 +265,10 @@ def bench_experts_case(case: ExpertsCase, impls: list[Implementation], *, seed: 
             return reference_errors(got, p["hidden"], p["ids"], p["weights"], p["gate_up"], p["down"], p["d_out"])
 
         if error is None:
+            started = time.perf_counter()
             row["rel_err"][impl.name], error = guarded(check)
+            # the first calls compile and autotune: minutes for some shapes, worth knowing apart from the timings
+            row["setup_s"][impl.name] = round(time.perf_counter() - started, 1)
         if error:
             row["rel_err"][impl.name] = {"error": error}
             for mode in ("forward", "training") if impl.training else ("forward",):

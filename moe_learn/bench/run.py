@@ -240,7 +240,8 @@ def _experts_line(row: dict) -> str:
     for mode in ("forward", "training"):
         times = ", ".join(f"{name} {r['ms']:.3f}" if "ms" in r else f"{name} -" for name, r in row[mode].items())
         parts.append(f"{mode} ms: {times}")
-    return "; ".join(parts)
+    setup = ", ".join(f"{name} {seconds:g}" for name, seconds in row.get("setup_s", {}).items())
+    return "; ".join(parts) + (f"; first calls (compile, tune, check) s: {setup}" if setup else "")
 
 
 def _error_row(case, error: str) -> dict:
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 # saved after every case: one case takes minutes to compile and tune, and a run cut short keeps them
                 result["experts"], result["experts_summary"] = rows, summarize_experts(rows)
                 save()
-                console.print(f"experts {case.name}: {_experts_line(rows[-1])}")
+                print(f"experts {case.name}: {_experts_line(rows[-1])}", flush=True)  # one line, unwrapped
         if plan["decode"]:
             result["decode"] = _gemm_rows(plan["decode"], bench_decode_case, progress, task)
             save()

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_learn.validation import check_integer, check_tensor
+from moe_learn.validation import check_floating, check_integer, check_tensor
 
 BLOCK_R = 8  # rows per program: the weight and d_w of a row are loaded / stored once
 
@@ -84,7 +84,9 @@ def _block_i(inner: int) -> int:
 
 def _check(gate_up, topk_weights, gather_indices, d_h=None) -> None:
     check_tensor("gate_up", gate_up, ndim=2)
+    check_floating("gate_up", gate_up)
     check_tensor("topk_weights", topk_weights)
+    check_floating("topk_weights", topk_weights)
     check_tensor("gather_indices", gather_indices, ndim=1)
     check_integer("gather_indices", gather_indices)
     rows, width = gate_up.shape
@@ -94,6 +96,7 @@ def _check(gate_up, topk_weights, gather_indices, d_h=None) -> None:
         raise ValueError(f"gather_indices has {gather_indices.shape[0]} entries, expected one per gate_up row ({rows})")
     if d_h is not None:
         check_tensor("d_h", d_h, ndim=2)
+        check_floating("d_h", d_h)
         if tuple(d_h.shape) != (rows, width // 2):
             raise ValueError(f"d_h has shape {tuple(d_h.shape)}, expected {(rows, width // 2)} (gate_up's rows, I)")
     devices = {t.device for t in (gate_up, topk_weights, gather_indices, d_h) if t is not None}
