@@ -74,10 +74,24 @@ def main():
         rw, ri = moe_learn.calculate_topk(logits, k, False, True)
         check(f"fused routing cooperative={cooperative}", w, rw)
         assert torch.equal(i, ri) and int(c.sum()) == T * k
+    from moe_learn.kernels.route_ids import route_ids
+    from moe_learn.layers.experts import drop_invalid, route_rows
+
+    sentinels = ids.clone()
+    sentinels[::5, 0] = E  # transformers' expert-parallel sentinel: weight 0
+    rw = torch.rand(T, k, device=dev)
+    c, g, w = route_ids(sentinels, rw, E)
+    kept, ref_w = drop_invalid(sentinels, rw, E)
+    ref_c, ref_g = route_rows(kept, E)
+    assert torch.equal(c, ref_c) and torch.equal(g, ref_g) and torch.equal(w, ref_w), "route_ids"
+    print("ok    route_ids: equal to drop_invalid + route_rows", flush=True)
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w1 = (torch.randn(E, 2 * I, H, device=dev) / H**0.5).to(torch.bfloat16).requires_grad_()
     w2 = (torch.randn(E, H, I, device=dev) / I**0.5).to(torch.bfloat16).requires_grad_()
     weights = torch.rand(T, k, device=dev, requires_grad=True)
+    with torch.no_grad():  # inference: the one-launch routing and the fused SwiGLU epilogue
+        check("experts inference", moe_experts(x, sentinels, weights, w1, w2),
+              moe_experts(x, sentinels, weights, w1, w2, backend="torch"))
     out = moe_experts(x, ids, weights, w1, w2)
     grads = torch.autograd.grad(out.float().square().sum(), [x, weights, w1, w2])
     ref_out = moe_experts(x, ids, weights, w1, w2, backend="torch")

@@ -69,6 +69,7 @@ def _with(args, i, value):
 def _cases() -> list[Bad]:
     import moe_learn as m
     from moe_learn.kernels import swiglu
+    from moe_learn.kernels.route_ids import route_ids
     from moe_learn.layers.hf import fuse_moe_block
     from moe_learn.ops import routers
 
@@ -205,6 +206,12 @@ def _cases() -> list[Bad]:
             lambda: swiglu.weighted_swiglu_backward(_x(T * k, 6), _x(T, k), gather, _x(T * k, 2))),
         Bad("weighted_swiglu_backward", "d_h", "integers", lambda: swiglu.weighted_swiglu_backward(
             _x(T * k, 6), _x(T, k), gather, torch.ones(T * k, 3, dtype=torch.long))),
+        # route_ids: the layers' one-launch routing of given ids
+        Bad("route_ids", "topk_ids", "floats", lambda: route_ids(_x(T, k), torch.rand(T, k), E)),
+        Bad("route_ids", "topk_weights", "integers", lambda: route_ids(_ids(), torch.ones(T, k, dtype=torch.long), E)),
+        Bad("route_ids", "topk_ids.*topk_weights", "shapes differ", lambda: route_ids(_ids(), torch.rand(T, 1), E)),
+        Bad("route_ids", "num_experts", "zero", lambda: route_ids(_ids(), torch.rand(T, k), 0)),
+        Bad("route_ids", "topk_ids", "a list", lambda: route_ids([[0, 1]], torch.rand(1, 2), E)),
         # fused_routing
         Bad("fused_routing", "router_logits", "float64", lambda: m.fused_routing(_x(4, 8).double(), 2)),
         Bad("fused_routing", "router_logits", "integers",

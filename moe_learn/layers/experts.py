@@ -91,6 +91,40 @@ def route_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     return expert_counts(flat, num_experts), gather_indices_by_expert(flat)
 
 
+# Decode-sized routing of given ids in one Triton launch (kernels/route_ids.py) instead of eight
+# PyTorch ops; an A/B switch (perf/host_overhead.py).
+ROUTE_IDS_KERNEL = True
+
+
+def _one_launch_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, backend: str) -> bool:
+    """Whether ``drop_and_route`` takes the kernel: the Triton backend, eager, nothing recorded, decode-sized."""
+    from moe_learn import device
+
+    if backend != "triton" or not (ROUTE_IDS_KERNEL and device.HAS_TRITON) or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and topk_weights.requires_grad:
+        return False  # the PyTorch ops keep the weights' gradient (zero where an id was dropped)
+    from moe_learn.kernels.route_ids import MAX_SLOTS
+
+    return (topk_ids.is_cuda or device.INTERPRETER) and topk_ids.numel() <= MAX_SLOTS
+
+
+def drop_and_route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, backend: str = "triton"):
+    """``(counts, gather_indices, weights)``: ``drop_invalid``, then ``route_rows`` on the kept ids.
+
+    Arguments as checked by the caller. On the Triton backend, decode-sized calls that record no
+    gradient run as one launch (``kernels.route_ids``, the same results); the rest, the "torch"
+    backend (the reference stays PyTorch) and torch.compile run the PyTorch ops.
+    """
+    if _one_launch_routing(topk_ids, topk_weights, backend):
+        from moe_learn.kernels.route_ids import run_route_ids
+
+        return run_route_ids(topk_ids, topk_weights, num_experts)
+    ids, weights = drop_invalid(topk_ids, topk_weights, num_experts)
+    counts, gather_indices = route_rows(ids, num_experts)
+    return counts, gather_indices, weights
+
+
 # ---------------------------------------------------------------------------------------
 # The two GEMM shapes, per backend
 # ---------------------------------------------------------------------------------------
@@ -143,8 +177,10 @@ def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weight
     else:
         h = swiglu(_gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
                          transpose=transpose, config=config))
+    # the weights as they come (float32 from most routers): the epilogue multiplies in float32 either way,
+    # and a cast would be one more launch per decode step
     y = _gemm(backend, h, down_proj, counts, gather_indices, permute_y=True, transpose=transpose, config=config,
-              topk_weights=topk_weights.to(hidden_states.dtype))
+              topk_weights=topk_weights)
     return y.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
@@ -271,16 +307,14 @@ def run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_pro
                                   transpose, backend, config)
 
 
-def _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend) -> bool:
-    """Check the arguments; True when the ids' range was checked too (CPU tensors, outside torch.compile)."""
+def _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend) -> None:
+    """Check the arguments, and the ids' range on CPU tensors outside torch.compile."""
     check_backend(backend)
     check_moe_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=transpose)
     # The ids' range is a value check (a device->host copy): on the CPU, outside torch.compile.
     if hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
         num_experts = gate_up_proj.shape[0]
         check_index_range("topk_ids", topk_ids, num_experts, f"expert ids must be below num_experts={num_experts}")
-        return True
-    return False
 
 
 def moe_experts(
@@ -306,9 +340,10 @@ def moe_experts(
     Expert ids outside [0, E) raise on CPU tensors; on a GPU or under torch.compile, where
     checking them would read values back to the host, they contribute nothing.
     """
-    if not _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend):
-        topk_ids, topk_weights = drop_invalid(topk_ids, topk_weights, gate_up_proj.shape[0])
-    counts, gather_indices = route_rows(topk_ids, gate_up_proj.shape[0])
+    _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend)
+    # ids out of range were refused on the CPU; elsewhere they are dropped here
+    counts, gather_indices, topk_weights = drop_and_route(topk_ids, topk_weights, gate_up_proj.shape[0],
+                                                          effective_backend(backend, hidden_states.dtype))
     return run_experts(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj,
                        transpose=transpose, backend=backend, config=config)
 

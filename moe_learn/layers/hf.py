@@ -36,10 +36,9 @@ import torch.nn as nn
 
 from moe_learn.layers.experts import (
     check_backend,
-    drop_invalid,
+    drop_and_route,
     experts_with_activation,
     moe_experts,
-    route_rows,
     run_experts,
 )
 from moe_learn.ops.moe import is_silu
@@ -111,10 +110,9 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     ids = top_k_index
     # transformers' expert-parallel sentinels (ids >= E, and anything else out of range) contribute
     # nothing: routed to a valid expert with weight 0, and kept out of the router's gradient.
-    ids, weights = drop_invalid(ids, weights, num_experts)
+    counts, gather_indices, weights = drop_and_route(ids, weights, num_experts, backend)
     if w1.dtype != x.dtype:  # autocast may hand over fp32 activations with bf16 weights, as in grouped_mm
         x = x.to(w1.dtype)
-    counts, gather_indices = route_rows(ids, num_experts)
     if layout.fused:
         out = run_experts(x, counts, gather_indices, weights, w1, w2, transpose=layout.transpose, backend=backend)
     else:
