@@ -200,6 +200,37 @@ def _grouped_gemm_dw_tma_kernel(
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
+@triton.jit
+def _gather_rows_kernel(x_ptr, gather_ptr, out_ptr, M, K, stride_xm, TOP_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """out[i] = X[gather[i] // TOP_K]; a zero row where gather[i] is outside [0, M) (as the dW kernel drops it)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < M
+    flat = tl.load(gather_ptr + rows, mask=mask_r, other=0)
+    valid = mask_r & (flat >= 0) & (flat < M)
+    src = x_ptr + (flat // TOP_K).to(tl.int64)[:, None] * stride_xm
+    dst = out_ptr + rows.to(tl.int64)[:, None] * K
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+        tl.store(dst + cols, tl.load(src + cols, mask=valid[:, None] & (cols < K), other=0.0),
+                 mask=mask_r[:, None] & (cols < K))
+
+
+def gather_rows(X: torch.Tensor, gather_indices: torch.Tensor, topk: int) -> torch.Tensor:
+    """``X[gather_indices // topk]`` ``[M, K]`` in expert order, zero rows for indices outside [0, M).
+
+    The Hopper dW kernel reads X through TMA only when its rows come in expert order: gathered in
+    the kernel, the X tiles are pointer loads, and dW runs at ~350 TFLOP/s against ~480 with X
+    gathered first (Qwen3-30B-A3B T=8192 on an H200, perf/NOTES.md item 14), which pays for the copy.
+    """
+    M, K = gather_indices.shape[0], X.shape[1]
+    out = X.new_empty(M, K)
+    if M and K:
+        _gather_rows_kernel[(triton.cdiv(M, 16),)](X, gather_indices, out, M, K, X.stride(0), TOP_K=topk, BLOCK_R=16,
+                                                   BLOCK_K=min(256, triton.next_power_of_2(K)))
+    return out
+
+
 def _block(size: int, cap: int) -> int:
     """Smallest power of two >= size, at least 16 (tl.dot's minimum) and at most cap."""
     return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
@@ -370,6 +401,9 @@ def run_grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpo
 
 DW_KERNELS = ("auto", "portable", "hopper")
 DW_KERNEL = "auto"  # A/B switch (perf/ab_kernels.py): "portable" makes kernel="auto" take the old kernel
+# The Hopper kernel copies gathered X rows into expert order first (``gather_rows``) when the copy is at most
+# this many bytes; beyond (or with the switch off) it gathers them in the kernel. A/B: perf/ab_dw.py.
+PRE_GATHER_MAX_BYTES = 4 << 30
 DW_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "PROGRAMS_PER_SM")
 
 
@@ -435,6 +469,8 @@ def grouped_gemm_dw_hopper(X, dY, m_sizes, gather_indices, topk, permute_x, out,
     gather_indices = gather_indices.contiguous() if gather_indices is not None else None
     M, N = dY.shape
     E, K = m_sizes.shape[0], X.shape[1]
+    if permute_x and M * K * X.element_size() <= PRE_GATHER_MAX_BYTES:
+        X, gather_indices, permute_x = gather_rows(X, gather_indices, topk), None, False
     x_tma, dy_tma = not permute_x and _tma_ok(X), _tma_ok(dY)
     run = functools.partial(_launch_dw, X=X, dY=dY, m_sizes=m_sizes, gather_indices=gather_indices, topk=topk,
                             permute_x=permute_x, out=out, strides=strides, x_tma=x_tma, dy_tma=dy_tma)

@@ -99,10 +99,12 @@ HOPPER_TINY = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("permute_x", [False, True])
-def test_dw_hopper_steps_tails_and_tma_paths(dtype, permute_x):
+@pytest.mark.parametrize("permute_x, pre_gather", [(False, False), (True, False), (True, True)])
+def test_dw_hopper_steps_tails_and_tma_paths(dtype, permute_x, pre_gather, monkeypatch):
     """Sizes with whole steps only (32), a tail only (5), both (37), none (0); N and K so that
-    dY and X rows are 16-byte aligned (TMA) in one run and not in the other."""
+    dY and X rows are 16-byte aligned (TMA) in one run and not in the other. Gathered X either
+    copied into expert order first (``gather_rows``) or gathered in the kernel."""
+    monkeypatch.setattr(bw, "PRE_GATHER_MAX_BYTES", 1 << 40 if pre_gather else 0)
     counts = torch.tensor([32, 5, 0, 37, 16], dtype=torch.int32, device=DEVICE)
     M, topk = int(counts.sum()), 2 if permute_x else 1
     gather = torch.randperm(M, device=DEVICE)
@@ -116,6 +118,21 @@ def test_dw_hopper_steps_tails_and_tma_paths(dtype, permute_x):
                         kernel="hopper", config=HOPPER_TINY)
         assert _rel(out, ref) <= TOL[dtype], (N, K)
         assert torch.count_nonzero(out[2]) == 0
+
+
+def test_gather_rows_copies_in_expert_order_and_zeroes_dropped_rows():
+    T, k, K = 7, 3, 300  # K over one 256-column block, not a multiple of it
+    X = torch.randn(T, K, device=DEVICE)
+    gather = torch.randperm(T * k, device=DEVICE).to(torch.int32)
+    torch.testing.assert_close(bw.gather_rows(X, gather, k), X[gather.long() // k], rtol=0, atol=0)
+    bad = gather.clone()
+    bad[0], bad[5] = -1, T * k  # outside [0, M): the dW kernel drops such a row, so the copy is zero
+    got = bw.gather_rows(X[:, ::1], bad, k)
+    assert (got[0] == 0).all() and (got[5] == 0).all()
+    torch.testing.assert_close(got[1:5], X[gather[1:5].long() // k], rtol=0, atol=0)
+    strided = torch.randn(T, 2 * K, device=DEVICE)[:, :K]  # a row stride other than K
+    torch.testing.assert_close(bw.gather_rows(strided, gather, k), strided[gather.long() // k], rtol=0, atol=0)
+    assert bw.gather_rows(X, gather[:0], k).shape == (0, K)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on inf
