@@ -5,8 +5,12 @@
 # Steps (STEPS, space-separated, default "tests sanitize"):
 #   tests     the whole suite with compiled kernels, and nbval over solutions/
 #   sanitize  compute-sanitizer memcheck and racecheck over perf/sanitize.py (every kernel and mode)
-#   bench     python -m moe_learn bench (all sections) into $OUT/bench
+#   bench     python -m moe_learn bench (all sections, or BENCH_ARGS, e.g. "--only experts --models
+#             mixtral-8x7b --tokens 8192") into $OUT/bench
 #   ab        perf/ab_kernels.py, the kernel variants side by side, into $OUT/ab.json
+#   host      perf/host_overhead.py (host time per decode call) and perf/profile_host.py (its cProfile)
+#   abdw      perf/ab_dw.py, the dW configs, in-kernel gather vs copy first, vs torch._grouped_mm
+#   profile   perf/profile_training.py --only ours (kernel table of the experts' forward+backward)
 # On a machine whose Python has torch and triton but not pytest/jupyter/nbval/liger, put their
 # wheels in .whl/ first (docs/gpu-validation.md lists them); they are installed into /tmp/site.
 set -uo pipefail
@@ -36,9 +40,17 @@ for step in $STEPS; do
                 tail -4 "$OUT/$tool.log"
             done ;;
         bench)
-            python3 -m moe_learn bench --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+            # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+            python3 -m moe_learn bench --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
         ab)
             python3 perf/ab_kernels.py "$OUT/ab.json" 2>&1 | tee "$OUT/ab.log" | tail -60 ;;
+        host)
+            python3 perf/host_overhead.py "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -30
+            python3 perf/profile_host.py > "$OUT/profile_host.txt" 2>&1; grep "us/call" "$OUT/profile_host.txt" ;;
+        abdw)
+            python3 perf/ab_dw.py 2>&1 | tee "$OUT/ab_dw.txt" | grep -v "^  .*config" | tail -20 ;;
+        profile)
+            python3 perf/profile_training.py --only ours 2>&1 | tee "$OUT/profile_training.txt" | grep "==" ;;
         *) echo "unknown step $step" ;;
     esac
     echo "step $step took $(( $(date +%s) - start )) s"

@@ -101,6 +101,15 @@ def cases(device, dtype):
                                     ids=ids, k=k)
 
 
+def pytorch_routing(fn, *args):
+    """``fn(*args)`` with the routing of given ids as eight PyTorch ops (the A/B of ``experts.ROUTE_IDS_KERNEL``)."""
+    experts.ROUTE_IDS_KERNEL = False
+    try:
+        return fn(*args)
+    finally:
+        experts.ROUTE_IDS_KERNEL = True
+
+
 def calls(c, kernel):
     """name -> zero-argument call, for one case."""
     out = {
@@ -114,6 +123,8 @@ def calls(c, kernel):
         "experts (routing given)": lambda: experts.run_experts(c["x"], c["counts"], c["gather"], c["weights"],
                                                                c["w1"], c["w2"]),
         "moe_experts (ids in)": lambda: experts.moe_experts(c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
+        "moe_experts (ids in), PyTorch routing": lambda: pytorch_routing(
+            experts.moe_experts, c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
     }
     return out
 

@@ -3,10 +3,12 @@
     grouped_gemm.py         the portable grouped GEMM (chapters 06-07) and the public ``grouped_gemm``
     grouped_gemm_hopper.py  the same, tuned for Hopper: TMA loads, tile map in registers (chapter 08)
     autotune.py             the SM count and the shape-bucket autotuner
+    launcher.py             compiled kernels launched with little host work per call
     ops.py                  the kernels as torch.library custom ops (torch.compile, autograd)
     backward.py             the weight gradient ``grouped_gemm_dw`` (chapter 09)
     swiglu.py               training's SwiGLU with the routing weight folded in, and its backward
     fused_routing.py        top-k, counts, gather and scatter indices in one launch
+    route_ids.py            counts, gather indices and weights from given ids, in one launch (decode)
     primer.py               chapter 05's small kernels
     schedule.py             the grouped GEMM's tile walk in plain Python (chapter 06's picture)
 """
