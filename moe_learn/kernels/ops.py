@@ -1,11 +1,12 @@
 """The kernels as ``torch.library`` custom ops, with fake (meta) implementations and autograd.
 
 ``moe_learn::grouped_gemm``, ``moe_learn::grouped_gemm_dw``, ``moe_learn::fused_routing`` and
-``moe_learn::weighted_swiglu`` (with its backward) are what ``torch.compile`` traces (no graph break: the compiler sees one opaque op with a
-known output shape) and what autograd records. The public Python functions
-(``grouped_gemm``, ``grouped_gemm_dw``, ``fused_routing``) call them whenever a gradient
-must be recorded or a graph is being compiled; an eager call with nothing to record goes
-straight to the launch, so decode-sized calls pay no dispatcher cost.
+``moe_learn::weighted_swiglu`` (with its backward) are what ``torch.compile`` traces (no graph
+break: the compiler sees one opaque op with a known output shape) and what autograd records.
+The public Python functions (``grouped_gemm``, ``grouped_gemm_dw``, ``fused_routing``,
+``weighted_swiglu``) call them whenever a gradient must be recorded or a graph is being
+compiled; an eager call with nothing to record goes straight to the launch, so decode-sized
+calls pay no dispatcher cost.
 
 The gradients, for ``Y_e = X_e @ W_e.T + b_e`` in expert order (rows of X gathered as
 ``X[g[i] // topk]`` with permute_x; rows of the output scattered to ``g[i]`` and scaled by

@@ -82,7 +82,8 @@ def route_ids(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: i
     order, ties in token order (``torch.argsort(ids, stable=True)``); weights: topk_weights with
     0 where an id is outside [0, num_experts) (such a slot is counted with the nearest valid
     expert). Equal to ``route_rows(*drop_invalid(topk_ids, topk_weights, E), E)`` in one launch.
-    Not differentiable (the layers use it when no gradient is recorded).
+    Not differentiable: with ``topk_weights`` requiring grad it refuses (``drop_and_route`` keeps the
+    gradient by taking the PyTorch ops then).
     """
     check_tensor("topk_ids", topk_ids)
     check_integer("topk_ids", topk_ids)
@@ -94,6 +95,9 @@ def route_ids(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: i
                          "one shape ([T, k])")
     if topk_ids.device != topk_weights.device:
         raise ValueError(f"topk_ids is on {topk_ids.device} but topk_weights on {topk_weights.device}; move one")
+    if torch.is_grad_enabled() and topk_weights.requires_grad:
+        raise ValueError("route_ids does not record autograd, and topk_weights requires grad; use "
+                         "layers.experts.drop_and_route (it keeps the gradient) or call under torch.no_grad()")
     if topk_ids.numel() >= 2**31:
         raise ValueError(f"topk_ids has {topk_ids.numel()} entries; route_ids indexes them in int32")
     if topk_ids.numel() == 0:

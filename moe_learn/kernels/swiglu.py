@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_learn.kernels.grouped_gemm import needs_autograd
 from moe_learn.validation import check_floating, check_integer, check_tensor
 
 BLOCK_R = 8  # rows per program: the weight and d_w of a row are loaded / stored once
@@ -150,7 +151,9 @@ def weighted_swiglu(gate_up: torch.Tensor, topk_weights: torch.Tensor, gather_in
     backward ``weighted_swiglu_backward``); traceable by ``torch.compile``.
     """
     _check(gate_up, topk_weights, gather_indices)
-    return torch.ops.moe_learn.weighted_swiglu(gate_up, topk_weights, gather_indices)
+    if torch.compiler.is_compiling() or needs_autograd(gate_up, topk_weights):
+        return torch.ops.moe_learn.weighted_swiglu(gate_up, topk_weights, gather_indices)
+    return run_weighted_swiglu(gate_up, topk_weights, gather_indices)  # eager, nothing to record
 
 
 def weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h):
@@ -160,4 +163,9 @@ def weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h):
     the forward's output, recomputed (training's dW2 reads it). Not differentiable again.
     """
     _check(gate_up, topk_weights, gather_indices, d_h)
-    return torch.ops.moe_learn.weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+    if needs_autograd(gate_up, topk_weights, d_h):
+        raise ValueError("weighted_swiglu_backward is not differentiable (no double backward), and gate_up, "
+                         "topk_weights or d_h requires grad; call it under torch.no_grad() or pass detached tensors")
+    if torch.compiler.is_compiling():
+        return torch.ops.moe_learn.weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+    return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)

@@ -104,6 +104,7 @@ def test_moe_experts_inference_is_the_same_either_way(kernel, monkeypatch):
     (lambda ids, w: route_ids(ids, w[:, :1], 4), "one shape"),
     (lambda ids, w: route_ids(ids, w, 0), "num_experts"),
     (lambda ids, w: route_ids([[0, 1]], w, 4), "topk_ids"),
+    (lambda ids, w: route_ids(ids, w.requires_grad_(), 4), "requires grad"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     ids, weights = torch.randint(0, 4, (3, 2), device=DEVICE), torch.rand(3, 2, device=DEVICE)

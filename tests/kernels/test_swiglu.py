@@ -71,6 +71,14 @@ def test_autograd_through_the_op_matches_the_reference():
         assert _rel(a, b) < 1e-5
 
 
+def test_the_backward_refuses_to_drop_a_gradient():
+    gate_up, weights, gather, d_h = _problem(2, 2, 8, torch.float32, 7)
+    with pytest.raises(ValueError, match="not differentiable"):
+        weighted_swiglu_backward(gate_up.requires_grad_(), weights, gather, d_h)
+    with torch.no_grad():
+        weighted_swiglu_backward(gate_up, weights, gather, d_h)
+
+
 def test_opcheck():
     gate_up, weights, gather, d_h = _problem(4, 2, 24, torch.float32, 2)
     torch.library.opcheck(torch.ops.moe_learn.weighted_swiglu.default, (gate_up, weights, gather))
