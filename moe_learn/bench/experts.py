@@ -207,6 +207,19 @@ def guarded(fn: Callable):
         return None, f"{type(e).__name__}: {_one_line(e)}"
 
 
+def _peak_mib(call: Callable) -> float:
+    """GPU memory one call allocates beyond what was live before it, at its peak (MiB): for training,
+    what the forward keeps for the backward plus the backward's temporaries."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = call()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    return round(peak / 2**20, 1)
+
+
 def make_problem(case: ExpertsCase, seed: int, device="cuda", dtype=torch.bfloat16) -> dict:
     """Weights, hidden states, routing and upstream gradient: random (never zeros), drawn once per case."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -281,6 +294,8 @@ def bench_experts_case(case: ExpertsCase, impls: list[Implementation], *, seed: 
             seconds, error = guarded(lambda call=call: do_bench(call))
             row[mode][impl.name] = {"error": error} if error else {"ms": seconds * 1e3,
                                                                    "tflops": flops / seconds / 1e12}
+            if not error and torch.cuda.is_available() and str(device).startswith("cuda"):
+                row[mode][impl.name]["peak_mib"] = _peak_mib(call)
         fn = forward = training = check = None  # drop the module (it holds the weights) before the next one
         gc.collect()
     return row

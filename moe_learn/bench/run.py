@@ -240,6 +240,9 @@ def _experts_line(row: dict) -> str:
     for mode in ("forward", "training"):
         times = ", ".join(f"{name} {r['ms']:.3f}" if "ms" in r else f"{name} -" for name, r in row[mode].items())
         parts.append(f"{mode} ms: {times}")
+        peaks = ", ".join(f"{name} {r['peak_mib']:g}" for name, r in row[mode].items() if "peak_mib" in r)
+        if peaks:
+            parts.append(f"{mode} peak MiB: {peaks}")
     setup = ", ".join(f"{name} {seconds:g}" for name, seconds in row.get("setup_s", {}).items())
     return "; ".join(parts) + (f"; first calls (compile, tune, check) s: {setup}" if setup else "")
 

@@ -44,8 +44,10 @@ def test_cpu_smoke_every_available_implementation_agrees_with_the_reference():
         assert "not installed" in X.LIGER_MISSING
     assert row["flops_forward"] == 6 * 12 * 2 * 32 * 16 and row["name"] == "tiny T=12"
     assert {"ours", "default"} <= set(row["setup_s"]) and all(s >= 0 for s in row["setup_s"].values())
-    line = R._experts_line({**row, "forward": {"ours": {"ms": 1.0}}, "training": {"ours": {"error": "x"}}})
+    line = R._experts_line({**row, "forward": {"ours": {"ms": 1.0, "peak_mib": 12.5}},
+                            "training": {"ours": {"error": "x"}}})
     assert "forward ms: ours 1.000" in line and "training ms: ours -" in line and "first calls" in line
+    assert "forward peak MiB: ours 12.5" in line and "training peak" not in line
 
 
 def swapped_swiglu(h, ids, w, w1, w2):  # silu on the up half: the classic gate/up mix-up
