@@ -85,7 +85,9 @@ def _block_i(inner: int) -> int:
 
 def _check(gate_up, topk_weights, gather_indices, d_h=None) -> None:
     check_tensor("gate_up", gate_up, ndim=2)
-    check_floating("gate_up", gate_up)
+    if gate_up.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"gate_up must be float32, float16 or bfloat16 (the kernels compute in float32), got "
+                        f"{gate_up.dtype}; for float64 use moe_learn.ops.moe.weighted_swiglu, the reference")
     check_tensor("topk_weights", topk_weights)
     check_floating("topk_weights", topk_weights)
     check_tensor("gather_indices", gather_indices, ndim=1)

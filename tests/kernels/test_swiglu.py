@@ -130,6 +130,7 @@ def test_non_contiguous_inputs():
     (lambda g, w, i, d: weighted_swiglu(g, w, i.float()), "gather_indices"),
     (lambda g, w, i, d: weighted_swiglu_backward(g, w, i, d[:, :-1]), "d_h has shape"),
     (lambda g, w, i, d: weighted_swiglu(g[0], w, i), "gate_up"),
+    (lambda g, w, i, d: weighted_swiglu(g.double(), w, i), "gate_up.*float64"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     gate_up, weights, gather, d_h = _problem(3, 2, 8, torch.float32, 6)
