@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_learn import device
 from moe_learn.ops.grouped_gemm import expert_of_rows, torch_grouped_gemm, torch_grouped_gemm_dw
 from moe_learn.ops.moe import swiglu, weighted_swiglu, weighted_swiglu_backward
 from moe_learn.ops.permutation import permute, unpermute
@@ -98,8 +99,6 @@ ROUTE_IDS_KERNEL = True
 
 def _one_launch_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, backend: str) -> bool:
     """Whether ``drop_and_route`` takes the kernel: the Triton backend, eager, nothing recorded, decode-sized."""
-    from moe_learn import device
-
     if backend != "triton" or not (ROUTE_IDS_KERNEL and device.HAS_TRITON) or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and topk_weights.requires_grad:
