@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from moe_learn.course.checks._core import CheckFailed
-from moe_learn.course.checks.ch09_backward import EXERCISES, check_grouped_gemm_dw, check_grouped_gemm_dx
+from moe_learn.course.checks.ch09_backward import (
+    EXERCISES,
+    check_grouped_gemm_dw,
+    check_grouped_gemm_dx,
+    check_weighted_swiglu_backward,
+)
 from moe_learn.kernels.backward import grouped_gemm_dw
 from moe_learn.kernels.grouped_gemm import grouped_gemm
 
@@ -32,7 +37,7 @@ def _dw_torch(X, dY, m_sizes, *, gather_indices=None, topk=1, permute_x=False, o
 
 
 def test_exercises_have_progressive_hints():
-    assert [ex.id for ex in EXERCISES] == ["09.1", "09.2"]
+    assert [ex.id for ex in EXERCISES] == ["09.1", "09.2", "09.3"]
     assert all(2 <= len(ex.hints) <= 3 for ex in EXERCISES)
 
 
@@ -188,3 +193,45 @@ def test_dw_check_passes_planted_kernel_without_bugs(capsys):
 def test_dw_check_on_planted_triton_kernels(bug, message):
     with pytest.raises(CheckFailed, match=message):
         check_grouped_gemm_dw(_planted(**{bug: True}))
+
+
+def _swiglu_bwd(gate_up, row_weights, d_h, *, used_h=False, no_weight=False, sigmoid_only=False, swapped=False):
+    """The weighted SwiGLU's backward with switchable mistakes."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    w = row_weights.unsqueeze(-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    d_w = (d_h * (w * silu * up if used_h else silu * up)).sum(-1)
+    d_s = d_h if no_weight else w * d_h
+    d_gate = d_s * up * (sig if sigmoid_only else sig * (1 + gate * (1 - sig)))
+    d_up = d_s * silu
+    return torch.cat([d_up, d_gate] if swapped else [d_gate, d_up], dim=-1), d_w
+
+
+def test_weighted_swiglu_check_passes_the_reference_and_the_package(capsys):
+    from moe_learn.ops.moe import weighted_swiglu_backward
+
+    check_weighted_swiglu_backward(_swiglu_bwd)
+    check_weighted_swiglu_backward(lambda g, w, d: weighted_swiglu_backward(g, w, d)[:2])
+    assert capsys.readouterr().out.count("[PASS] 09.3") == 2
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        ("used_h", "router's gradient used h"),
+        ("no_weight", "misses the routing weight"),
+        ("sigmoid_only", r"sigmoid\(gate\) as silu's derivative"),
+        ("swapped", "halves are swapped"),
+    ],
+)
+def test_weighted_swiglu_check_names_the_mistake(mistake, message):
+    with pytest.raises(CheckFailed, match=message):
+        check_weighted_swiglu_backward(lambda g, w, d: _swiglu_bwd(g, w, d, **{mistake: True}))
+
+
+def test_weighted_swiglu_check_rejects_a_wrong_return():
+    with pytest.raises(CheckFailed, match=r"return \(d_gate_up, d_row_weights\)"):
+        check_weighted_swiglu_backward(lambda g, w, d: _swiglu_bwd(g, w, d)[0])
+    with pytest.raises(CheckFailed, match="d_row_weights .* has shape"):
+        check_weighted_swiglu_backward(lambda g, w, d: (_swiglu_bwd(g, w, d)[0], _swiglu_bwd(g, w, d)[1][:, None]))

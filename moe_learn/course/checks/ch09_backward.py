@@ -2,7 +2,9 @@
 
 09.1 the weight gradient ``dW_e = dY_e.T @ X_e`` (a Triton kernel the learner writes);
 09.2 the input gradient ``dX`` through the forward kernel, scattered back to token order
-and summed over the top-k slots.
+and summed over the top-k slots;
+09.3 the backward of the SwiGLU with the routing weight folded in (PyTorch): the router's
+gradient and d(gate_up), what made training's backward lean.
 
 Expected values come from float64 matmuls per expert written here, never from the
 package's kernels, so a check and the reference cannot share a bug.
@@ -47,6 +49,18 @@ EXERCISES = [
             "(token, slot) row gather_indices[i]: the result is [T * topk, K].",
             "A token that went to topk experts got topk gradient rows: "
             "dx.view(T, topk, K).sum(dim=1) is the gradient of the hidden state.",
+        ),
+    ),
+    Exercise(
+        id="09.3",
+        notebook=NOTEBOOK,
+        title="The SwiGLU's backward with the routing weight folded in: the router's gradient and d(gate_up)",
+        hints=(
+            "gate, up = gate_up.chunk(2, dim=-1); s = silu(gate) * up is the unweighted SwiGLU and h = w * s. "
+            "The router's gradient is d_row_weights = (d_h * s).sum(-1): s, not h.",
+            "d_h reaches s through the weight: d_s = row_weights[:, None] * d_h. Then d_up = d_s * silu(gate) "
+            "and d_gate = d_s * up * silu'(gate), with silu'(x) = sigmoid(x) * (1 + x * (1 - sigmoid(x))).",
+            "Return (torch.cat([d_gate, d_up], dim=-1), d_row_weights): gate half first, as in gate_up.",
         ),
     ),
 ]
@@ -284,3 +298,79 @@ def check_grouped_gemm_dx(fn, dtype: torch.dtype = torch.float32) -> None:
                 hint = "check the W layout: dX_e = dY_e @ W_e, i.e. transpose=False for W [E, N, K]"
         fail(ex, msg, hint)
     passed(ex, "grouped GEMM input gradient", len(_DX_CASES))
+
+
+# ---------------------------------------------------------------- 09.3 the weighted SwiGLU's backward
+
+# name, rows, I, how the weights are drawn
+_SWIGLU_CASES = [
+    ("7 rows, I = 5", 7, 5, "uniform"),
+    ("one row", 1, 3, "uniform"),
+    ("rows whose weight is 0 (dropped slots)", 6, 4, "some zero"),
+    ("large gate values (silu saturates)", 5, 6, "uniform"),
+]
+
+
+def _expected_weighted_swiglu(gate_up, row_weights, d_h):
+    """float64 autograd through ``h = w * silu(gate) * up``: (d_gate_up, d_row_weights)."""
+    g = gate_up.detach().double().requires_grad_(True)
+    w = row_weights.detach().double().requires_grad_(True)
+    gate, up = g.chunk(2, dim=-1)
+    h = w.unsqueeze(-1) * torch.nn.functional.silu(gate) * up
+    return torch.autograd.grad(h, (g, w), d_h.double())
+
+
+def _diagnose_swiglu(got_dg, got_dw, gate_up, row_weights, d_h, tol):
+    """The usual mistakes, each recomputed here and compared with what came back."""
+    g, w, d = gate_up.double(), row_weights.double().unsqueeze(-1), d_h.double()
+    gate, up = g.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+
+    def close(a, b):
+        return a is not None and a.shape == b.shape and torch.allclose(a.double(), b, rtol=tol, atol=tol)
+
+    if close(got_dw, (d * w * silu * up).sum(-1)):
+        return ("the router's gradient used h = w * silu(gate) * up; it is <d_h, silu(gate) * up>, the "
+                "SwiGLU before the weight (h is linear in w)")
+    if close(got_dg, torch.cat([d * up * sig * (1 + gate * (1 - sig)), d * silu], dim=-1)):
+        return "d(gate_up) misses the routing weight: d_h reaches the SwiGLU as row_weights[:, None] * d_h"
+    if close(got_dg, torch.cat([w * d * up * sig, w * d * silu], dim=-1)):
+        return ("d_gate used sigmoid(gate) as silu's derivative; silu'(x) = sigmoid(x) * (1 + x * (1 - "
+                "sigmoid(x)))")
+    if close(got_dg, torch.cat([w * d * silu, w * d * up * sig * (1 + gate * (1 - sig))], dim=-1)):
+        return "the halves are swapped: gate_up is [gate | up], so d(gate_up) is [d_gate | d_up]"
+    return None
+
+
+def check_weighted_swiglu_backward(fn, dtype: torch.dtype = torch.float64) -> None:
+    """``fn(gate_up [M, 2I], row_weights [M], d_h [M, I])`` returns ``(d_gate_up [M, 2I], d_row_weights [M])``
+    for ``h = row_weights[:, None] * silu(gate) * up``, checked against float64 autograd."""
+    ex = "09.3"
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for what, rows, inner, weights in _SWIGLU_CASES:
+        scale = 8.0 if "large" in what else 2.0
+        gate_up = (torch.randn(rows, 2 * inner, device=DEVICE) * scale).to(dtype)
+        row_weights = torch.rand(rows, device=DEVICE).to(dtype)
+        if weights == "some zero":
+            row_weights[::2] = 0
+        d_h = torch.randn(rows, inner, device=DEVICE).to(dtype)
+        got = call_learner(ex, fn, gate_up.clone(), row_weights.clone(), d_h.clone())
+        if not (isinstance(got, tuple | list) and len(got) == 2):
+            fail(ex, f"on {what}: return (d_gate_up, d_row_weights), got {type(got).__name__}",
+                 "two tensors: the gradient of gate_up [M, 2I] and of the row weights [M]")
+        got_dg, got_dw = got
+        expect_tensor(ex, f"d_gate_up ({what})", got_dg, (rows, 2 * inner), dtype)
+        expect_tensor(ex, f"d_row_weights ({what})", got_dw, (rows,))
+        want_dg, want_dw = _expected_weighted_swiglu(gate_up, row_weights, d_h)
+        ok_dg = torch.allclose(got_dg.double(), want_dg, rtol=tol, atol=tol)
+        ok_dw = torch.allclose(got_dw.double(), want_dw, rtol=tol, atol=tol)
+        if ok_dg and ok_dw:
+            continue
+        hint = _diagnose_swiglu(got_dg, got_dw, gate_up, row_weights, d_h, tol)
+        name, got_t, want_t = ("d_row_weights", got_dw, want_dw) if not ok_dw else ("d_gate_up", got_dg, want_dg)
+        bad = (~torch.isclose(got_t.double(), want_t, rtol=tol, atol=tol)).nonzero()[0].tolist()
+        at = ", ".join(str(i) for i in bad)
+        fail(ex, f"on {what}: {name}[{at}] = {float(got_t[tuple(bad)]):.6g}, expected {float(want_t[tuple(bad)]):.6g}",
+             hint)
+    passed(ex, "weighted SwiGLU backward", len(_SWIGLU_CASES))
