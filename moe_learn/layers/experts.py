@@ -105,7 +105,7 @@ def _one_launch_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, back
         return False  # the PyTorch ops keep the weights' gradient (zero where an id was dropped)
     from moe_learn.kernels.route_ids import MAX_SLOTS
 
-    return (topk_ids.is_cuda or device.INTERPRETER) and topk_ids.numel() <= MAX_SLOTS
+    return (topk_ids.is_cuda or (topk_ids.is_cpu and device.INTERPRETER)) and topk_ids.numel() <= MAX_SLOTS
 
 
 def drop_and_route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, backend: str = "triton"):
