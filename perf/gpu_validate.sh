@@ -24,6 +24,11 @@ else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+# Compiled kernels (Triton's cache) and tuned configs (moe_learn's) kept in .gpu-cache/: the GPU machine
+# starts bare on every call, and compiling and tuning one experts case takes minutes. The folder is packed
+# into $OUT at the end; unpack it into the checkout and pass carry=[".whl", ".gpu-cache"] to the next call.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.gpu-cache/triton}
+export MOE_LEARN_TUNING_CACHE=${MOE_LEARN_TUNING_CACHE:-$PWD/.gpu-cache/tuning.json}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
@@ -55,3 +60,6 @@ for step in $STEPS; do
     esac
     echo "step $step took $(( $(date +%s) - start )) s"
 done
+if [ -d .gpu-cache ]; then
+    tar czf "$OUT/gpu-cache.tgz" .gpu-cache && echo "packed .gpu-cache into $OUT/gpu-cache.tgz ($(du -sh .gpu-cache | cut -f1))"
+fi

@@ -14,6 +14,9 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="moe_learn_inductor_")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
+# Tests tune with fake timers and fake configs: they must never read or write a real tuning cache.
+os.environ.pop("MOE_LEARN_TUNING_CACHE", None)
+
 import moe_learn  # noqa: E402, F401  (sets TRITON_INTERPRET on machines without CUDA)
 
 

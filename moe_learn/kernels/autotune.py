@@ -5,13 +5,22 @@ call for a key, cache the winner) with two changes that matter for MoE: the key 
 shape *bucket* (rows per expert rounded to a power of two), because the routing changes
 every call while the best tile does not; and the two best candidates are re-timed in
 turns, because a single short measurement can be off by the ~5% that separates them.
+
+Tuning takes seconds per key (compiling each candidate, then timing it), and a training run
+meets a dozen keys. ``MOE_LEARN_TUNING_CACHE=/path/file.json`` keeps the winners across
+processes, like ``triton.autotune(cache_results=True)``: entries are read on the first
+tuning miss and written after each tuning, and a file made on another GPU, another torch or
+Triton, or another version of the kernels (a digest of their source) is ignored.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -47,14 +56,62 @@ def median_seconds(fn: Callable[[], None]) -> float:
     return triton.testing.do_bench(fn, warmup=max(10.0, 3 * one_ms), rep=rep, return_mode="median") * 1e-3
 
 
+CACHE_ENV = "MOE_LEARN_TUNING_CACHE"
+_LOADED: set[str] = set()  # cache files already merged into TUNED
+
+
+@functools.cache
+def cache_stamp() -> dict:
+    """What a cached winner depends on besides its key: the GPU, torch, Triton and the kernels' source."""
+    import triton
+
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for name in ("grouped_gemm_hopper.py", "backward.py", "autotune.py"):
+        digest.update((here / name).read_bytes())
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "kernels": digest.hexdigest()[:16]}
+
+
+def _read_cache(path: str) -> dict[tuple, dict]:
+    """The file's entries when its stamp matches this process, else none (a missing or broken file: none)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.get("stamp") != cache_stamp():
+            return {}
+        return {tuple(key): dict(config) for key, config in data["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_cache(path: str, key: tuple, config: dict) -> None:
+    """Add one winner to the file (merged with what other processes wrote; replaced atomically)."""
+    entries = _read_cache(path)
+    entries[key] = config
+    data = {"stamp": cache_stamp(), "entries": [[list(k), c] for k, c in entries.items()]}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(data, indent=1))
+    os.replace(scratch, target)
+
+
 def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=median_seconds) -> dict:
     """Time ``launch(config)`` for each candidate, cache and return the fastest.
 
     A quick pass times every candidate; the best two are then timed again, longer and
     in turns. A candidate that fails to compile (shared memory, a compiler limit) is skipped.
+    With ``MOE_LEARN_TUNING_CACHE`` set, a winner found by an earlier process is used as is.
     """
     if key in TUNED:
         return TUNED[key]
+    path = os.environ.get(CACHE_ENV)
+    if path and path not in _LOADED:
+        _LOADED.add(path)
+        for cached_key, config in _read_cache(path).items():
+            TUNED.setdefault(cached_key, config)
+        if key in TUNED:
+            return TUNED[key]
     timings, errors = [], []
     for config in configs:
         try:
@@ -70,6 +127,8 @@ def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=med
         for i, config in enumerate(finalists):
             totals[i] += timer(lambda config=config: launch(config))
     TUNED[key] = finalists[min(range(len(finalists)), key=totals.__getitem__)]
+    if path:
+        _write_cache(path, key, TUNED[key])
     return TUNED[key]
 
 

@@ -4,6 +4,8 @@ Under the CPU interpreter the tensor descriptors are emulated, so the same kerne
 CI (``kernel="hopper"``); on an H100 ``kernel="auto"`` picks it for bf16/fp16.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -260,3 +262,48 @@ def test_finalists_decide_on_their_repeated_timings(monkeypatch):
 
     configs = ({"name": "a"}, {"name": "b"}, {"name": "c"})
     assert autotune.choose_config("k", configs, lambda c: launched.append(c["name"]), timer) == {"name": "b"}
+
+
+def test_tuning_cache_file_keeps_winners_across_processes(monkeypatch, tmp_path):
+    """MOE_LEARN_TUNING_CACHE: a winner written by one process is used by the next without tuning;
+    a file stamped for another GPU or other kernels, or a broken one, is ignored."""
+    path = tmp_path / "tuning" / "cache.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, str(path))
+    monkeypatch.setattr(autotune, "_LOADED", set())
+    monkeypatch.setattr(autotune, "TUNED", {})
+    stamp = {"gpu": "test GPU", "torch": "t", "triton": "tr", "kernels": "abc"}
+    monkeypatch.setattr(autotune, "cache_stamp", lambda: stamp)
+    launched = []
+    timer = lambda fn: (fn(), {"a": 2.0, "b": 1.0}[launched[-1]])[1]  # noqa: E731
+    configs = ({"name": "a", "BLOCK_M": 64, "FLATTEN": True}, {"name": "b", "BLOCK_M": 128, "FLATTEN": False})
+    key = hopper.tuning_key(1000, 64, 32, 8, torch.bfloat16, True, False, False)
+    assert autotune.choose_config(key, configs, lambda c: launched.append(c["name"]), timer)["name"] == "b"
+    saved = json.loads(path.read_text())
+    assert saved["stamp"] == stamp and saved["entries"] == [[list(key), configs[1]]]
+
+    # a new process: nothing tuned yet, the file is read on the first miss
+    monkeypatch.setattr(autotune, "_LOADED", set())
+    monkeypatch.setattr(autotune, "TUNED", {})
+    launched.clear()
+    assert autotune.choose_config(key, configs, lambda c: launched.append(c["name"]), timer) == configs[1]
+    assert launched == [], "a cached winner must not be tuned again"
+
+    # another GPU (or other kernels, torch or Triton): the file is ignored, then rewritten for this one
+    monkeypatch.setattr(autotune, "_LOADED", set())
+    monkeypatch.setattr(autotune, "TUNED", {})
+    monkeypatch.setattr(autotune, "cache_stamp", lambda: {**stamp, "gpu": "another GPU"})
+    assert autotune.choose_config(key, configs, lambda c: launched.append(c["name"]), timer)["name"] == "b"
+    assert launched, "a file stamped for another GPU must not be trusted"
+    assert json.loads(path.read_text())["stamp"]["gpu"] == "another GPU"
+
+    # a broken file: ignored and replaced
+    path.write_text("{not json")
+    monkeypatch.setattr(autotune, "_LOADED", set())
+    monkeypatch.setattr(autotune, "TUNED", {})
+    assert autotune.choose_config(key, configs, lambda c: launched.append(c["name"]), timer)["name"] == "b"
+    assert len(json.loads(path.read_text())["entries"]) == 1
+
+
+def test_cache_stamp_names_the_versions_and_the_kernels_source():
+    stamp = autotune.cache_stamp()
+    assert set(stamp) == {"gpu", "torch", "triton", "kernels"} and len(stamp["kernels"]) == 16
