@@ -76,7 +76,7 @@ def cache_stamp() -> dict:
 def _read_cache(path: str) -> dict[tuple, dict]:
     """The file's entries when its stamp matches this process, else none (a missing or broken file: none)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).expanduser().read_text())
         if data.get("stamp") != cache_stamp():
             return {}
         return {tuple(key): dict(config) for key, config in data["entries"]}
@@ -89,7 +89,7 @@ def _write_cache(path: str, key: tuple, config: dict) -> None:
     entries = _read_cache(path)
     entries[key] = config
     data = {"stamp": cache_stamp(), "entries": [[list(k), c] for k, c in entries.items()]}
-    target = Path(path)
+    target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     scratch.write_text(json.dumps(data, indent=1))
