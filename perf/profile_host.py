@@ -3,10 +3,11 @@
     PYTHONPATH=$PWD python3 perf/profile_host.py > $OUT/profile_host.txt
 
 Cases: the qwen3-30b-a3b gate_up GEMM at T=1 (gathered, what the decode bench's weakest
-case calls) and the fused experts at T=1. For each: host microseconds per call in a
-back-to-back loop, the cProfile table of 2000 calls, and the bare pieces timed alone
-(the compiled kernel's own launcher with our cached arguments, torch.empty, and
-torch._grouped_mm of the same GEMM) so the Python of ours can be told from the floor.
+case calls) and the fused experts at T=1 (with the one-launch routing of given ids, and
+without). For each: host microseconds per call in a back-to-back loop and the cProfile
+table of 2000 calls; then the bare pieces timed alone (the compiled kernel's own launcher
+with our last launch's arguments, our launch key, torch.empty, and torch._grouped_mm of the
+same GEMM) so the Python of ours can be told from the floor.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main():
         for name, fn in (("grouped_gemm gate_up gather", gate_up), ("grouped_gemm_trusted gate_up gather", trusted),
                          ("run_experts (routing given)", routed), ("moe_experts (ids in)", fused)):
             profile(name, fn)
+        experts.ROUTE_IDS_KERNEL = False  # the A/B: the routing of given ids as eight PyTorch ops
+        profile("moe_experts (ids in), PyTorch routing", fused)
+        experts.ROUTE_IDS_KERNEL = True
         print(f"\ntorch._grouped_mm gate_up (pre-gathered): {per_call_us(gmm):.1f} us/call")
         print(f"torch.empty(8, 1536): {per_call_us(lambda: torch.empty(8, 1536, device=dev, dtype=dt)):.1f} us/call")
         print(f"x.new_empty(8, 1536): {per_call_us(lambda: x.new_empty(8, 1536)):.1f} us/call")
