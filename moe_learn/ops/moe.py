@@ -67,15 +67,8 @@ def weighted_swiglu_backward(gate_up: torch.Tensor, row_weights: torch.Tensor, d
     acc = torch.promote_types(gate_up.dtype, torch.float32)
     gate, up = gate_up.to(acc).chunk(2, dim=-1)
     d_h, w = d_h.to(acc), row_weights.to(acc).unsqueeze(-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    s = silu * up
-    d_w = (d_h * s).sum(-1)
-    d_s = w * d_h
-    d_gate = d_s * up * sig * (1 + gate * (1 - sig))
-    d_up = d_s * silu
-    dtype = gate_up.dtype
-    return torch.cat([d_gate, d_up], dim=-1).to(dtype), d_w, (w * s).to(dtype)
+    s = F.silu(gate) * up
+    return swiglu_backward(gate_up, w * d_h), (d_h * s).sum(-1), (w * s).to(gate_up.dtype)
 
 
 def is_silu(activation) -> bool:
