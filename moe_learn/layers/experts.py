@@ -186,22 +186,18 @@ def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weight
 def _weighted_swiglu(backend, gate_up, topk_weights, gather_indices):
     """h_r = w_r * swiglu(gate_up_r): the Triton kernel, or the PyTorch reference."""
     if backend == "triton":
-        from moe_learn.kernels.swiglu import run_weighted_swiglu
+        from moe_learn.kernels import swiglu as kernels
 
-        if not torch.compiler.is_compiling():
-            return run_weighted_swiglu(gate_up, topk_weights, gather_indices)
-        return torch.ops.moe_learn.weighted_swiglu(gate_up, topk_weights, gather_indices)
+        return kernels.weighted_swiglu(gate_up, topk_weights, gather_indices)
     return weighted_swiglu(gate_up, topk_weights.reshape(-1)[gather_indices.long()])
 
 
 def _weighted_swiglu_backward(backend, gate_up, topk_weights, gather_indices, d_h):
     """(d_gate_up, d_topk_weights in float32 or wider, shaped like topk_weights, h)."""
     if backend == "triton":
-        from moe_learn.kernels.swiglu import run_weighted_swiglu_backward
+        from moe_learn.kernels import swiglu as kernels
 
-        if not torch.compiler.is_compiling():
-            return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
-        return torch.ops.moe_learn.weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+        return kernels.weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
     index = gather_indices.long()
     d_gate_up, d_rows, h = weighted_swiglu_backward(gate_up, topk_weights.reshape(-1)[index], d_h)
     d_weights = d_rows.new_zeros(topk_weights.numel()).index_copy_(0, index, d_rows)
