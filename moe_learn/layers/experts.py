@@ -234,6 +234,9 @@ class FusedMoEFunction(torch.autograd.Function):
     def backward(ctx, d_out):
         hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
         backend, transpose = ctx.backend, ctx.transpose
+        if backend == "triton" and torch.is_grad_enabled():  # create_graph=True: a gradient of this backward
+            raise RuntimeError("the Triton experts have no double backward (create_graph=True); use "
+                               "backend='torch' for higher-order gradients")
         need_x, _, _, need_w, need_w1, need_w2 = ctx.needs_input_grad[:6]
         num_tokens, top_k = topk_weights.shape
         d_out = d_out.to(hidden_states.dtype).contiguous()

@@ -215,3 +215,15 @@ def test_training_keeps_only_gemm1_output_beyond_its_inputs(backend):
     assert (T * k, 2 * I) in extra and extra <= {(T * k, 2 * I), (T, k)}, f"saved beyond the inputs: {extra}"
     out.sum().backward()
     assert all(t.grad is not None for t in (x, w, w1, w2))
+
+
+def test_double_backward_is_refused_on_triton_and_runs_on_the_reference():
+    T, k, E, H, I = 4, 2, 4, 8, 3  # noqa: E741
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(DEVICE)
+    x = torch.randn(T, H, device=DEVICE, requires_grad=True)
+    w, w1, w2 = (torch.rand(T, k, device=DEVICE), torch.randn(E, 2 * I, H, device=DEVICE),
+                 torch.randn(E, H, I, device=DEVICE))
+    with pytest.raises(RuntimeError, match="no double backward.*backend='torch'"):
+        torch.autograd.grad(moe_experts(x, ids, w, w1, w2).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(moe_experts(x, ids, w, w1, w2, backend="torch").square().sum(), x, create_graph=True)
+    assert g.requires_grad
