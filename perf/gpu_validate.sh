@@ -3,11 +3,11 @@
 #   OUT=gpu-out bash perf/gpu_validate.sh            # tests, then both sanitizers
 #   OUT=gpu-out STEPS="bench" bash perf/gpu_validate.sh
 # Steps (STEPS, space-separated, default "tests sanitize"):
-#   tests     the whole suite with compiled kernels, and nbval over solutions/
+#   tests     the whole suite with compiled kernels, and nbval over solutions/ (or only TESTS="paths")
 #   sanitize  compute-sanitizer memcheck and racecheck over perf/sanitize.py (every kernel and mode)
 #   bench     python -m moe_learn bench (all sections, or BENCH_ARGS, e.g. "--only experts --models
-#             mixtral-8x7b --tokens 8192") into $OUT/bench
-#   ab        perf/ab_kernels.py, the kernel variants side by side, into $OUT/ab.json
+#             mixtral-8x7b --tokens 8192") into $OUT/logs/bench
+#   ab        perf/ab_kernels.py, the kernel variants side by side, into $OUT/logs/ab.json
 #   host      perf/host_overhead.py (host time per decode call) and perf/profile_host.py (its cProfile)
 #   abdw      perf/ab_dw.py, the dW configs, in-kernel gather vs copy first, vs torch._grouped_mm
 #   profile   perf/profile_training.py --only ours (kernel table of the experts' forward+backward)
@@ -16,7 +16,13 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 STEPS=${STEPS:-tests sanitize}
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
+# The device tool returns at most 8 files: the long logs go into $OUT/logs and are packed into one
+# archive after every step (a step cut by the time limit still leaves the earlier steps' logs and caches).
+pack() {
+    tar czf "$OUT/logs.tgz.tmp" -C "$OUT" logs && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"
+    if [ -d .gpu-cache ]; then tar czf "$OUT/gpu-cache.tgz.tmp" .gpu-cache && mv "$OUT/gpu-cache.tgz.tmp" "$OUT/gpu-cache.tgz"; fi
+}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD
@@ -26,40 +32,39 @@ fi
 export PYTHONUNBUFFERED=1
 # Compiled kernels (Triton's cache) and tuned configs (moe_learn's) kept in .gpu-cache/: the GPU machine
 # starts bare on every call, and compiling and tuning one experts case takes minutes. The folder is packed
-# into $OUT at the end; unpack it into the checkout and pass carry=[".whl", ".gpu-cache"] to the next call.
+# into $OUT/gpu-cache.tgz after every step; unpack it into the checkout and pass carry=[".whl", ".gpu-cache"] to the next call.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.gpu-cache/triton}
 export MOE_LEARN_TUNING_CACHE=${MOE_LEARN_TUNING_CACHE:-$PWD/.gpu-cache/tuning.json}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/logs/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
-'transformers', transformers.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+'transformers', transformers.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/logs/gpu.txt"
 for step in $STEPS; do
     start=$(date +%s)
     case $step in
         tests)
-            MOE_LEARN_CHECK_LAUNCH=1 python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rs tests solutions 2>&1 \
-                | tee "$OUT/pytest.log" | tail -40 ;;
+            MOE_LEARN_CHECK_LAUNCH=1 python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rfE ${TESTS:-tests solutions} 2>&1 \
+                | tee "$OUT/logs/pytest.log" | tail -40 ;;
         sanitize)
             for tool in memcheck racecheck; do
-                compute-sanitizer --tool "$tool" --error-exitcode 9 python3 perf/sanitize.py > "$OUT/$tool.log" 2>&1
+                compute-sanitizer --tool "$tool" --error-exitcode 9 python3 perf/sanitize.py > "$OUT/logs/$tool.log" 2>&1
                 echo "compute-sanitizer --tool $tool python3 perf/sanitize.py: exit $?"
-                tail -4 "$OUT/$tool.log"
+                tail -4 "$OUT/logs/$tool.log"
             done ;;
         bench)
             # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-            python3 -m moe_learn bench --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+            python3 -m moe_learn bench --out "$OUT/logs/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/logs/bench.log" | tail -60 ;;
         ab)
-            python3 perf/ab_kernels.py "$OUT/ab.json" 2>&1 | tee "$OUT/ab.log" | tail -60 ;;
+            python3 perf/ab_kernels.py "$OUT/logs/ab.json" 2>&1 | tee "$OUT/logs/ab.log" | tail -60 ;;
         host)
-            python3 perf/host_overhead.py "$OUT/host.json" 2>&1 | tee "$OUT/host.log" | tail -30
-            python3 perf/profile_host.py > "$OUT/profile_host.txt" 2>&1; grep "us/call" "$OUT/profile_host.txt" ;;
+            python3 perf/host_overhead.py "$OUT/logs/host.json" 2>&1 | tee "$OUT/logs/host.log" | tail -30
+            python3 perf/profile_host.py > "$OUT/logs/profile_host.txt" 2>&1; grep "us/call" "$OUT/logs/profile_host.txt" ;;
         abdw)
-            python3 perf/ab_dw.py 2>&1 | tee "$OUT/ab_dw.txt" | grep -v "^  .*config" | tail -20 ;;
+            python3 perf/ab_dw.py 2>&1 | tee "$OUT/logs/ab_dw.txt" | grep -v "^  .*config" | tail -20 ;;
         profile)
-            python3 perf/profile_training.py --only ours 2>&1 | tee "$OUT/profile_training.txt" | grep "==" ;;
+            python3 perf/profile_training.py --only ours 2>&1 | tee "$OUT/logs/profile_training.txt" | grep "==" ;;
         *) echo "unknown step $step" ;;
     esac
     echo "step $step took $(( $(date +%s) - start )) s"
+    pack
 done
-if [ -d .gpu-cache ]; then
-    tar czf "$OUT/gpu-cache.tgz" .gpu-cache && echo "packed .gpu-cache into $OUT/gpu-cache.tgz ($(du -sh .gpu-cache | cut -f1))"
-fi
+echo "packed .gpu-cache into $OUT/gpu-cache.tgz ($(du -sh .gpu-cache 2>/dev/null | cut -f1))"
