@@ -29,7 +29,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 else
     export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 MOE_LEARN_TUNING_LOG=1 TRITON_PRINT_AUTOTUNING=1  
 # Compiled kernels (Triton's cache) and tuned configs (moe_learn's) kept in .gpu-cache/: the GPU machine
 # starts bare on every call, and compiling and tuning one experts case takes minutes. The folder is packed
 # into $OUT/gpu-cache.tgz after every step; unpack it into the checkout and pass carry=[".whl", ".gpu-cache"] to the next call.

@@ -16,6 +16,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 # Tests tune with fake timers and fake configs: they must never read or write a real tuning cache.
 os.environ.pop("MOE_LEARN_TUNING_CACHE", None)
+os.environ.pop("MOE_LEARN_TUNING_LOG", None)
 
 import moe_learn  # noqa: E402, F401  (sets TRITON_INTERPRET on machines without CUDA)
 

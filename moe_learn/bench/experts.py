@@ -240,9 +240,10 @@ def make_problem(case: ExpertsCase, seed: int, device="cuda", dtype=torch.bfloat
 
 
 def bench_experts_case(case: ExpertsCase, impls: list[Implementation], *, seed: int = 0, device="cuda",
-                       dtype=torch.bfloat16, timed: bool = True) -> dict:
+                       dtype=torch.bfloat16, timed: bool = True, progress: bool = False) -> dict:
     """One case: every implementation checked against the reference, then timed (forward with no
-    grad; forward+backward as ``autograd.grad`` of the output against the same ``d_out``)."""
+    grad; forward+backward as ``autograd.grad`` of the output against the same ``d_out``).
+    progress: print each implementation's setup time (its first calls and the check) when it is known."""
     from moe_learn.bench.timing import do_bench
 
     row = {**asdict(case), "name": case.name, "note": case.note, "flops_forward": case.flops_forward,
@@ -282,6 +283,8 @@ def bench_experts_case(case: ExpertsCase, impls: list[Implementation], *, seed: 
             row["rel_err"][impl.name], error = guarded(check)
             # the first calls compile and autotune: minutes for some shapes, worth knowing apart from the timings
             row["setup_s"][impl.name] = round(time.perf_counter() - started, 1)
+            if progress:  # a case can spend minutes compiling and tuning: say where the time goes as it goes
+                print(f"  {case.name} {impl.name}: checked in {row['setup_s'][impl.name]} s", flush=True)
         if error:
             row["rel_err"][impl.name] = {"error": error}
             for mode in ("forward", "training") if impl.training else ("forward",):

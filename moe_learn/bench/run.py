@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for i, case in enumerate(plan["experts"]):
                 progress.update(task, description=f"experts {case.name}")
-                row, error = guarded(lambda case=case, i=i: bench_experts_case(case, impls, seed=i))
+                row, error = guarded(lambda case=case, i=i: bench_experts_case(case, impls, seed=i, progress=True))
                 rows.append(row if error is None else _error_row(case, error))
                 torch.cuda.empty_cache()
                 progress.advance(task)

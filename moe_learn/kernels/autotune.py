@@ -11,6 +11,7 @@ meets a dozen keys. ``MOE_LEARN_TUNING_CACHE=/path/file.json`` keeps the winners
 processes, like ``triton.autotune(cache_results=True)``: entries are read on the first
 tuning miss and written after each tuning, and a file made on another GPU, another torch or
 Triton, or another version of the kernels (a digest of their source) is ignored.
+``MOE_LEARN_TUNING_LOG=1`` prints a line per tuning: the key, the seconds it took, the winner.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import functools
 import hashlib
 import json
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +60,7 @@ def median_seconds(fn: Callable[[], None]) -> float:
 
 
 CACHE_ENV = "MOE_LEARN_TUNING_CACHE"
+LOG_ENV = "MOE_LEARN_TUNING_LOG"  # =1: one line on stderr per tuned key (which, how long, the winner)
 _LOADED: set[str] = set()  # cache files already merged into TUNED
 
 
@@ -112,6 +116,7 @@ def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=med
             TUNED.setdefault(cached_key, config)
         if key in TUNED:
             return TUNED[key]
+    started = time.perf_counter()
     timings, errors = [], []
     for config in configs:
         try:
@@ -129,6 +134,9 @@ def choose_config(key: tuple, configs, launch: Callable[[dict], None], timer=med
     TUNED[key] = finalists[min(range(len(finalists)), key=totals.__getitem__)]
     if path:
         _write_cache(path, key, TUNED[key])
+    if os.environ.get(LOG_ENV, "0") not in ("", "0"):
+        print(f"moe_learn: tuned {key} over {len(timings)} configs in {time.perf_counter() - started:.1f} s "
+              f"(compile and time): {TUNED[key]}", file=sys.stderr, flush=True)
     return TUNED[key]
 
 

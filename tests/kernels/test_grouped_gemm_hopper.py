@@ -304,6 +304,26 @@ def test_tuning_cache_file_keeps_winners_across_processes(monkeypatch, tmp_path)
     assert len(json.loads(path.read_text())["entries"]) == 1
 
 
+@pytest.mark.parametrize("setting", ["1", "0", None])
+def test_tuning_log_prints_one_line_per_tuning_only_when_asked(monkeypatch, capsys, setting):
+    """MOE_LEARN_TUNING_LOG=1: a line on stderr naming the key, the time and the winner; a cached key prints none."""
+    if setting is None:
+        monkeypatch.delenv(autotune.LOG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(autotune.LOG_ENV, setting)
+    monkeypatch.setattr(autotune, "TUNED", {})
+    launched = []
+    timer = lambda fn: (fn(), {"a": 2.0, "b": 1.0}[launched[-1]])[1]  # noqa: E731
+    configs = ({"name": "a"}, {"name": "b"})
+    autotune.choose_config(("log", 1), configs, lambda c: launched.append(c["name"]), timer)
+    autotune.choose_config(("log", 1), configs, lambda c: launched.append(c["name"]), timer)
+    lines = capsys.readouterr().err.splitlines()
+    if setting == "1":
+        assert len(lines) == 1 and "('log', 1)" in lines[0] and "over 2 configs" in lines[0] and "'b'" in lines[0]
+    else:
+        assert lines == []
+
+
 def test_cache_stamp_names_the_versions_and_the_kernels_source():
     stamp = autotune.cache_stamp()
     assert set(stamp) == {"gpu", "torch", "triton", "kernels"} and len(stamp["kernels"]) == 16
