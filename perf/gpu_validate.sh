@@ -22,6 +22,8 @@ mkdir -p "$OUT/logs"
 pack() {
     tar czf "$OUT/logs.tgz.tmp" -C "$OUT" logs && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"
     if [ -d .gpu-cache ]; then tar czf "$OUT/gpu-cache.tgz.tmp" .gpu-cache && mv "$OUT/gpu-cache.tgz.tmp" "$OUT/gpu-cache.tgz"; fi
+    # the tuned configs alone (small), for when the compiled kernels make the archive too large to come back
+    if [ -f .gpu-cache/tuning.json ]; then cp .gpu-cache/tuning.json "$OUT/tuning.json"; fi
 }
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
