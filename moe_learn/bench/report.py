@@ -158,6 +158,12 @@ def evaluate_targets(result: dict) -> list[dict]:
             case, value = _lowest(pairs)
             where = f" ({case})" if how == "lowest" else ""
         met = value >= threshold
+        gpu = result.get("environment", {}).get("gpu", "")
+        if "(set for an H100)" in text and "H100" not in gpu:  # a TFLOP/s target holds for the GPU it names
+            entry.update(value=value, status="not measured on an H100",
+                         measured=f"{value:.0f}{unit} on {gpu} ({'above' if met else 'below'} the H100's target)")
+            out.append(entry)
+            continue
         if len(pairs) < expected:
             status = "not met" if (how == "lowest" and not met) else "incomplete"
             where += f", {len(pairs)} of {expected} cases"
@@ -249,7 +255,70 @@ def headlines(result: dict) -> list[str]:
     return lines
 
 
+SECTIONS_WITH_ROWS = ("experts", "decode", "gemm")
+SAME_IN_EVERY_RUN = ("gpu", "torch", "triton", "transformers", "liger_kernel", "cuda")
+
+
+def merge_results(results: list[dict]) -> dict:
+    """Several stored runs of one machine type and one software stack as one result, for one report.
+
+    Each case's ratios were measured within one run (ours and the baselines back to back), so
+    cases from several runs can share a table and a geometric mean; runs on another GPU or with
+    other versions cannot, and raise. A case measured in more than one run keeps its last run's
+    row. The summaries are left out: the report computes them from the merged rows.
+    """
+    if not results:
+        raise ValueError("merge_results needs at least one stored run")
+    if len(results) == 1:
+        return results[0]
+    first = results[0]["environment"]
+    for i, result in enumerate(results[1:], start=2):
+        env = result["environment"]
+        differ = [f"{key}: {first.get(key)!r} vs {env.get(key)!r}" for key in SAME_IN_EVERY_RUN
+                  if first.get(key) != env.get(key)]
+        if differ:
+            raise ValueError(f"run 1 and run {i} differ in {'; '.join(differ)}: runs on other GPUs or other versions "
+                             "cannot share one report (their ratios are not comparable); report them separately")
+    merged = {"environment": {**first, "date": ", ".join(dict.fromkeys(r["environment"]["date"] for r in results))},
+              "runs": []}
+    for i, result in enumerate(results, start=1):
+        names = []
+        for section in SECTIONS_WITH_ROWS:
+            rows = merged.setdefault(section, [])
+            for row in result.get(section) or []:
+                rows[:] = [r for r in rows if r["name"] != row["name"]]
+                rows.append({**row, "run": i})
+                names.append(row["name"])
+        if "routing" in result:
+            merged["routing"] = result["routing"]
+        merged["runs"].append({key: result[key] for key in ("command", "rest_s", "elapsed_s", "peaks") if key in result}
+                              | {"date": result["environment"]["date"], "cases": names})
+    for section in SECTIONS_WITH_ROWS:
+        if not merged[section]:
+            del merged[section]
+    return merged
+
+
+def _runs_lines(result: dict) -> list[str]:
+    """The environment, then one line per run of a merged result: its command and the cases it measured."""
+    env = result["environment"]
+    lines = [f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
+             f"{env.get('transformers', 'not recorded')}, Liger-Kernel {env.get('liger_kernel', 'not recorded')}, "
+             f"CUDA {env['cuda']}, Python {env['python']}. {len(result['runs'])} runs, each case measured within "
+             "one run (a case measured twice shows its last run):", ""]
+    for i, run in enumerate(result["runs"], start=1):
+        line = f"{i}. {run['date']}: `{run['command']}`"
+        if "rest_s" in run:
+            line += f", {run['rest_s']:g} s of idle before each timing"
+        kept = [name for name in run["cases"]
+                if any(r["name"] == name and r["run"] == i for s in SECTIONS_WITH_ROWS for r in result.get(s, []))]
+        lines.append(line + (f": {', '.join(kept)}." if kept else ": no case kept (all measured again later)."))
+    return lines
+
+
 def _environment_line(result: dict) -> str:
+    if "runs" in result:
+        return "\n".join(_runs_lines(result))
     env = result["environment"]
     line = (f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers "
             f"{env.get('transformers', 'not recorded')}, Liger-Kernel {env.get('liger_kernel', 'not recorded')}, "

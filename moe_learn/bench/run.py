@@ -52,6 +52,7 @@ from moe_learn.bench.experts import bench_experts_case, guarded, implementations
 from moe_learn.bench.report import (
     evaluate_targets,
     markdown_report,
+    merge_results,
     summarize_decode,
     summarize_experts,
     summarize_gemm,
@@ -307,13 +308,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the slow per-expert loops (prefill's loop, transformers' eager experts)")
     parser.add_argument("--rest", type=float, default=timing.REST_S, metavar="SECONDS",
                         help=f"idle before each timing, so no timing inherits the power cap (default {timing.REST_S})")
-    parser.add_argument("--report", type=Path, metavar="RESULTS_JSON",
-                        help="print a stored run as Markdown (no GPU needed), e.g. docs/bench/h100-results.json")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="print a stored run as Markdown (no GPU needed), e.g. docs/bench/h100-results.json; "
+                        "several runs of one GPU and one software stack make one report")
     args = parser.parse_args(argv)
     if args.rest < 0:
         parser.error(f"--rest must be 0 or more seconds, got {args.rest}")
     if args.report:
-        print(markdown_report(json.loads(args.report.read_text())))
+        try:
+            result = merge_results([json.loads(path.read_text()) for path in args.report])
+        except ValueError as e:
+            parser.error(str(e))
+        print(markdown_report(result))
         return 0
 
     if not torch.cuda.is_available():

@@ -78,6 +78,16 @@ def test_targets_are_evaluated_from_the_rows():
     assert len(s) == 13
 
 
+def test_an_h100_target_measured_on_another_gpu_is_not_called_met():
+    result = synthetic()
+    result["environment"] = {**result["environment"], "gpu": "NVIDIA H200"}
+    targets = {t["target"].split(":")[0]: t for t in R.evaluate_targets(result)}
+    forward = targets["Qwen3-30B-A3B T=32768 forward (set for an H100)"]
+    assert forward["status"] == "not measured on an H100"
+    assert forward["measured"] == "500 TFLOP/s on NVIDIA H200 (above the H100's target)"
+    assert "below the H100's target" in targets["Qwen3-30B-A3B T=32768 fwd+bwd (set for an H100)"]["measured"]
+
+
 def test_all_met_when_every_ratio_clears_its_bar_none_just_below_it():
     good = synthetic(training=1.4, forward=1.4, liger=1.2, qwen_tflops=(460.0, 360.0), decode=(1.2, 0.9, 1.2))
     assert {v[0] for v in statuses(good).values()} == {"met"}
@@ -194,3 +204,51 @@ def test_decode_summary_and_floor_fraction():
     assert summary["loop"]["lowest"] == pytest.approx(0.8) and summary["loop"]["lowest_case"] == rows[0]["name"]
     assert summary["geomean_ours_graph_frac_floor"] == pytest.approx(0.5)
     assert Case.of(rows[0]).name == rows[0]["name"]
+
+
+def _run(command: str, experts=(), decode=(), gemm=(), **env):
+    return {"environment": {**ENV, **env}, "command": command, "rest_s": 0.5,
+            "experts": list(experts), "decode": list(decode), "gemm": list(gemm)}
+
+
+def test_runs_of_one_machine_merge_into_one_report_with_each_case_from_its_run():
+    rows = synthetic()["experts"]
+    first, second = _run("bench --models a", rows[:2]), _run("bench --models b", rows[2:], date="2026-11-28")
+    merged = R.merge_results([first, second])
+    assert [r["name"] for r in merged["experts"]] == [r["name"] for r in rows]
+    assert [r["run"] for r in merged["experts"]] == [1, 1] + [2] * (len(rows) - 2)
+    assert "decode" not in merged and "gemm" not in merged, "an empty section is a section not in the runs"
+    assert R.evaluate_targets(merged) == R.evaluate_targets({**synthetic(), "decode": [], "gemm": []})
+    text = R.markdown_report(merged)
+    assert "2 runs" in text and "`bench --models a`" in text and "`bench --models b`" in text
+    assert f"{rows[0]['name']}, {rows[1]['name']}." in text
+
+
+def test_a_case_measured_twice_keeps_its_last_run():
+    row = synthetic()["experts"][0]
+    again = {**row, "forward": {name: {"ms": 9.0} for name in row["forward"]}}
+    merged = R.merge_results([_run("first", [row]), _run("second", [again])])
+    assert merged["experts"] == [{**again, "run": 2}]
+    assert "1. " in R.markdown_report(merged) and "no case kept" in R.markdown_report(merged)
+
+
+@pytest.mark.parametrize("field", ["gpu", "torch", "triton", "transformers", "liger_kernel", "cuda"])
+def test_runs_of_other_gpus_or_versions_do_not_merge(field):
+    with pytest.raises(ValueError, match=f"differ in {field}"):
+        R.merge_results([_run("a"), _run("b", **{field: "other"})])
+
+
+def test_report_command_merges_several_files_and_refuses_mixed_machines(tmp_path, capsys):
+    rows = synthetic()["experts"]
+    paths = [tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"]
+    paths[0].write_text(json.dumps(_run("run a", rows[:1])))
+    paths[1].write_text(json.dumps(_run("run b", rows[1:])))
+    paths[2].write_text(json.dumps(_run("run c", rows[1:], gpu="NVIDIA H200")))
+    assert bench.main(["--report", str(paths[0]), str(paths[1])]) == 0
+    assert "`run a`" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--report", str(paths[0]), str(paths[2])])
+    assert exit_info.value.code == 2 and "differ in gpu" in capsys.readouterr().err
+    assert R.merge_results([_run("only")])["command"] == "only"
+    with pytest.raises(ValueError, match="at least one"):
+        R.merge_results([])
