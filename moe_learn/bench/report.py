@@ -334,6 +334,26 @@ def _environment_line(result: dict) -> str:
     return line
 
 
+def _experts_cost_table(rows: list[dict]) -> list[str]:
+    """What a user pays besides the time per call: the first calls' seconds and the GPU memory at the peak."""
+    impls = ("ours", "default", "liger")
+    if not any(r.get("setup_s") or "peak_mib" in r.get("training", {}).get("ours", {}) for r in rows):
+        return []  # runs stored before these were recorded
+    columns = ["case", *(f"{LABELS[i]} first calls s" for i in impls),
+               *(f"{LABELS[i]} fwd+bwd peak MiB" for i in impls)]
+    lines = ["### Experts: first calls and memory", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for r in rows:
+        setup = r.get("setup_s", {})
+        cells = [f"{setup[i]:g}" if i in setup else "-" for i in impls]
+        cells += [_cell(r.get("training", {}).get(i), "peak_mib", ".0f") for i in impls]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines + ["", "first calls: the seconds from building to the end of the first forward and forward+backward "
+                    "with their check against the reference, which compile and autotune (ours tunes its own "
+                    "kernels, Liger-Kernel its `triton.autotune` configs; `MOE_LEARN_TUNING_CACHE` keeps ours across "
+                    "processes). peak MiB: GPU memory one forward+backward allocates beyond what was live before it: "
+                    "what the forward keeps for the backward plus the backward's temporaries.", ""]
+
+
 def _experts_tables(rows: list[dict]) -> list[str]:
     lines = []
     for mode, title, impls in (("forward", "forward (no grad)", ("ours", "default", "liger", "eager")),
@@ -350,6 +370,7 @@ def _experts_tables(rows: list[dict]) -> list[str]:
             cells += [f"{ratio[b][r['name']]:.2f}x" if r["name"] in ratio[b] else "-" for b in BASELINES]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _experts_cost_table(rows)
     notes = {r["note"] for r in rows if r.get("note")}
     lines += [f"Note: {n}." for n in sorted(notes)] + ([""] if notes else [])
     lines += ["FLOPs: forward 6·T·k·H·I, forward+backward 3x that. Relative error against a float32 reference "

@@ -252,3 +252,13 @@ def test_report_command_merges_several_files_and_refuses_mixed_machines(tmp_path
     assert R.merge_results([_run("only")])["command"] == "only"
     with pytest.raises(ValueError, match="at least one"):
         R.merge_results([])
+
+
+def test_first_calls_and_memory_are_reported_when_recorded():
+    result = synthetic()
+    assert "first calls and memory" not in R.markdown_report(result), "older runs recorded neither"
+    row = result["experts"][0]
+    row["setup_s"] = {"ours": 41.8, "default": 0.2, "liger": 270.5}
+    row["training"]["ours"]["peak_mib"] = 2869.0
+    text = R.markdown_report(result)
+    assert f"| {row['name']} | 41.8 | 0.2 | 270.5 | 2869 | - | - |" in text
