@@ -244,6 +244,7 @@ class FusedMoEFunction(torch.autograd.Function):
         d_h = _gemm(backend, d_out, down_proj, counts, gather_indices, topk=top_k, permute_x=True,
                     transpose=not transpose)
         d_gate_up, d_weights, h = _weighted_swiglu_backward(backend, gate_up, topk_weights, gather_indices, d_h)
+        del d_h  # [M, I]: dropped before the dW GEMMs allocate their scratch, to lower the backward's peak
         d_weights = d_weights.to(topk_weights.dtype) if need_w else None
         d_x = d_w1 = d_w2 = None
         if need_w2:
@@ -252,6 +253,7 @@ class FusedMoEFunction(torch.autograd.Function):
             # storing it in the opposite layout (transpose flipped) puts it back in W2's layout.
             d_w2 = _gemm_dw(backend, d_out, h, counts, gather_indices, topk=top_k, permute_x=True,
                             transpose=not transpose)
+        del h  # [M, I], read by dW2 alone
         if need_w1:
             d_w1 = _gemm_dw(backend, hidden_states, d_gate_up, counts, gather_indices, topk=top_k, permute_x=True,
                             transpose=transpose)
