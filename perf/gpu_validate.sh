@@ -22,8 +22,13 @@ mkdir -p "$OUT/logs"
 pack() {
     tar czf "$OUT/logs.tgz.tmp" -C "$OUT" logs && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"
     if [ -d .gpu-cache ]; then tar czf "$OUT/gpu-cache.tgz.tmp" .gpu-cache && mv "$OUT/gpu-cache.tgz.tmp" "$OUT/gpu-cache.tgz"; fi
-    # the tuned configs alone (small), for when the compiled kernels make the archive too large to come back
-    if [ -f .gpu-cache/tuning.json ]; then cp .gpu-cache/tuning.json "$OUT/tuning.json"; fi
+    # The tuning results alone (kilobytes), for when the compiled kernels make gpu-cache.tgz too large to come
+    # back (16 MiB a file): ours (tuning.json) and every triton.autotune's (Liger-Kernel's: 3.5-5 minutes
+    # a bench case to redo). Unpacked into the checkout and carried, they spare the next call all tuning.
+    if [ -d .gpu-cache ]; then
+        (find .gpu-cache -name tuning.json -o -name '*.autotune.json') | tar czf "$OUT/tuned.tgz.tmp" -T - \
+            && mv "$OUT/tuned.tgz.tmp" "$OUT/tuned.tgz"
+    fi
 }
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -32,10 +37,13 @@ else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 MOE_LEARN_TUNING_LOG=1 TRITON_PRINT_AUTOTUNING=1  
-# Compiled kernels (Triton's cache) and tuned configs (moe_learn's) kept in .gpu-cache/: the GPU machine
-# starts bare on every call, and compiling and tuning one experts case takes minutes. The folder is packed
-# into $OUT/gpu-cache.tgz after every step; unpack it into the checkout and pass carry=[".whl", ".gpu-cache"] to the next call.
+# Compiled kernels (Triton's cache) and tuned configs (ours and triton.autotune's) kept in .gpu-cache/: the
+# GPU machine starts bare on every call, and compiling and tuning one experts case takes minutes (most of it
+# Liger-Kernel's autotuning). After every step the folder is packed into $OUT/gpu-cache.tgz (it comes back
+# while under 16 MiB) and its tuning results alone into $OUT/tuned.tgz; unpack either into the checkout and
+# pass carry=[".whl", ".gpu-cache"] to the next call.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.gpu-cache/triton}
+export TRITON_CACHE_AUTOTUNING=1  # triton.autotune's winners go to that cache too (*.autotune.json)
 export MOE_LEARN_TUNING_CACHE=${MOE_LEARN_TUNING_CACHE:-$PWD/.gpu-cache/tuning.json}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/logs/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
