@@ -212,6 +212,8 @@ def _cases() -> list[Bad]:
         Bad("route_ids", "topk_ids.*topk_weights", "shapes differ", lambda: route_ids(_ids(), torch.rand(T, 1), E)),
         Bad("route_ids", "num_experts", "zero", lambda: route_ids(_ids(), torch.rand(T, k), 0)),
         Bad("route_ids", "topk_ids", "a list", lambda: route_ids([[0, 1]], torch.rand(1, 2), E)),
+        Bad("route_ids", "MAX_SLOTS", "too many ids", lambda: route_ids(torch.zeros(4097, 1, dtype=torch.long),
+                                                                        torch.rand(4097, 1), E)),
         # fused_routing
         Bad("fused_routing", "router_logits", "float64", lambda: m.fused_routing(_x(4, 8).double(), 2)),
         Bad("fused_routing", "router_logits", "integers",

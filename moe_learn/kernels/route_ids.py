@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_learn.device import INTERPRETER
 from moe_learn.kernels.launcher import FastLauncher
 from moe_learn.validation import check_floating, check_integer, check_positive_int, check_tensor
 
@@ -81,7 +82,8 @@ def route_ids(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: i
     counts[e]: slots routed to expert e; gather_indices: the flat (token, slot) positions in expert
     order, ties in token order (``torch.argsort(ids, stable=True)``); weights: topk_weights with
     0 where an id is outside [0, num_experts) (such a slot is counted with the nearest valid
-    expert). Equal to ``route_rows(*drop_invalid(topk_ids, topk_weights, E), E)`` in one launch.
+    expert). Equal to ``route_rows(*drop_invalid(topk_ids, topk_weights, E), E)`` in one launch,
+    for up to ``MAX_SLOTS`` (T*k) entries: each program compares its slots against all of them.
     Not differentiable: with ``topk_weights`` requiring grad it refuses (``drop_and_route`` keeps the
     gradient by taking the PyTorch ops then).
     """
@@ -98,8 +100,13 @@ def route_ids(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: i
     if torch.is_grad_enabled() and topk_weights.requires_grad:
         raise ValueError("route_ids does not record autograd, and topk_weights requires grad; use "
                          "layers.experts.drop_and_route (it keeps the gradient) or call under torch.no_grad()")
-    if topk_ids.numel() >= 2**31:
-        raise ValueError(f"topk_ids has {topk_ids.numel()} entries; route_ids indexes them in int32")
+    if topk_ids.numel() > MAX_SLOTS:  # (which also keeps every index in int32)
+        raise ValueError(f"topk_ids has {topk_ids.numel()} entries; route_ids takes at most MAX_SLOTS={MAX_SLOTS} "
+                         "(its work grows with the square of T*k): for more, use layers.experts.drop_and_route, "
+                         "which sorts them with PyTorch")
+    if topk_ids.is_cpu and not INTERPRETER:
+        raise RuntimeError("route_ids got CPU tensors but Triton is not in interpreter mode; move topk_ids and "
+                           "topk_weights to the GPU (or use layers.experts.drop_and_route, which runs anywhere)")
     if topk_ids.numel() == 0:
         return (torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device),
                 torch.empty(0, dtype=torch.int32, device=topk_ids.device), topk_weights.clone())

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_learn.device import DEVICE
-from moe_learn.kernels.route_ids import route_ids
+from moe_learn.kernels.route_ids import MAX_SLOTS, route_ids
 from moe_learn.layers import experts as X
 
 
@@ -105,8 +105,22 @@ def test_moe_experts_inference_is_the_same_either_way(kernel, monkeypatch):
     (lambda ids, w: route_ids(ids, w, 0), "num_experts"),
     (lambda ids, w: route_ids([[0, 1]], w, 4), "topk_ids"),
     (lambda ids, w: route_ids(ids, w.requires_grad_(), 4), "requires grad"),
+    (lambda ids, w: route_ids(ids.new_zeros(MAX_SLOTS + 1, 1), w.new_ones(MAX_SLOTS + 1, 1), 4), "MAX_SLOTS"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     ids, weights = torch.randint(0, 4, (3, 2), device=DEVICE), torch.rand(3, 2, device=DEVICE)
     with pytest.raises((ValueError, TypeError), match=match):
         call(ids, weights)
+
+
+def test_the_largest_input_it_takes_is_still_exact():
+    """T*k = MAX_SLOTS: every program compares against all 4096 slots (ties among 3 experts)."""
+    ids = torch.randint(-1, 4, (MAX_SLOTS // 4, 4), device=DEVICE)
+    weights = torch.rand(MAX_SLOTS // 4, 4, device=DEVICE)
+    _assert_same(route_ids(ids, weights, 3), _reference(ids, weights, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="without CUDA, CPU tensors are the interpreter's own")
+def test_cpu_tensors_on_a_gpu_machine_are_refused_by_name():
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        route_ids(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 4)
