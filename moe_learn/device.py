@@ -77,3 +77,15 @@ def require_gpu(what: str) -> bool:
         return True
     print(f"{what} needs a CUDA GPU; this machine runs Triton's interpreter on the CPU.")
     return False
+
+
+def check_kernel_device(caller: str, tensor: torch.Tensor, what: str = "tensors") -> None:
+    """A Triton kernel reads GPU memory, or CPU memory under the interpreter (set when there is no CUDA).
+
+    CPU tensors on a machine with CUDA would reach the compiled kernel as host pointers: refuse
+    them by name instead.
+    """
+    if tensor.is_cpu and not INTERPRETER:
+        raise RuntimeError(f"{caller} got CPU {what} but Triton is not in interpreter mode; move them to the "
+                           "GPU (or, on a machine without CUDA, import moe_learn before triton: it sets "
+                           "TRITON_INTERPRET=1)")

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_learn.device import INTERPRETER
+from moe_learn.device import INTERPRETER, check_kernel_device
 from moe_learn.kernels.autotune import num_sms
 from moe_learn.validation import check_floating, check_positive_int, check_tensor
 
@@ -307,9 +307,7 @@ def fused_routing(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     device = router_logits.device
-    if device.type == "cpu" and not INTERPRETER:
-        raise RuntimeError("fused_routing got CPU logits but Triton is not in interpreter mode; import moe_learn "
-                           "before triton (it sets TRITON_INTERPRET=1) or move the logits to a GPU")
+    check_kernel_device("fused_routing", router_logits, "logits")
     if cooperative is None:
         cooperative = device.type == "cuda" and not INTERPRETER
     elif cooperative and (INTERPRETER or device.type != "cuda"):

@@ -333,11 +333,8 @@ def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices=None, topk=1, permu
 
 
 def _check_runs_here(X: torch.Tensor) -> None:
-    if X.is_cpu and not _device.INTERPRETER:
-        raise RuntimeError(
-            "grouped_gemm got CPU tensors but Triton is not in interpreter mode; "
-            "import moe_learn before triton (it sets TRITON_INTERPRET=1) or move the tensors to a GPU"
-        )
+    if X.is_cpu and not _device.INTERPRETER:  # (tested here first: this runs on every decode-step call)
+        _device.check_kernel_device("grouped_gemm", X)
 
 
 def check_grouped_gemm_values(m_sizes, gather_indices, problem: Problem) -> None:

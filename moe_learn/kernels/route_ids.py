@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_learn.device import INTERPRETER
+from moe_learn.device import check_kernel_device
 from moe_learn.kernels.launcher import FastLauncher
 from moe_learn.validation import check_floating, check_integer, check_positive_int, check_tensor
 
@@ -104,9 +104,7 @@ def route_ids(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: i
         raise ValueError(f"topk_ids has {topk_ids.numel()} entries; route_ids takes at most MAX_SLOTS={MAX_SLOTS} "
                          "(its work grows with the square of T*k): for more, use layers.experts.drop_and_route, "
                          "which sorts them with PyTorch")
-    if topk_ids.is_cpu and not INTERPRETER:
-        raise RuntimeError("route_ids got CPU tensors but Triton is not in interpreter mode; move topk_ids and "
-                           "topk_weights to the GPU (or use layers.experts.drop_and_route, which runs anywhere)")
+    check_kernel_device("route_ids", topk_ids)
     if topk_ids.numel() == 0:
         return (torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device),
                 torch.empty(0, dtype=torch.int32, device=topk_ids.device), topk_weights.clone())

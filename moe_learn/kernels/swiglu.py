@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_learn.device import check_kernel_device
 from moe_learn.kernels.grouped_gemm import needs_autograd
 from moe_learn.validation import check_floating, check_integer, check_tensor
 
@@ -105,6 +106,7 @@ def _check(gate_up, topk_weights, gather_indices, d_h=None) -> None:
     devices = {t.device for t in (gate_up, topk_weights, gather_indices, d_h) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"gate_up, topk_weights, gather_indices and d_h must be on one device, got {devices}")
+    check_kernel_device("weighted_swiglu", gate_up)
 
 
 def _interpreter_bf16(*tensors) -> bool:

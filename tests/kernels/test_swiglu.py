@@ -136,3 +136,27 @@ def test_bad_arguments_name_the_argument(call, match):
     gate_up, weights, gather, d_h = _problem(3, 2, 8, torch.float32, 6)
     with pytest.raises((ValueError, TypeError), match=match):
         call(gate_up, weights, gather, d_h)
+
+
+@pytest.mark.parametrize("call", ["weighted_swiglu", "weighted_swiglu_backward", "route_ids", "fused_routing",
+                                  "grouped_gemm"])
+def test_cpu_tensors_on_a_gpu_machine_are_refused_by_name(call, monkeypatch):
+    """On a machine with CUDA the kernels would get host pointers: each public kernel refuses, naming itself.
+    (Without CUDA the interpreter is switched off for the test: the check runs before any launch.)"""
+    import moe_learn
+    from moe_learn.kernels import swiglu
+    from moe_learn.kernels.route_ids import route_ids
+
+    monkeypatch.setattr(moe_learn.device, "INTERPRETER", False)
+
+    gate_up, weights, gather = torch.rand(4, 6), torch.rand(2, 2), torch.arange(4)
+    calls = {
+        "weighted_swiglu": lambda: swiglu.weighted_swiglu(gate_up, weights, gather),
+        "weighted_swiglu_backward": lambda: swiglu.weighted_swiglu_backward(gate_up, weights, gather, torch.rand(4, 3)),
+        "route_ids": lambda: route_ids(torch.zeros(2, 2, dtype=torch.long), weights, 4),
+        "fused_routing": lambda: moe_learn.fused_routing(torch.rand(4, 8), 2),
+        "grouped_gemm": lambda: moe_learn.grouped_gemm(torch.rand(4, 8), torch.rand(2, 3, 8),
+                                                       torch.tensor([2, 2]), validate=False),
+    }
+    with pytest.raises(RuntimeError, match=f"{call.split('_backward')[0]} got CPU"):
+        calls[call]()
