@@ -75,6 +75,16 @@ def stub_the_launch():
             pass
 
     launcher.INTERPRETER = False
+    # the interpreter's functions list no parameters, so the launch key would cover no argument: key them
+    # all as Triton would (do_not_specialize aside), or the stub leaves out the key's per-argument cost
+    key = launcher.FastLauncher.key
+
+    def key_every_argument(self, args, constexprs, options, device):
+        if len(self.loose) != len(args):
+            self.loose = (False,) * len(args)
+        return key(self, args, constexprs, options, device)
+
+    launcher.FastLauncher.key = key_every_argument
     launcher._current_device = lambda: 0
     launcher._current_stream = lambda device: 0
     launcher.FastLauncher._compile = lambda self, args, constexprs, options: (
