@@ -315,8 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.rest < 0:
         parser.error(f"--rest must be 0 or more seconds, got {args.rest}")
     if args.report:
+        runs = []
+        for path in args.report:
+            try:
+                run = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                parser.error(f"--report {path}: cannot read it as JSON ({e})")
+            if not isinstance(run, dict) or "environment" not in run:
+                parser.error(f"--report {path}: not a results.json written by moe-learn bench (it has no environment)")
+            runs.append(run)
         try:
-            result = merge_results([json.loads(path.read_text()) for path in args.report])
+            result = merge_results(runs)
         except ValueError as e:
             parser.error(str(e))
         print(markdown_report(result))

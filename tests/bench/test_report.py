@@ -262,3 +262,15 @@ def test_first_calls_and_memory_are_reported_when_recorded():
     row["training"]["ours"]["peak_mib"] = 2869.0
     text = R.markdown_report(result)
     assert f"| {row['name']} | 41.8 | 0.2 | 270.5 | 2869 | - | - |" in text
+
+
+@pytest.mark.parametrize("content, match", [(None, "cannot read"), ("not json", "cannot read"),
+                                            ('{"a": 1}', "not a results.json"), ("[1, 2]", "not a results.json")])
+def test_report_of_an_unreadable_file_names_it(tmp_path, capsys, content, match):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--report", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and match in err and str(path) in err
