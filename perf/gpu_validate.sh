@@ -36,7 +36,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 else
     export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 MOE_LEARN_TUNING_LOG=1 TRITON_PRINT_AUTOTUNING=1  
+# the tuning logs (ours and triton.autotune's) say where a bench case's setup minutes go
+export PYTHONUNBUFFERED=1 MOE_LEARN_TUNING_LOG=1 TRITON_PRINT_AUTOTUNING=1
 # Compiled kernels (Triton's cache) and tuned configs (ours and triton.autotune's) kept in .gpu-cache/: the
 # GPU machine starts bare on every call, and compiling and tuning one experts case takes minutes (most of it
 # Liger-Kernel's autotuning). After every step the folder is packed into $OUT/gpu-cache.tgz (it comes back
