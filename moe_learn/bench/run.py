@@ -216,7 +216,12 @@ def make_plan(sections, models=None, tokens=None, with_loop: bool = True) -> dic
 # (its estimate, warm-up and 100 ms of calls, L2 flushes between them), one decode case's six
 # timings, and each case's setup (weights, the first calls that compile and autotune, the
 # correctness check against the reference).
-COST_S = {"timing": 0.3, "decode_timings": 1.0, "experts_setup": 15.0, "decode_setup": 1.0, "prefill_setup": 1.5}
+COST_S = {"timing": 0.3, "decode_timings": 1.0, "decode_setup": 1.0, "prefill_setup": 1.5}
+# An experts case's setup per implementation, in a fresh process (H200, session 6 of perf/NOTES.md):
+# ours compiles and tunes ~8 keys (37-47 s), Liger-Kernel's triton.autotune takes 212-304 s;
+# caches (MOE_LEARN_TUNING_CACHE, TRITON_CACHE_AUTOTUNING) cut both on a later run.
+EXPERTS_SETUP_S = {"ours": 45.0, "liger": 270.0}
+EXPERTS_SETUP_OTHER_S = 1.0
 
 
 def estimate_seconds(plan: dict, impls, rest: float) -> dict:
@@ -229,7 +234,8 @@ def estimate_seconds(plan: dict, impls, rest: float) -> dict:
     rests = timed + len(plan["decode"])
     seconds = (rests * rest + timed * COST_S["timing"]
                + len(plan["decode"]) * (COST_S["decode_timings"] + COST_S["decode_setup"])
-               + len(plan["experts"]) * COST_S["experts_setup"] + len(plan["gemm"]) * COST_S["prefill_setup"])
+               + len(plan["experts"]) * sum(EXPERTS_SETUP_S.get(i.name, EXPERTS_SETUP_OTHER_S) for i in available)
+               + len(plan["gemm"]) * COST_S["prefill_setup"])
     return {"seconds": seconds, "rests": rests, "timings": timed + 6 * len(plan["decode"])}
 
 
