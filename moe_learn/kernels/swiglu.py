@@ -106,7 +106,7 @@ def _check(gate_up, topk_weights, gather_indices, d_h=None) -> None:
     devices = {t.device for t in (gate_up, topk_weights, gather_indices, d_h) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"gate_up, topk_weights, gather_indices and d_h must be on one device, got {devices}")
-    check_kernel_device("weighted_swiglu", gate_up)
+    check_kernel_device("weighted_swiglu" if d_h is None else "weighted_swiglu_backward", gate_up)
 
 
 def _interpreter_bf16(*tensors) -> bool:

@@ -158,5 +158,5 @@ def test_cpu_tensors_on_a_gpu_machine_are_refused_by_name(call, monkeypatch):
         "grouped_gemm": lambda: moe_learn.grouped_gemm(torch.rand(4, 8), torch.rand(2, 3, 8),
                                                        torch.tensor([2, 2]), validate=False),
     }
-    with pytest.raises(RuntimeError, match=f"{call.split('_backward')[0]} got CPU"):
+    with pytest.raises(RuntimeError, match=f"{call} got CPU"):
         calls[call]()
