@@ -37,6 +37,7 @@ import torch.nn as nn
 from moe_learn.layers.experts import (
     check_backend,
     drop_and_route,
+    effective_backend,
     experts_with_activation,
     moe_experts,
     run_experts,
@@ -110,7 +111,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     ids = top_k_index
     # transformers' expert-parallel sentinels (ids >= E, and anything else out of range) contribute
     # nothing: routed to a valid expert with weight 0, and kept out of the router's gradient.
-    counts, gather_indices, weights = drop_and_route(ids, weights, num_experts, backend)
+    counts, gather_indices, weights = drop_and_route(ids, weights, num_experts, effective_backend(backend, w1.dtype))
     if w1.dtype != x.dtype:  # autocast may hand over fp32 activations with bf16 weights, as in grouped_mm
         x = x.to(w1.dtype)
     if layout.fused:
