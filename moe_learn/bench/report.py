@@ -296,6 +296,8 @@ def merge_results(results: list[dict]) -> dict:
     for section in SECTIONS_WITH_ROWS:
         if not merged[section]:
             del merged[section]
+    if "experts" in merged:  # a model's cases together, fewest tokens first, whichever run measured them
+        merged["experts"].sort(key=lambda row: (row["model"], row["tokens"]))
     return merged
 
 

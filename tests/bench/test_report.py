@@ -215,10 +215,17 @@ def test_runs_of_one_machine_merge_into_one_report_with_each_case_from_its_run()
     rows = synthetic()["experts"]
     first, second = _run("bench --models a", rows[:2]), _run("bench --models b", rows[2:], date="2026-11-28")
     merged = R.merge_results([first, second])
-    assert [r["name"] for r in merged["experts"]] == [r["name"] for r in rows]
-    assert [r["run"] for r in merged["experts"]] == [1, 1] + [2] * (len(rows) - 2)
+    # whichever run measured them, a model's cases sit together, fewest tokens first
+    want = [r["name"] for r in sorted(rows, key=lambda r: (r["model"], r["tokens"]))]
+    assert [r["name"] for r in merged["experts"]] == want
+    runs = {r["name"]: 1 if i < 2 else 2 for i, r in enumerate(rows)}
+    assert {r["name"]: r["run"] for r in merged["experts"]} == runs
+    backwards = R.merge_results([_run("later cases", rows[1:]), _run("first case", rows[:1])])
+    assert [r["name"] for r in backwards["experts"]] == want
     assert "decode" not in merged and "gemm" not in merged, "an empty section is a section not in the runs"
-    assert R.evaluate_targets(merged) == R.evaluate_targets({**synthetic(), "decode": [], "gemm": []})
+    ordered = sorted(rows, key=lambda r: (r["model"], r["tokens"]))  # ties for the lowest name the first case
+    alone = {**synthetic(), "experts": ordered, "decode": [], "gemm": []}
+    assert R.evaluate_targets(merged) == R.evaluate_targets(alone)
     text = R.markdown_report(merged)
     assert "2 runs" in text and "`bench --models a`" in text and "`bench --models b`" in text
     assert f"{rows[0]['name']}, {rows[1]['name']}." in text
