@@ -7,7 +7,8 @@ GPU: each row times back-to-back eager calls (no sync in between) with a host cl
 ``host us/call`` is what the CPU spends per call, and a CUDA graph replay of the same call
 gives the GPU time. An eager decode step costs max(host, GPU): the target (issue #15) is
 host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours through the direct
-launch (``launcher.DIRECT``), ours through Triton's own launch, ``torch._grouped_mm``.
+launch (``launcher.DIRECT``) with cached tensor maps (``launcher.RAW``), the same without them ("no raw":
+Triton's launcher wrapper makes the maps per call), ours through Triton's own launch, ``torch._grouped_mm``.
 
 --stub (no GPU): the compiled kernel's launcher is replaced by a no-op and the direct path
 is forced on, so the time is our wrapper's Python (checks, key, descriptors, allocation)
@@ -88,7 +89,7 @@ def stub_the_launch():
     launcher._current_device = lambda: 0
     launcher._current_stream = lambda device: 0
     launcher.FastLauncher._compile = lambda self, args, constexprs, options: (
-        NoKernel(), [constexprs[n] for n in self.fn.arg_names[len(args):]])
+        NoKernel(), [constexprs[n] for n in self.fn.arg_names[len(args):]], None)
     # on a GPU the bucket is tuned on the first call; here: the first candidate, cached the same way
     hopper.autotune_enabled = lambda X: True
     hopper.choose_config = lambda key, configs, run: autotune.TUNED.setdefault(key, dict(configs[0]))
@@ -160,17 +161,21 @@ def main():
                     launcher.DIRECT = False
                     row["host_us_triton_launch"] = host_us(fn)
                     launcher.DIRECT = True
+                    launcher.RAW = False  # direct, but through Triton's launcher wrapper (tensor maps made per call)
+                    row["host_us_no_raw"] = host_us(fn)
+                    launcher.RAW = True
                     row["graph_us"] = graph_us(fn)
                 rows.append(row)
             if on_gpu:
                 gmm = functools.partial(torch._grouped_mm, c["h"], w2t, offs=offs)
                 rows.append({"case": case, "call": "torch._grouped_mm down", "host_us": host_us(gmm),
                              "graph_us": graph_us(gmm)})
-    print(f"{'case':<26} {'call':<38} {'host us':>8} {'triton launch':>14} {'graph us':>9}")
+    print(f"{'case':<26} {'call':<38} {'host us':>8} {'no raw':>7} {'triton launch':>14} {'graph us':>9}")
     for r in rows:
         tri = f"{r['host_us_triton_launch']:.1f}" if "host_us_triton_launch" in r else "-"
+        no_raw = f"{r['host_us_no_raw']:.1f}" if "host_us_no_raw" in r else "-"
         graph = f"{r['graph_us']:.1f}" if "graph_us" in r else "-"
-        print(f"{r['case']:<26} {r['call']:<38} {r['host_us']:8.1f} {tri:>14} {graph:>9}")
+        print(f"{r['case']:<26} {r['call']:<38} {r['host_us']:8.1f} {no_raw:>7} {tri:>14} {graph:>9}")
     if paths:
         with open(paths[0], "w") as f:
             json.dump({"stub": stub, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "rows": rows}, f,

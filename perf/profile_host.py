@@ -91,7 +91,7 @@ def main():
         launcher.FastLauncher.__call__ = real_call
         torch.cuda.synchronize()
         fast, grid, args, constexprs, options = seen["launch"]
-        kernel, ordered = fast.cache[fast.key(args, constexprs, options, torch.cuda.current_device())]
+        kernel, ordered, raw = fast.cache[fast.key(args, constexprs, options, torch.cuda.current_device())]
         stream = torch.cuda.current_stream().cuda_stream
         g = (*grid, 1, 1)
 
@@ -100,6 +100,12 @@ def main():
                        *ordered)
 
         print(f"compiled launcher alone (kernel.run, same args, 2 TMA descriptors): {per_call_us(bare):.1f} us/call")
+        if raw is None:
+            print("raw launch with cached tensor maps: not available with this Triton (launcher.RawLaunch.of)")
+        else:
+            every = (*args, *ordered)
+            print(f"raw launch alone (cached tensor maps, same args): {per_call_us(lambda: raw(g, stream, every)):.1f}"
+                  " us/call")
         key = lambda: fast.key(args, constexprs, options, 0)  # noqa: E731
         print(f"our launch key alone: {per_call_us(key):.1f} us/call")
         launcher.DIRECT = False

@@ -17,11 +17,22 @@ interpreter, and for good once this Triton's launcher turns out to take other ar
 ``MOE_LEARN_DIRECT_LAUNCH=0`` (or ``launcher.DIRECT = False``) turns the direct path off, for
 A/B runs; ``MOE_LEARN_CHECK_LAUNCH=1`` makes every direct launch ask Triton which kernel it would
 have used and fail if it is not the cached one (the GPU test suite runs with it).
+
+Tensor maps. A kernel that takes TMA descriptors pays, in Triton's launcher, for turning each
+descriptor into a CUDA tensor map (``cuTensorMapEncodeTiled`` plus Python around it) on every
+launch, ~40% of the launcher's host time with two descriptors. A tensor map encodes only an
+address, a shape, strides and a box, so ``RawLaunch`` keeps the maps it made keyed on exactly
+those (a weight's map is made once) and calls the C launcher underneath Triton's wrapper. It
+takes that wrapper apart by the names Triton 3.6 uses (``_BASE_ARGS_FORMAT_LEN``, the closure's
+``launcher``/``tensordesc_indices``/``tensordesc_meta``); any other Triton keeps the launcher as
+it is (``RawLaunch.of`` returns None). ``MOE_LEARN_RAW_LAUNCH=0`` (``launcher.RAW = False``)
+turns it off for A/B runs.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -35,6 +46,7 @@ except ImportError:  # pragma: no cover - older Triton: no TMA path, nothing to 
     TensorDescriptor = None
 
 DIRECT = os.environ.get("MOE_LEARN_DIRECT_LAUNCH", "1") not in ("", "0")
+RAW = os.environ.get("MOE_LEARN_RAW_LAUNCH", "1") not in ("", "0")
 _INT32 = range(-(2**31), 2**31)
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
 
@@ -48,8 +60,13 @@ def _hooks_set() -> bool:
     return bool(getattr(enter, "calls", enter) or getattr(exit_, "calls", exit_))
 
 
+_GET_DEVICE = getattr(torch._C, "_cuda_getDevice", None)  # absent from CPU builds
+
+
 def _current_device() -> int:
-    return torch.cuda.current_device()
+    # torch.cuda.current_device() without its lazy-init check: a kernel is launched only on
+    # tensors already on the GPU, so CUDA is initialized (~1 us a call on a slow host)
+    return _GET_DEVICE() if _GET_DEVICE is not None else torch.cuda.current_device()
 
 
 def _current_stream(device: int) -> int:
@@ -57,13 +74,74 @@ def _current_stream(device: int) -> int:
 
 
 def _arg_key(arg, loose: bool):
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if type(arg) is int:
+    kind = type(arg)  # exact types first: isinstance on every argument of every launch adds up
+    if kind is int:
         return arg not in _INT32 if loose else arg
+    if kind is torch.Tensor or isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
     if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
         return arg.base.dtype, tuple(arg.block_shape), len(arg.shape)
     return type(arg), arg  # None, bool, float
+
+
+class RawLaunch:
+    """Triton 3.6's launcher for one compiled kernel, with its tensor maps cached (see the module doc)."""
+
+    MAX_MAPS = 256  # distinct (address, shape, box) maps kept per kernel; past that the cache starts over
+    _ok = True  # False once a raw launch raised: every kernel goes back to the compiled launcher
+
+    def __init__(self, kernel, launch, base_len, positions, metas, make_arg):
+        run = kernel.run
+        self.head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                     kernel.packed_metadata, None, None, None)  # scratch x2, launch metadata, hooks x2
+        self.launch, self.positions, self.metas, self.make_arg = launch, positions, metas, make_arg
+        self.maps: dict[tuple, list] = {}
+        if base_len != 4 + len(self.head):
+            raise TypeError(f"the launcher's base arguments number {base_len}, not {4 + len(self.head)}")
+
+    @classmethod
+    def of(cls, kernel) -> RawLaunch | None:
+        """The raw launch for a compiled kernel with tensor descriptors, or None where it does not apply."""
+        run = getattr(kernel, "run", None)
+        wrapper = getattr(run, "launch", None)
+        code = getattr(wrapper, "__code__", None)
+        if code is None or set(code.co_freevars) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
+            return None  # no descriptors (the launcher itself), or another Triton's wrapper
+        cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in wrapper.__closure__), strict=True))
+        module = sys.modules.get(wrapper.__module__)
+        base_len = getattr(module, "_BASE_ARGS_FORMAT_LEN", None)
+        make_arg = getattr(module, "make_tensordesc_arg", None)
+        metas = cells["tensordesc_meta"]
+        positions = sorted(cells["tensordesc_indices"])
+        if (base_len is None or make_arg is None or not metas or len(metas) != len(positions)
+                or any(meta is None for meta in metas)
+                or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)):
+            return None  # scratch to allocate per launch, or descriptors passed as pointers: keep Triton's path
+        try:
+            return cls(kernel, cells["launcher"], base_len, positions, list(metas), make_arg)
+        except (TypeError, AttributeError):
+            return None
+
+    def tensor_map(self, desc, meta) -> list:
+        """Triton's expansion of one descriptor ([map, *shape, *strides]), made once per address, shape and box."""
+        key = (desc.base.data_ptr(), tuple(desc.shape), tuple(desc.strides), tuple(desc.block_shape),
+               getattr(desc, "padding", None), id(meta))
+        expanded = self.maps.get(key)
+        if expanded is None:
+            if len(self.maps) >= self.MAX_MAPS:
+                self.maps.clear()
+            expanded = self.maps[key] = list(self.make_arg(desc, meta))
+        return expanded
+
+    def __call__(self, grid: tuple, stream: int, args: tuple) -> None:
+        final = [grid[0], grid[1], grid[2], stream, *self.head]
+        start = 0
+        for position, meta in zip(self.positions, self.metas, strict=True):
+            final.extend(args[start:position])
+            final.extend(self.tensor_map(args[position], meta))
+            start = position + 1
+        final.extend(args[start:])
+        self.launch(*final)
 
 
 class FastLauncher:
@@ -94,7 +172,7 @@ class FastLauncher:
         entry = self.cache.get(key)
         if entry is None:
             entry = self.cache[key] = self._compile(args, constexprs, options)
-        kernel, ordered = entry
+        kernel, ordered, raw = entry
         if self.check:
             chosen = self.fn.warmup(*args, **constexprs, **options, grid=grid)
             if chosen is not kernel:
@@ -102,6 +180,14 @@ class FastLauncher:
                                      "than Triton would pick; the key misses something Triton specializes on")
         stream = _current_stream(device)
         grid = (*grid, 1, 1)
+        if raw is not None and RAW and RawLaunch._ok:
+            try:
+                raw(grid, stream, (*args, *ordered))
+                return
+            except (TypeError, AttributeError, ValueError, SystemError) as exc:  # the C launcher refused our arguments
+                RawLaunch._ok = False
+                warnings.warn(f"moe_learn: launching {self._name()} with cached tensor maps failed ({exc}); "
+                              "every kernel now goes through Triton's launcher", stacklevel=2)
         try:
             kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
                        *args, *ordered)
@@ -122,4 +208,4 @@ class FastLauncher:
                             f"constexprs; got {sorted(constexprs)}, the kernel has {names}")
         kernel = self.fn.warmup(*args, **constexprs, **options, grid=(1,))
         kernel._init_handles()
-        return kernel, [constexprs[name] for name in names]
+        return kernel, [constexprs[name] for name in names], RawLaunch.of(kernel)

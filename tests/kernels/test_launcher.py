@@ -136,3 +136,132 @@ def test_constexprs_must_be_the_trailing_parameters(direct):
     x = torch.zeros(16)
     with pytest.raises(TypeError, match="exactly the constexprs"):
         fast((1,), (x, x, 5), {"N": 16, "BLOCK": 16, "FLAG": False}, {})
+
+
+# --- RawLaunch: Triton 3.6's launcher without its per-launch wrapper, tensor maps cached ---------------------------
+
+_TRITON_36_DRIVER = '''
+_BASE_ARGS_FORMAT_LEN = 13
+made = []
+
+
+def make_tensordesc_arg(arg, metadata):
+    made.append((arg.base.data_ptr(), tuple(arg.block_shape)))
+    return [("map", arg.base.data_ptr(), tuple(arg.block_shape), metadata["swizzle"]), *arg.shape, *arg.strides]
+
+
+def wrap_handle_tensordesc(launcher, tensordesc_indices, tensordesc_meta):
+    def inner(*args):
+        final_args = list(args[:_BASE_ARGS_FORMAT_LEN])
+        tensordesc_idx = 0
+        for i, arg in enumerate(args[_BASE_ARGS_FORMAT_LEN:]):
+            if i in tensordesc_indices:
+                final_args.extend(make_tensordesc_arg(arg, tensordesc_meta[tensordesc_idx]))
+                tensordesc_idx += 1
+            else:
+                final_args.append(arg)
+        return launcher(*final_args)
+
+    return inner
+'''
+
+
+@pytest.fixture
+def triton_36(monkeypatch):
+    """A stand-in for Triton 3.6's driver module: its launcher wrapper, built the way Triton builds it."""
+    import sys
+    import types
+
+    module = types.ModuleType("fake_triton_36_driver")
+    exec(compile(_TRITON_36_DRIVER, "fake_triton_36_driver", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(launcher.RawLaunch, "_ok", True)
+    monkeypatch.setattr(launcher, "RAW", True)
+    return module
+
+
+class FakeRun:
+    """``kernel.run``: Triton's ``CudaLauncher`` (its ``launch`` is the wrapper around the C launcher)."""
+
+    launch_cooperative_grid, launch_pdl, global_scratch_size, profile_scratch_size = False, False, 0, 0
+
+    def __init__(self, module, positions, metas):
+        self.c_launches, self.wrapped_launches = [], []
+        self.launch = module.wrap_handle_tensordesc(self.c_launch, set(positions), metas)
+
+    def c_launch(self, *args):
+        self.c_launches.append(args)
+
+    def __call__(self, gx, gy, gz, stream, function, *args):  # CudaLauncher.__call__: through the wrapper
+        self.wrapped_launches.append(args)
+        self.launch(gx, gy, gz, stream, function, self.launch_cooperative_grid, self.launch_pdl, None, None, *args)
+
+
+def _descriptor_kernel(module, fn):
+    """A FakeJit whose compiled kernels take a tensor descriptor at parameter 1 (as the Hopper GEMM's do)."""
+    def warmup(*args, grid, **kwargs):
+        kernel = FakeJit.warmup(fn, *args, grid=grid, **kwargs)
+        if not isinstance(kernel.run, FakeRun):
+            kernel.run = FakeRun(module, [1], [{"swizzle": 128}])
+        return kernel
+    fn.warmup = warmup
+    return fn
+
+
+def test_raw_launch_passes_what_tritons_wrapper_would_and_makes_each_map_once(direct, triton_36):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    fn = _descriptor_kernel(triton_36, FakeJit(["x", "w_desc", "N", "BLOCK"], {"BLOCK"}))
+    fast = launcher.FastLauncher(fn)
+    x, w = torch.zeros(64), torch.zeros(8, 32)
+    desc = TensorDescriptor(w, [8, 32], [32, 1], [8, 16])
+    for _ in range(3):
+        fast((7,), (x, desc, 32), {"BLOCK": 16}, {})
+    (kernel,) = fn.kernels.values()
+    assert triton_36.made == [(w.data_ptr(), (8, 16))], "one tensor map for one address, shape and box"
+    # what Triton 3.6's own wrapper hands the C launcher for the same launch
+    kernel.run(7, 1, 1, 1234, kernel.function, kernel.packed_metadata, None, None, None, x, desc, 32, 16)
+    want = kernel.run.c_launches[-1]
+    assert kernel.run.c_launches[:3] == [want] * 3
+    assert want[:13] == (7, 1, 1, 1234, kernel.function, False, False, None, None, kernel.packed_metadata, None, None,
+                         None)
+    assert want[13] is x and want[-2:] == (32, 16)
+
+    fast((7,), (x, TensorDescriptor(w, [8, 32], [32, 1], [4, 16]), 32), {"BLOCK": 16}, {})  # another box
+    other = torch.zeros(8, 32)
+    fast((7,), (x, TensorDescriptor(other, [8, 32], [32, 1], [8, 16]), 32), {"BLOCK": 16}, {})  # another address
+    assert triton_36.made[-2:] == [(w.data_ptr(), (4, 16)), (other.data_ptr(), (8, 16))]
+    assert kernel.run.c_launches[-1][14][1] == other.data_ptr(), "the map of the tensor passed, not a cached one"
+
+
+def test_raw_launch_is_skipped_where_it_does_not_apply_and_falls_back_when_refused(direct, triton_36, monkeypatch):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    plain = FakeKernel(None)
+    plain.run = FakeRun(triton_36, [], [])
+    plain.run.launch = plain.run.c_launch  # no descriptors: Triton calls the C launcher itself
+    assert launcher.RawLaunch.of(plain) is None
+    scratch = FakeKernel(None)
+    scratch.run = FakeRun(triton_36, [1], [{"swizzle": 128}])
+    scratch.run.global_scratch_size = 64  # per-launch scratch to allocate: Triton's path
+    assert launcher.RawLaunch.of(scratch) is None
+    no_meta = FakeKernel(None)
+    no_meta.run = FakeRun(triton_36, [1], [None])  # descriptors passed as pointers, shapes and strides
+    assert launcher.RawLaunch.of(no_meta) is None
+
+    fn = _descriptor_kernel(triton_36, FakeJit(["x", "w_desc", "N", "BLOCK"], {"BLOCK"}))
+    fast = launcher.FastLauncher(fn)
+    x, w = torch.zeros(64), torch.zeros(8, 32)
+    desc = TensorDescriptor(w, [8, 32], [32, 1], [8, 16])
+    fast((2,), (x, desc, 32), {"BLOCK": 16}, {})
+    (kernel,) = fn.kernels.values()
+
+    def refuse(*args):
+        raise TypeError("another launcher signature")
+
+    monkeypatch.setattr(launcher.RawLaunch, "__call__", lambda self, *a: refuse())
+    with pytest.warns(UserWarning, match="through Triton's launcher"):
+        fast((2,), (x, desc, 32), {"BLOCK": 16}, {})
+    assert not launcher.RawLaunch._ok and len(kernel.run.wrapped_launches) == 1, "the launch went through Triton's"
+    fast((2,), (x, desc, 32), {"BLOCK": 16}, {})
+    assert len(kernel.run.wrapped_launches) == 2
