@@ -217,11 +217,18 @@ def make_plan(sections, models=None, tokens=None, with_loop: bool = True) -> dic
 # timings, and each case's setup (weights, the first calls that compile and autotune, the
 # correctness check against the reference).
 COST_S = {"timing": 0.3, "decode_timings": 1.0, "decode_setup": 1.0, "prefill_setup": 1.5}
-# An experts case's setup per implementation, in a fresh process (H200, session 6 of perf/NOTES.md):
-# ours compiles and tunes ~8 keys (37-47 s), Liger-Kernel's triton.autotune takes 212-304 s;
+# An experts case's setup per implementation, in a fresh process (H200, sessions 6 and 7 of
+# perf/NOTES.md): ours compiles and tunes ~8 keys (37-47 s), Liger-Kernel's triton.autotune takes
+# 212-304 s, and 527 s at DeepSeek-V3's shape (H = 7168: one of its kernels' tuning alone took 322 s);
 # caches (MOE_LEARN_TUNING_CACHE, TRITON_CACHE_AUTOTUNING) cut both on a later run.
 EXPERTS_SETUP_S = {"ours": 45.0, "liger": 270.0}
+EXPERTS_SETUP_BY_MODEL_S = {("liger", "deepseek-v3"): 530.0}
 EXPERTS_SETUP_OTHER_S = 1.0
+
+
+def experts_setup_seconds(impl: str, model: str) -> float:
+    """The expected seconds of one implementation's first calls on one model's experts case."""
+    return EXPERTS_SETUP_BY_MODEL_S.get((impl, model), EXPERTS_SETUP_S.get(impl, EXPERTS_SETUP_OTHER_S))
 
 
 def estimate_seconds(plan: dict, impls, rest: float) -> dict:
@@ -234,7 +241,7 @@ def estimate_seconds(plan: dict, impls, rest: float) -> dict:
     rests = timed + len(plan["decode"])
     seconds = (rests * rest + timed * COST_S["timing"]
                + len(plan["decode"]) * (COST_S["decode_timings"] + COST_S["decode_setup"])
-               + len(plan["experts"]) * sum(EXPERTS_SETUP_S.get(i.name, EXPERTS_SETUP_OTHER_S) for i in available)
+               + sum(experts_setup_seconds(i.name, case.model) for case in plan["experts"] for i in available)
                + len(plan["gemm"]) * COST_S["prefill_setup"])
     return {"seconds": seconds, "rests": rests, "timings": timed + 6 * len(plan["decode"])}
 
