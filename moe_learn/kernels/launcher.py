@@ -20,7 +20,8 @@ have used and fail if it is not the cached one (the GPU test suite runs with it)
 
 Tensor maps. A kernel that takes TMA descriptors pays, in Triton's launcher, for turning each
 descriptor into a CUDA tensor map (``cuTensorMapEncodeTiled`` plus Python around it) on every
-launch, ~40% of the launcher's host time with two descriptors. A tensor map encodes only an
+launch: with two descriptors the launcher took 12.7 us on the H100 VM, 9.0 with the maps cached
+(perf/NOTES.md item 19). A tensor map encodes only an
 address, a shape, strides and a box, so ``RawLaunch`` keeps the maps it made keyed on exactly
 those (a weight's map is made once) and calls the C launcher underneath Triton's wrapper. It
 takes that wrapper apart by the names Triton 3.6 uses (``_BASE_ARGS_FORMAT_LEN``, the closure's
