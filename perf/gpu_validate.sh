@@ -13,15 +13,45 @@
 #   profile   perf/profile_training.py --only ours (kernel table of the experts' forward+backward)
 # On a machine whose Python has torch and triton but not pytest/jupyter/nbval/liger, put their
 # wheels in .whl/ first (docs/gpu-validation.md lists them); they are installed into /tmp/site.
+#
+# Runs longer than one device call (10 minutes; a whole experts case with Liger-Kernel's autotuning
+# can take 10): DETACH=1 starts the same run in its own process session (setsid: it outlives the
+# call), in RUN_DIR (default /root/gpu-run), waits up to WAIT_S seconds (default 560) and copies what
+# it has packed so far into $OUT; COLLECT=1 in the next call, issued at once so the machine stays
+# warm, waits again and copies again. "finished" in the output says the run is over.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 STEPS=${STEPS:-tests sanitize}
+RUN_DIR=${RUN_DIR:-/root/gpu-run}
+collect() {
+    local waited=0
+    while [ ! -e "$RUN_DIR/done" ] && [ "$waited" -lt "${WAIT_S:-560}" ]; do sleep 5; waited=$((waited + 5)); done
+    mkdir -p "$OUT"
+    cp "$RUN_DIR"/out/*.tgz "$OUT"/ 2>/dev/null
+    rm -f "$OUT/gpu-cache.tgz"  # far past what comes back; tuned.tgz holds the tuning
+    tail -40 "$RUN_DIR/log"
+    if [ -e "$RUN_DIR/done" ]; then echo "finished"; else echo "still running: call again with COLLECT=1"; fi
+}
+if [ "${COLLECT:-0}" = 1 ]; then
+    collect
+    exit 0
+fi
+if [ "${DETACH:-0}" = 1 ]; then
+    rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+    OUT="$RUN_DIR/out" DETACH=0 setsid nohup bash -c "bash '$0'; touch '$RUN_DIR/done'" > "$RUN_DIR/log" 2>&1 < /dev/null &
+    collect
+    exit 0
+fi
 mkdir -p "$OUT/logs"
 # The device tool returns at most 8 files: the long logs go into $OUT/logs and are packed into one
 # archive after every step (a step cut by the time limit still leaves the earlier steps' logs and caches).
 pack() {
     tar czf "$OUT/logs.tgz.tmp" -C "$OUT" logs && mv "$OUT/logs.tgz.tmp" "$OUT/logs.tgz"
-    if [ -d .gpu-cache ]; then tar czf "$OUT/gpu-cache.tgz.tmp" .gpu-cache && mv "$OUT/gpu-cache.tgz.tmp" "$OUT/gpu-cache.tgz"; fi
+    # (only while small: a cache of compiled kernels grows to hundreds of MB, which would take long to pack
+    # and could not come back)
+    if [ -d .gpu-cache ] && [ "$(du -sm .gpu-cache | cut -f1)" -lt 64 ]; then
+        tar czf "$OUT/gpu-cache.tgz.tmp" .gpu-cache && mv "$OUT/gpu-cache.tgz.tmp" "$OUT/gpu-cache.tgz"
+    fi
     # The tuning results alone (kilobytes), for when the compiled kernels make gpu-cache.tgz too large to come
     # back (16 MiB a file): ours (tuning.json) and every triton.autotune's (Liger-Kernel's: 3.5-5 minutes
     # a bench case to redo). Unpacked into the checkout and carried, they spare the next call all tuning.
@@ -78,4 +108,4 @@ for step in $STEPS; do
     echo "step $step took $(( $(date +%s) - start )) s"
     pack
 done
-echo "packed .gpu-cache into $OUT/gpu-cache.tgz ($(du -sh .gpu-cache 2>/dev/null | cut -f1))"
+echo ".gpu-cache holds $(du -sh .gpu-cache 2>/dev/null | cut -f1); its tuning is in $OUT/tuned.tgz"
