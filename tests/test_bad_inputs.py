@@ -206,6 +206,28 @@ def _cases() -> list[Bad]:
             lambda: swiglu.weighted_swiglu_backward(_x(T * k, 6), _x(T, k), gather, _x(T * k, 2))),
         Bad("weighted_swiglu_backward", "d_h", "integers", lambda: swiglu.weighted_swiglu_backward(
             _x(T * k, 6), _x(T, k), gather, torch.ones(T * k, 3, dtype=torch.long))),
+        # training's GEMMs with the SwiGLU in their epilogues (kernels/swiglu.py)
+        Bad("gemm_weighted_swiglu", "W", "odd outputs", lambda: swiglu.gemm_weighted_swiglu(
+            _x(T, H), _x(E, 5, H), counts, gather, _x(T, k), topk=k)),
+        Bad("gemm_weighted_swiglu", "topk_weights", "too few", lambda: swiglu.gemm_weighted_swiglu(
+            _x(T, H), _x(E, 6, H), counts, gather, _x(T, 1), topk=k)),
+        Bad("gemm_weighted_swiglu", "X", "float64", lambda: swiglu.gemm_weighted_swiglu(
+            _x(T, H).double(), _x(E, 6, H).double(), counts, gather, _x(T, k), topk=k)),
+        Bad("gemm_weighted_swiglu", "gather_indices", "too short", lambda: swiglu.gemm_weighted_swiglu(
+            _x(T, H), _x(E, 6, H), counts, gather[:-1], _x(T, k), topk=k)),
+        Bad("gemm_weighted_swiglu", "not differentiable", "requires grad", lambda: swiglu.gemm_weighted_swiglu(
+            _x(T, H).requires_grad_(), _x(E, 6, H), counts, gather, _x(T, k), topk=k)),
+        Bad("gemm_swiglu_backward", "d_out", "wrong width", lambda: swiglu.gemm_swiglu_backward(
+            _x(T, 3), _x(E, H, 3), counts, gather, _x(T * k, 6), _x(T, k), topk=k, transpose=False)),
+        Bad("gemm_swiglu_backward", "gate_up", "wrong shape", lambda: swiglu.gemm_swiglu_backward(
+            _x(T, H), _x(E, H, 3), counts, gather, _x(T * k, 8), _x(T, k), topk=k, transpose=False)),
+        Bad("gemm_swiglu_backward", "gate_up", "a list", lambda: swiglu.gemm_swiglu_backward(
+            _x(T, H), _x(E, H, 3), counts, gather, [[1.0]], _x(T, k), topk=k, transpose=False)),
+        Bad("gemm_swiglu_backward", "topk_weights", "integers", lambda: swiglu.gemm_swiglu_backward(
+            _x(T, H), _x(E, H, 3), counts, gather, _x(T * k, 6), torch.ones(T, k, dtype=torch.long), topk=k,
+            transpose=False)),
+        Bad("gemm_swiglu_backward", "m_sizes", "floats", lambda: swiglu.gemm_swiglu_backward(
+            _x(T, H), _x(E, H, 3), counts.float(), gather, _x(T * k, 6), _x(T, k), topk=k, transpose=False)),
         # route_ids: the layers' one-launch routing of given ids
         Bad("route_ids", "topk_ids", "floats", lambda: route_ids(_x(T, k), torch.rand(T, k), E)),
         Bad("route_ids", "topk_weights", "integers", lambda: route_ids(_ids(), torch.ones(T, k, dtype=torch.long), E)),

@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - older Triton: grouped_gemm keeps its p
 @triton.jit
 def _grouped_gemm_tma_kernel(
     x_ptr, x_desc, w_ptr, w_desc, y_ptr, m_sizes_ptr, gather_ptr, weights_ptr, bias_ptr,
+    gate_up_ptr, d_gate_up_ptr, d_weights_ptr,  # [M, 2N], [M, 2N], [cdiv(N, BLOCK_N), M] (SAVE_GATE_UP, SWIGLU_BWD)
     N, K, E, stride_xm, stride_ym,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
@@ -57,6 +58,8 @@ def _grouped_gemm_tma_kernel(
     W_KN: tl.constexpr,  # W is [E, K, N] (the backward's dX reads the forward's W this way), else [E, N, K]
     W_TMA: tl.constexpr,  # W through TMA; False only for [E, K, N] with K % BLOCK_K != 0 (masked loads)
     SWIGLU: tl.constexpr,  # W holds 2N outputs, [gate | up]; Y = silu(X @ W_gate.T) * (X @ W_up.T), N columns
+    SAVE_GATE_UP: tl.constexpr,  # (with SWIGLU) also store gate and up, as training's backward needs them
+    SWIGLU_BWD: tl.constexpr,  # the product is d_h: the weighted SwiGLU's backward in the epilogue (kernels/swiglu.py)
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -127,16 +130,38 @@ def _grouped_gemm_tma_kernel(
                 acc = tl.dot(x, tl.load(w_rows + offs_n[None, :], mask=mask_w, other=0.0), acc)
                 if SWIGLU:
                     acc_up = tl.dot(x, tl.load(w_rows + N + offs_n[None, :], mask=mask_w, other=0.0), acc_up)
+        if SAVE_GATE_UP or SWIGLU_BWD:  # gate_up [M, 2N] in expert order: row r's gate, then its up, N further
+            pre = gate_up_ptr + rows.to(tl.int64)[:, None] * (2 * N) + offs_n[None, :]
+            mask_mn = mask_m[:, None] & (offs_n[None, :] < N)
         if SWIGLU:  # in fp32, before rounding: silu(gate) * up
+            if SAVE_GATE_UP:
+                tl.store(pre, acc.to(gate_up_ptr.dtype.element_ty), mask=mask_mn)
+                tl.store(pre + N, acc_up.to(gate_up_ptr.dtype.element_ty), mask=mask_mn)
             acc = acc * tl.sigmoid(acc) * acc_up
+        if SWIGLU_BWD:  # acc = d_h, the gradient of h = w * silu(gate) * up; gate and up come from the forward
+            gate = tl.load(pre, mask=mask_mn, other=0.0).to(tl.float32)
+            up = tl.load(pre + N, mask=mask_mn, other=0.0).to(tl.float32)
+            w = tl.load(weights_ptr + flat, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            s = silu * up
+            # this column block's share of d_w[flat] = <d_h, s>: one partial per block, summed on the host side
+            # (a fixed order, where atomics would make the router's gradient vary run to run)
+            tl.store(d_weights_ptr + tile_n.to(tl.int64) * M + flat, tl.sum(acc * s, axis=1), mask=mask_m)
+            d_s = acc * w
+            d_pre = d_gate_up_ptr + rows.to(tl.int64)[:, None] * (2 * N) + offs_n[None, :]
+            tl.store(d_pre, (d_s * up * sig * (1 + gate * (1 - sig))).to(d_gate_up_ptr.dtype.element_ty),
+                     mask=mask_mn)
+            tl.store(d_pre + N, (d_s * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask_mn)
+            acc = w * s  # Y is h, recomputed for dW2
         if PERMUTE_Y:  # each row goes back to its (token, slot) position
             out_rows = flat
         else:
             out_rows = rows
         if HAS_BIAS:  # bias [E, N] contiguous; added before the routing weight
             acc += tl.load(bias_ptr + e.to(tl.int64) * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_WEIGHTS:
-            acc = acc * tl.load(weights_ptr + out_rows, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        if HAS_WEIGHTS:  # row r's weight is that of its (token, slot), flat = gather_indices[r]
+            acc = acc * tl.load(weights_ptr + flat, mask=mask_m, other=0.0).to(tl.float32)[:, None]
         y_ptrs = y_ptr + out_rows.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))
 
@@ -253,14 +278,25 @@ def grouped_gemm_hopper(
     bias: torch.Tensor | None = None,
     transpose: bool = True,
     config: dict | None = None,
-    swiglu: bool = False,
+    swiglu: bool | str = False,
+    gate_up: torch.Tensor | None = None,
+    d_gate_up: torch.Tensor | None = None,
+    d_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill ``out`` with ``Y_e = X_e @ W_e.T (+ bias[e])`` for all experts in one persistent launch.
 
     W is ``[E, N, K]`` (transpose=True) or ``[E, K, N]`` (``Y_e = X_e @ W_e``, the backward's dX).
-    swiglu: W has 2N outputs, gate half then up half (``gate_up_proj``); ``out`` ``[M, N]`` gets
-    ``silu(gate) * up`` computed in the epilogue (no bias, weights or scatter with it).
-    Arguments are taken as valid: ``grouped_gemm`` checks them before it dispatches here.
+    swiglu, the SwiGLU of an MoE MLP in the epilogue (no bias or scatter with it):
+
+    * ``True``: W has 2N outputs, gate half then up half (``gate_up_proj``); ``out`` ``[M, N]``
+      gets ``silu(gate) * up`` (inference).
+    * ``"save"``: the same times the row's routing weight ``topk_weights.flat[gather_indices[r]]``,
+      and gate and up also stored in ``gate_up`` ``[M, 2N]`` (training's forward).
+    * ``"backward"``: the product is ``d_h``, the gradient of ``h = w * silu(gate) * up`` (GEMM2's
+      dX); from ``gate_up`` ``[M, 2N]`` the epilogue writes ``d_gate_up`` ``[M, 2N]``, ``d_weights``
+      (float32, ``[M]`` in (token, slot) order) and ``out = h``.
+
+    Arguments are taken as valid: ``grouped_gemm`` (or ``kernels/swiglu.py``) checks them first.
     ``config`` overrides the tuned (or, without tuning, the default) choice; keys: ``CONFIG_KEYS``.
     """
     M, N = out.shape
@@ -269,7 +305,8 @@ def grouped_gemm_hopper(
     E, K = W.shape[0], X.shape[1]
     run = functools.partial(_launch, X=X, W=W, m_sizes=m_sizes, out=out, gather_indices=gather_indices, topk=topk,
                             permute_x=permute_x, permute_y=permute_y, topk_weights=topk_weights, bias=bias,
-                            transpose=transpose, swiglu=swiglu)
+                            transpose=transpose, swiglu=swiglu, gate_up=gate_up, d_gate_up=d_gate_up,
+                            d_weights=d_weights)
     if config:
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
@@ -315,10 +352,11 @@ _LAUNCH = FastLauncher(_grouped_gemm_tma_kernel)
 
 
 def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights, bias,
-            transpose=True, swiglu=False):
+            transpose=True, swiglu=False, gate_up=None, d_gate_up=None, d_weights=None):
     E, K = W.shape[0], X.shape[1]
     M, N = out.shape
-    w_n = 2 * N if swiglu else N  # W's outputs per expert
+    backward = swiglu == "backward"
+    w_n = 2 * N if swiglu and not backward else N  # W's outputs per expert
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     w_tma = transpose or K % bk == 0
     if transpose:
@@ -334,16 +372,24 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
     m_sizes = m_sizes.contiguous()  # read at unit stride, like the gather indices
     placeholder = m_sizes  # for pointers a variant never reads
+    # the backward's d_weights, one partial row per column block (written where a row is valid, else 0)
+    partials = torch.zeros(-(-N // bn), M, dtype=torch.float32, device=out.device) if backward else None
     args = (X, x_desc, W, w_desc, out, m_sizes,
             gather_indices.contiguous() if gather_indices is not None else placeholder,  # read at unit stride
             topk_weights.reshape(-1) if topk_weights is not None else placeholder,
             bias.contiguous() if bias is not None else placeholder,
+            gate_up if gate_up is not None else placeholder, d_gate_up if d_gate_up is not None else placeholder,
+            partials if backward else placeholder,
             N, K, E, X.stride(0), out.stride(0))
     constexprs = dict(
         TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs,
-        PERMUTE_X=permute_x, PERMUTE_Y=permute_y, HAS_WEIGHTS=topk_weights is not None, HAS_BIAS=bias is not None,
+        PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
+        # the fused SwiGLUs read the weights themselves (forward: folded into h; backward: d_h -> d_gate_up)
+        HAS_WEIGHTS=topk_weights is not None and swiglu in (False, "save"), HAS_BIAS=bias is not None,
         FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"], W_KN=not transpose, W_TMA=w_tma,
-        SWIGLU=swiglu,
+        SWIGLU=bool(swiglu) and not backward, SAVE_GATE_UP=swiglu == "save", SWIGLU_BWD=backward,
     )
     _LAUNCH((programs,), args, constexprs, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    if backward:
+        torch.sum(partials, dim=0, out=d_weights)
     return out

@@ -1,8 +1,10 @@
 """The kernels as ``torch.library`` custom ops, with fake (meta) implementations and autograd.
 
-``moe_learn::grouped_gemm``, ``moe_learn::grouped_gemm_dw``, ``moe_learn::fused_routing`` and
-``moe_learn::weighted_swiglu`` (with its backward) are what ``torch.compile`` traces (no graph
-break: the compiler sees one opaque op with a known output shape) and what autograd records.
+``moe_learn::grouped_gemm``, ``moe_learn::grouped_gemm_dw``, ``moe_learn::fused_routing``,
+``moe_learn::weighted_swiglu`` (with its backward) and the GEMMs with the SwiGLU fused
+(``moe_learn::gemm_weighted_swiglu``, ``moe_learn::gemm_swiglu_backward``) are what
+``torch.compile`` traces (no graph break: the compiler sees one opaque op with a known
+output shape) and what autograd records.
 The public Python functions (``grouped_gemm``, ``grouped_gemm_dw``, ``fused_routing``,
 ``weighted_swiglu``) call them whenever a gradient must be recorded or a graph is being
 compiled; an eager call with nothing to record goes straight to the launch, so decode-sized
@@ -27,7 +29,12 @@ import torch
 from moe_learn.kernels.backward import run_grouped_gemm_dw
 from moe_learn.kernels.fused_routing import run_fused_routing
 from moe_learn.kernels.grouped_gemm import decode_config, run_grouped_gemm
-from moe_learn.kernels.swiglu import run_weighted_swiglu, run_weighted_swiglu_backward
+from moe_learn.kernels.swiglu import (
+    run_gemm_swiglu_backward,
+    run_gemm_weighted_swiglu,
+    run_weighted_swiglu,
+    run_weighted_swiglu_backward,
+)
 from moe_learn.ops.grouped_gemm import expert_of_rows
 
 Tensor = torch.Tensor
@@ -247,3 +254,34 @@ def _swiglu_backward(ctx, d_h):
 
 
 weighted_swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+
+
+# ------------------------------------------------------------------------------- GEMMs with the SwiGLU fused
+# No autograd: moe_experts' autograd.Function calls them (forward, and its backward).
+
+
+@torch.library.custom_op("moe_learn::gemm_weighted_swiglu", mutates_args=())
+def gemm_weighted_swiglu_op(X: Tensor, W: Tensor, m_sizes: Tensor, gather_indices: Tensor, topk_weights: Tensor,
+                            topk: int, transpose: bool, config: str, kernel: str) -> tuple[Tensor, Tensor]:
+    return run_gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, topk, transpose,
+                                    decode_config(config), kernel)
+
+
+@gemm_weighted_swiglu_op.register_fake
+def _(X, W, m_sizes, gather_indices, topk_weights, topk, transpose, config, kernel):
+    two_i = W.shape[1] if transpose else W.shape[2]
+    return X.new_empty(X.shape[0] * topk, two_i), X.new_empty(X.shape[0] * topk, two_i // 2)
+
+
+@torch.library.custom_op("moe_learn::gemm_swiglu_backward", mutates_args=())
+def gemm_swiglu_backward_op(d_out: Tensor, W: Tensor, m_sizes: Tensor, gather_indices: Tensor, gate_up: Tensor,
+                            topk_weights: Tensor, topk: int, transpose: bool, config: str,
+                            kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    return run_gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, topk, transpose,
+                                    decode_config(config), kernel)
+
+
+@gemm_swiglu_backward_op.register_fake
+def _(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, topk, transpose, config, kernel):
+    return (torch.empty_like(gate_up), topk_weights.new_empty(topk_weights.shape, dtype=torch.float32),
+            gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2))

@@ -18,6 +18,12 @@ and the weighted copy of ``d_out`` ``[M, H]`` that GEMM2's gradients would read:
 PyTorch element-wise passes those took cost more than the GEMMs on Qwen3-30B-A3B (perf/NOTES.md).
 A gather index outside ``[0, T*k)`` (never from ``route_rows``) gives its row weight 0 and
 writes no ``d_w``.
+
+On a Hopper GPU neither pass runs on its own: ``gemm_weighted_swiglu`` computes GEMM1 and
+stores gate_up and h from its accumulators (the forward never reads gate_up back), and
+``gemm_swiglu_backward`` computes GEMM2's dX and applies the backward above to each tile
+of d_h while it is still in registers (d_h ``[M, I]`` is never written). The separate
+kernels here remain for the other paths (the portable kernel, CPU bf16, K or I = 0).
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import triton
 import triton.language as tl
 
 from moe_learn.device import check_kernel_device
-from moe_learn.kernels.grouped_gemm import needs_autograd
+from moe_learn.kernels.grouped_gemm import (
+    check_grouped_gemm_args,
+    choose_kernel,
+    encode_config,
+    needs_autograd,
+    run_grouped_gemm,
+)
+from moe_learn.kernels.grouped_gemm_hopper import grouped_gemm_hopper
 from moe_learn.validation import check_floating, check_integer, check_tensor
 
 BLOCK_R = 8  # rows per program: the weight and d_w of a row are loaded / stored once
@@ -173,3 +186,121 @@ def weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h):
     if torch.compiler.is_compiling():
         return torch.ops.moe_learn.weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
     return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused with the GEMMs around it (the Hopper kernel's epilogue)
+# ---------------------------------------------------------------------------------------
+
+FUSED = True  # A/B switch (perf/ab_kernels.py): False runs the GEMM, then the kernels above
+
+
+def _fused_applies(X, W, transpose, config, kernel, width) -> bool:
+    """The Hopper kernel takes the operands; K and I nonzero; not bf16 under the interpreter."""
+    return (FUSED and X.shape[1] > 0 and width > 0 and not (X.is_cpu and X.dtype == torch.bfloat16)
+            and choose_kernel(kernel, config, X, W, transpose) == "hopper")
+
+
+def _check_fused(name, x_name, X, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel, gate_up=None):
+    """The arguments of the two fused calls (``x_name``: what the caller calls the GEMM's X)."""
+    check_tensor(x_name, X, ndim=2)
+    check_tensor("W", W, ndim=3)
+    if X.dtype not in (torch.float32, torch.float16, torch.bfloat16) or X.dtype != W.dtype:
+        raise TypeError(f"{x_name} ({X.dtype}) and W ({W.dtype}) must be one of float32, float16 or bfloat16; "
+                        f"cast them (float64: use moe_learn.moe_experts(..., backend='torch'))")
+    inner = W.shape[2] if transpose else W.shape[1]
+    if X.shape[1] != inner:
+        raise ValueError(f"{x_name} has {X.shape[1]} columns but W {tuple(W.shape)} (transpose={transpose}) "
+                         f"expects {inner}; check the layout or the transpose flag")
+    if X.device != W.device:
+        raise ValueError(f"{x_name} is on {X.device} but W is on {W.device}; move them to one device")
+    problem = check_grouped_gemm_args(X, W, m_sizes, gather_indices=gather_indices, topk=topk, permute_x=True,
+                                      transpose=transpose, kernel=kernel)
+    check_tensor("topk_weights", topk_weights, ndim=2)
+    check_floating("topk_weights", topk_weights)
+    if topk_weights.numel() != problem.M or topk_weights.device != X.device:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} on {topk_weights.device} must be [T, topk] with "
+                         f"T * topk = {problem.M}, on {X.device}")
+    if gate_up is None:
+        if problem.N % 2:
+            raise ValueError(f"W has {problem.N} outputs per expert; gate_up_proj has an even number (gate, then up)")
+    else:
+        check_tensor("gate_up", gate_up, ndim=2)
+        if tuple(gate_up.shape) != (problem.M, 2 * problem.N) or gate_up.dtype != X.dtype:
+            raise ValueError(f"gate_up {tuple(gate_up.shape)} {gate_up.dtype} must be GEMM1's output "
+                             f"[M, 2I] = {(problem.M, 2 * problem.N)} in {X.dtype}")
+        if gate_up.device != X.device:
+            raise ValueError(f"gate_up is on {gate_up.device} but {name}'s other tensors are on {X.device}")
+    if needs_autograd(X, W, topk_weights, gate_up):
+        raise ValueError(f"{name} is not differentiable (the layer's autograd.Function calls it), and an input "
+                         "requires grad; call it under torch.no_grad() or use moe_learn.moe_experts")
+    return problem.N
+
+
+def run_gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, topk, transpose, config, kernel):
+    """``gemm_weighted_swiglu`` without the checks (the op's implementation)."""
+    M, two_i = X.shape[0] * topk, (W.shape[1] if transpose else W.shape[2])
+    gather_indices = gather_indices.contiguous()
+    if _fused_applies(X, W, transpose, config, kernel, two_i):
+        gate_up, h = X.new_empty(M, two_i), X.new_empty(M, two_i // 2)
+        grouped_gemm_hopper(X, W, m_sizes, h, gather_indices=gather_indices, topk=topk, permute_x=True,
+                            topk_weights=topk_weights, transpose=transpose, config=config, swiglu="save",
+                            gate_up=gate_up)
+        return gate_up, h
+    gate_up = run_grouped_gemm(X, W, m_sizes, gather_indices, None, None, topk, True, False, transpose, config, kernel)
+    return gate_up, run_weighted_swiglu(gate_up, topk_weights, gather_indices)
+
+
+def run_gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, topk, transpose, config,
+                             kernel):
+    """``gemm_swiglu_backward`` without the checks (the op's implementation)."""
+    M, two_i = gate_up.shape
+    gather_indices, gate_up = gather_indices.contiguous(), gate_up.contiguous()
+    if M and _fused_applies(d_out, W, transpose, config, kernel, two_i):
+        d_gate_up, h = torch.empty_like(gate_up), gate_up.new_empty(M, two_i // 2)
+        d_weights = torch.empty(topk_weights.shape, dtype=torch.float32, device=gate_up.device)
+        grouped_gemm_hopper(d_out, W, m_sizes, h, gather_indices=gather_indices, topk=topk, permute_x=True,
+                            topk_weights=topk_weights, transpose=transpose, config=config, swiglu="backward",
+                            gate_up=gate_up, d_gate_up=d_gate_up, d_weights=d_weights.view(-1))
+        return d_gate_up, d_weights, h
+    d_h = run_grouped_gemm(d_out, W, m_sizes, gather_indices, None, None, topk, True, False, transpose, config,
+                           kernel)
+    return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+
+
+def gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, *, topk, transpose=True, config=None,
+                         kernel="auto"):
+    """Training's GEMM1 and weighted SwiGLU: ``(gate_up [M, 2I], h [M, I])``, M = T * topk.
+
+    ``gate_up = grouped_gemm(X, W, m_sizes, gather_indices=..., topk=topk, permute_x=True)``
+    (X ``[T, H]`` in token order, W = gate_up_proj ``[E, 2I, H]``, or ``[E, H, 2I]`` with
+    transpose=False) and ``h = weighted_swiglu(gate_up, topk_weights, gather_indices)``. On the
+    Hopper kernel both come out of one epilogue; elsewhere the two kernels run one after the
+    other. Not differentiable (``moe_experts``'s autograd.Function calls it); traceable by
+    ``torch.compile`` (op ``moe_learn::gemm_weighted_swiglu``).
+    """
+    _check_fused("gemm_weighted_swiglu", "X", X, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel)
+    if torch.compiler.is_compiling():
+        return torch.ops.moe_learn.gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, topk, transpose,
+                                                        encode_config(config), kernel)
+    return run_gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, topk, transpose, config, kernel)
+
+
+def gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, *, topk, transpose=True,
+                         config=None, kernel="auto"):
+    """GEMM2's dX with ``weighted_swiglu_backward`` applied to it: ``(d_gate_up, d_topk_weights, h)``.
+
+    d_out ``[T, H]`` (the layer's output gradient, token order); W = down_proj read for dX:
+    ``[E, H, I]`` with transpose=False here (the forward's transpose=True), ``[E, I, H]`` with
+    transpose=True. ``d_h = grouped_gemm(d_out, W, ..., permute_x=True)`` is never stored: the
+    Hopper kernel turns each tile of it into d_gate_up, the tile's share of d_topk_weights and
+    h. Returns what ``weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)``
+    returns (d_topk_weights in float32). Not differentiable; traceable by ``torch.compile``.
+    """
+    _check_fused("gemm_swiglu_backward", "d_out", d_out, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel,
+                 gate_up)
+    if torch.compiler.is_compiling():
+        return torch.ops.moe_learn.gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, topk,
+                                                        transpose, encode_config(config), kernel)
+    return run_gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, topk, transpose, config,
+                                    kernel)

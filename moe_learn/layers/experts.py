@@ -17,16 +17,16 @@ Forward, per row r of the expert-ordered problem, which belongs to (token t, slo
 ``= divmod(gather_indices[r], k)`` and expert e (``x = hidden_states``, ``w_r = topk_weights[t, j]``):
 
     g_r   = x_t @ W1_e.T                   GEMM1, rows gathered from token order     [M, 2I]
-    h_r   = w_r * silu(g_gate) * g_up      SwiGLU with the routing weight folded in  [M, I]
+    h_r   = w_r * silu(g_gate) * g_up      SwiGLU with the routing weight folded in  [M, I]  (GEMM1's epilogue)
     y_tj  = h_r @ W2_e.T                   GEMM2, rows scattered to (t, j) order     [M, H]
     out_t = sum_j y_tj
 
 Backward, given ``d_out [T, H]``:
 
     a_r     = d_out_t @ W2_e               grouped GEMM reading d_out's rows by token (other W layout)
-    d_w_tj  = <a_r, silu(g_gate) * g_up>   the router's gradient       } one element-wise pass
-    dg_r    = SwiGLU'(g_r) * (w_r a_r)                                  } (kernels/swiglu.py),
-    h_r     = recomputed                                               } which recomputes h
+    d_w_tj  = <a_r, silu(g_gate) * g_up>   the router's gradient       } the SwiGLU's backward, in a's
+    dg_r    = SwiGLU'(g_r) * (w_r a_r)                                  } epilogue (kernels/swiglu.py):
+    h_r     = recomputed                                               } a itself is never stored
     dW2_e   = sum_r d_out_t.T h_r          weight-gradient kernel, d_out rows read by token
     dW1_e   = dg_e.T @ x_e                 weight-gradient kernel, x gathered from token order
     dx_t    = sum_j (dg_r @ W1_e)          forward kernel scattering to (t, j), summed over j
@@ -183,21 +183,37 @@ def _experts_forward(backend, hidden_states, counts, gather_indices, topk_weight
     return y.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
-def _weighted_swiglu(backend, gate_up, topk_weights, gather_indices):
-    """h_r = w_r * swiglu(gate_up_r): the Triton kernel, or the PyTorch reference."""
+def _gemm1_weighted_swiglu(backend, hidden_states, gate_up_proj, counts, gather_indices, topk_weights, transpose,
+                           config):
+    """Training's GEMM1 and h_r = w_r * swiglu(gate_up_r): ``(gate_up, h)``.
+
+    Triton: one kernel where it can (GEMM1's epilogue stores both, ``kernels/swiglu.py``).
+    """
+    top_k = topk_weights.shape[1]
     if backend == "triton":
-        from moe_learn.kernels import swiglu as kernels
+        from moe_learn.kernels.swiglu import gemm_weighted_swiglu
 
-        return kernels.weighted_swiglu(gate_up, topk_weights, gather_indices)
-    return weighted_swiglu(gate_up, topk_weights.reshape(-1)[gather_indices.long()])
+        return gemm_weighted_swiglu(hidden_states, gate_up_proj, counts, gather_indices, topk_weights, topk=top_k,
+                                    transpose=transpose, config=config)
+    gate_up = _gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
+                    transpose=transpose)
+    return gate_up, weighted_swiglu(gate_up, topk_weights.reshape(-1)[gather_indices.long()])
 
 
-def _weighted_swiglu_backward(backend, gate_up, topk_weights, gather_indices, d_h):
-    """(d_gate_up, d_topk_weights in float32 or wider, shaped like topk_weights, h)."""
+def _dx2_weighted_swiglu_backward(backend, d_out, down_proj, counts, gather_indices, gate_up, topk_weights,
+                                  transpose):
+    """a = GEMM2's dX (d_out's token rows read in place, as GEMM1 reads x), then the SwiGLU's backward on it.
+
+    Returns ``(d_gate_up, d_topk_weights in float32 or wider, shaped like topk_weights, h)``.
+    Triton: the backward runs in the dX kernel's epilogue where it can, so ``a [M, I]`` is never stored.
+    """
+    top_k = topk_weights.shape[1]
     if backend == "triton":
-        from moe_learn.kernels import swiglu as kernels
+        from moe_learn.kernels.swiglu import gemm_swiglu_backward
 
-        return kernels.weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+        return gemm_swiglu_backward(d_out, down_proj, counts, gather_indices, gate_up, topk_weights, topk=top_k,
+                                    transpose=not transpose)
+    d_h = _gemm(backend, d_out, down_proj, counts, gather_indices, topk=top_k, permute_x=True, transpose=not transpose)
     index = gather_indices.long()
     d_gate_up, d_rows, h = weighted_swiglu_backward(gate_up, topk_weights.reshape(-1)[index], d_h)
     d_weights = d_rows.new_zeros(topk_weights.numel()).index_copy_(0, index, d_rows)
@@ -222,9 +238,8 @@ class FusedMoEFunction(torch.autograd.Function):
                 config):
         num_tokens, hidden = hidden_states.shape
         top_k = topk_weights.shape[1]
-        gate_up = _gemm(backend, hidden_states, gate_up_proj, counts, gather_indices, topk=top_k, permute_x=True,
-                        transpose=transpose, config=config)
-        h = _weighted_swiglu(backend, gate_up, topk_weights, gather_indices)
+        gate_up, h = _gemm1_weighted_swiglu(backend, hidden_states, gate_up_proj, counts, gather_indices, topk_weights,
+                                            transpose, config)
         y = _gemm(backend, h, down_proj, counts, gather_indices, permute_y=True, transpose=transpose, config=config)
         ctx.save_for_backward(hidden_states, counts, gather_indices, topk_weights, gate_up_proj, down_proj, gate_up)
         ctx.transpose, ctx.backend = transpose, backend
@@ -240,11 +255,8 @@ class FusedMoEFunction(torch.autograd.Function):
         need_x, _, _, need_w, need_w1, need_w2 = ctx.needs_input_grad[:6]
         num_tokens, top_k = topk_weights.shape
         d_out = d_out.to(hidden_states.dtype).contiguous()
-        # a = d_out_t @ W2_e for every row: d_out's token rows read in place, as GEMM1 reads x.
-        d_h = _gemm(backend, d_out, down_proj, counts, gather_indices, topk=top_k, permute_x=True,
-                    transpose=not transpose)
-        d_gate_up, d_weights, h = _weighted_swiglu_backward(backend, gate_up, topk_weights, gather_indices, d_h)
-        del d_h  # [M, I]: dropped before the dW GEMMs allocate their scratch, to lower the backward's peak
+        d_gate_up, d_weights, h = _dx2_weighted_swiglu_backward(backend, d_out, down_proj, counts, gather_indices,
+                                                                 gate_up, topk_weights, transpose)
         d_weights = d_weights.to(topk_weights.dtype) if need_w else None
         d_x = d_w1 = d_w2 = None
         if need_w2:

@@ -5,9 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_learn.device import DEVICE
+from moe_learn import get_routing_indices
+from moe_learn.device import DEVICE, ON_GPU
+from moe_learn.kernels import grouped_gemm_hopper as hopper
+from moe_learn.kernels import swiglu as swiglu_kernels
 from moe_learn.kernels.swiglu import weighted_swiglu, weighted_swiglu_backward
 from moe_learn.ops import moe as ref
+from moe_learn.ops.grouped_gemm import torch_grouped_gemm
+from moe_learn.ops.permutation import permute
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -160,3 +165,164 @@ def test_cpu_tensors_on_a_gpu_machine_are_refused_by_name(call, monkeypatch):
     }
     with pytest.raises(RuntimeError, match=f"{call} got CPU"):
         calls[call]()
+
+
+# ---------------------------------------------------------------------------------------
+# Fused into the GEMMs' epilogues (the Hopper kernel; under the interpreter on the CPU)
+# ---------------------------------------------------------------------------------------
+
+# fp32 on a GPU would run the Hopper kernel's dots in tf32
+FUSED_DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
+FUSED_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# tiny tiles: ragged row blocks, I not a multiple of BLOCK_N, several K steps, programs taking several tiles
+TINY = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2, "NUM_PROGRAMS": 3}
+
+
+def _moe_problem(tokens, experts, top_k, hidden, inner, dtype, seed, skew=False):
+    """Routing, token-order x and d_out, both weights in the forward's [E, N, K] layout (float64 copies too)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, experts, generator=g)
+    if skew:  # the low experts take every token, the others stay empty
+        scores += 10 * (torch.arange(experts) < top_k)
+    counts, gather = get_routing_indices(scores.topk(top_k, dim=1).indices, experts)
+    x = torch.randn(tokens, hidden, generator=g)
+    d_out = torch.randn(tokens, hidden, generator=g)
+    weights = torch.rand(tokens, top_k, generator=g)
+    w1 = torch.randn(experts, 2 * inner, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inner, generator=g) / inner**0.5
+    run = [t.to(DEVICE, dtype) for t in (x, d_out, w1, w2)]
+    return counts.to(DEVICE), gather.to(DEVICE), weights.to(DEVICE), run, [t.double() for t in (x, d_out, w1, w2)]
+
+
+def _fused_references(counts, gather, weights, gate_up, inputs64):
+    """GEMM1 from float64 inputs; the backward from the kernel's own gate_up (what the layer keeps), in float64."""
+    x, d_out, w1, w2 = inputs64
+    top_k = weights.shape[1]
+    gate_up_ref = torch_grouped_gemm(permute(x, gather.cpu(), top_k), w1, counts.cpu())
+    rows = weights.reshape(-1).double().cpu()[gather.long().cpu()]
+    h_ref = ref.weighted_swiglu(gate_up_ref, rows)
+    d_h = torch_grouped_gemm(permute(d_out, gather.cpu(), top_k), w2.transpose(1, 2), counts.cpu())
+    d_gate_up, d_rows, h_again = ref.weighted_swiglu_backward(gate_up.double().cpu(), rows, d_h)
+    d_w = torch.zeros(weights.numel(), dtype=torch.float64).index_copy_(0, gather.long().cpu(), d_rows)
+    return gate_up_ref, h_ref, d_gate_up, d_w.view(weights.shape), h_again
+
+
+def _layouts(w1, w2, transpose):
+    """The weights as the layer gets them (transpose=False: Llama 4's [E, H, 2I] / [E, I, H])."""
+    return (w1, w2) if transpose else (w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous())
+
+
+@settings(max_examples=10, deadline=None)
+@given(tokens=st.integers(1, 9), experts=st.integers(1, 5), data=st.data(), hidden=st.sampled_from([16, 40]),
+       inner=st.sampled_from([8, 24, 40]), transpose=st.booleans(), dtype=st.sampled_from(FUSED_DTYPES),
+       skew=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_gemm_swiglu_match_float64(tokens, experts, data, hidden, inner, transpose, dtype, skew, seed):
+    """GEMM1 + weighted SwiGLU, and GEMM2's dX + its backward, each one Hopper launch: every output against
+    float64, with ragged experts, empty ones (skew), k = E, and I and H that are not multiples of the tiles."""
+    top_k = data.draw(st.integers(1, experts))
+    counts, gather, weights, (x, d_out, w1, w2), inputs64 = _moe_problem(tokens, experts, top_k, hidden, inner,
+                                                                         dtype, seed, skew)
+    w1_run, w2_run = _layouts(w1, w2, transpose)
+    gate_up, h = swiglu_kernels.gemm_weighted_swiglu(x, w1_run, counts, gather, weights, topk=top_k,
+                                                     transpose=transpose, config=TINY, kernel="hopper")
+    d_gate_up, d_w, h_again = swiglu_kernels.gemm_swiglu_backward(
+        d_out, w2_run, counts, gather, gate_up, weights, topk=top_k, transpose=not transpose, config=TINY,
+        kernel="hopper")
+    gate_up_ref, h_ref, d_gate_up_ref, d_w_ref, h_again_ref = _fused_references(counts, gather, weights, gate_up,
+                                                                                       inputs64)
+    tol = FUSED_TOL[dtype]
+    assert gate_up.dtype == h.dtype == d_gate_up.dtype == h_again.dtype == dtype and d_w.dtype == torch.float32
+    assert d_w.shape == weights.shape and h.shape == h_again.shape == (tokens * top_k, inner)
+    for name, got, want in (("gate_up", gate_up, gate_up_ref), ("h", h, h_ref), ("d_gate_up", d_gate_up, d_gate_up_ref),
+                            ("d_topk_weights", d_w, d_w_ref), ("h (backward)", h_again, h_again_ref)):
+        assert _rel(got, want) < tol, name
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_fused_and_unfused_paths_agree(transpose, monkeypatch):
+    """The A/B switch (and every path the fused kernel does not take) runs the GEMM, then the kernels above."""
+    counts, gather, weights, (x, d_out, w1, w2), _ = _moe_problem(7, 4, 2, 40, 24, FUSED_DTYPES[0], 11)
+    w1_run, w2_run = _layouts(w1, w2, transpose)
+
+    def both():
+        gate_up, h = swiglu_kernels.gemm_weighted_swiglu(x, w1_run, counts, gather, weights, topk=2,
+                                                         transpose=transpose, kernel="hopper")
+        return (gate_up, h, *swiglu_kernels.gemm_swiglu_backward(d_out, w2_run, counts, gather, gate_up, weights,
+                                                                 topk=2, transpose=not transpose, kernel="hopper"))
+
+    fused = both()
+    monkeypatch.setattr(swiglu_kernels, "FUSED", False)
+    for a, b in zip(fused, both(), strict=True):
+        assert _rel(a, b) < FUSED_TOL[FUSED_DTYPES[0]]
+
+
+def test_fused_epilogues_write_every_output_element():
+    """Outputs poisoned with NaN: the kernel itself must write each row of h, gate_up, d_gate_up and each
+    (column block, slot) partial of d_topk_weights, including rows of the ragged last tile."""
+    dtype = FUSED_DTYPES[0]
+    counts, gather, weights, (x, d_out, w1, w2), _ = _moe_problem(9, 4, 3, 40, 40, dtype, 5)
+    M, inner = 27, 40
+    nan = float("nan")
+    gate_up, h = torch.full((M, 2 * inner), nan, dtype=dtype, device=DEVICE), torch.full((M, inner), nan,
+                                                                                          dtype=dtype, device=DEVICE)
+    hopper.grouped_gemm_hopper(x, w1, counts, h, gather_indices=gather, topk=3, permute_x=True, topk_weights=weights,
+                               config=TINY, swiglu="save", gate_up=gate_up)
+    assert gate_up.isfinite().all() and h.isfinite().all()
+    d_gate_up, h2 = torch.full_like(gate_up, nan), torch.full_like(h, nan)
+    d_w = torch.full((M,), nan, device=DEVICE)
+    hopper.grouped_gemm_hopper(d_out, w2, counts, h2, gather_indices=gather, topk=3, permute_x=True,
+                               topk_weights=weights, transpose=False, config=TINY, swiglu="backward", gate_up=gate_up,
+                               d_gate_up=d_gate_up, d_weights=d_w)
+    assert d_gate_up.isfinite().all() and h2.isfinite().all() and d_w.isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_fused_special_values_stay_in_their_row_and_expert():
+    """NaN in one gate_up row poisons that row's d_gate_up, h and its slot's d_w only; inf in expert 1's
+    down_proj poisons only expert 1's rows (no tile reads another expert's weights)."""
+    dtype = FUSED_DTYPES[0]
+    counts, gather, weights, (x, d_out, w1, w2), _ = _moe_problem(6, 3, 2, 16, 24, dtype, 9)
+    gate_up, _ = swiglu_kernels.gemm_weighted_swiglu(x, w1, counts, gather, weights, topk=2, config=TINY,
+                                                     kernel="hopper")
+    gate_up[4, 3] = float("nan")
+    d_gate_up, d_w, h = swiglu_kernels.gemm_swiglu_backward(d_out, w2, counts, gather, gate_up, weights, topk=2,
+                                                            transpose=False, config=TINY, kernel="hopper")
+    bad_rows = d_gate_up.isnan().any(1)
+    assert bad_rows.nonzero().flatten().tolist() == [4] and h.isnan().any(1).nonzero().flatten().tolist() == [4]
+    assert d_w.reshape(-1).isnan().nonzero().flatten().tolist() == [int(gather[4])]
+
+    gate_up[4, 3] = 0.0
+    w2_bad = w2.clone()
+    w2_bad[1, 0, 0] = float("inf")
+    d_gate_up, d_w, _ = swiglu_kernels.gemm_swiglu_backward(d_out, w2_bad, counts, gather, gate_up, weights, topk=2,
+                                                            transpose=False, config=TINY, kernel="hopper")
+    expert_of_row = torch.repeat_interleave(torch.arange(3, device=DEVICE), counts.long())
+    assert torch.equal(d_gate_up.isfinite().all(1), expert_of_row != 1)
+
+
+def test_fused_calls_refuse_what_would_drop_a_gradient_or_misread():
+    counts, gather, weights, (x, d_out, w1, w2), _ = _moe_problem(4, 3, 2, 16, 8, torch.float32, 3)
+    gate_up, _ = swiglu_kernels.gemm_weighted_swiglu(x, w1, counts, gather, weights, topk=2)
+    with pytest.raises(ValueError, match="not differentiable"):
+        swiglu_kernels.gemm_weighted_swiglu(x.requires_grad_(), w1, counts, gather, weights, topk=2)
+    with pytest.raises(ValueError, match="gate_up"):
+        swiglu_kernels.gemm_swiglu_backward(d_out, w2, counts, gather, gate_up[:, :-2], weights, topk=2,
+                                            transpose=False)
+    with pytest.raises(ValueError, match="d_out has 8 columns"):
+        swiglu_kernels.gemm_swiglu_backward(d_out[:, :8], w2, counts, gather, gate_up, weights, topk=2,
+                                            transpose=False)
+    with pytest.raises(ValueError, match="topk_weights"):
+        swiglu_kernels.gemm_swiglu_backward(d_out, w2, counts, gather, gate_up, weights[:, :1], topk=2,
+                                            transpose=False)
+    with pytest.raises(ValueError, match="even number"):
+        swiglu_kernels.gemm_weighted_swiglu(x.detach(), w1[:, :-1], counts, gather, weights, topk=2)
+
+
+def test_fused_opcheck():
+    counts, gather, weights, (x, d_out, w1, w2), _ = _moe_problem(4, 3, 2, 16, 8, torch.float32, 4)
+    gate_up, _ = swiglu_kernels.gemm_weighted_swiglu(x, w1, counts, gather, weights, topk=2)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.moe_learn.gemm_weighted_swiglu.default,
+                          (x, w1, counts, gather, weights, 2, True, "", "auto"), test_utils=utils)
+    torch.library.opcheck(torch.ops.moe_learn.gemm_swiglu_backward.default,
+                          (d_out, w2, counts, gather, gate_up, weights, 2, False, "", "auto"), test_utils=utils)

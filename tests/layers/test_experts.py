@@ -1,5 +1,7 @@
 """The hand-written MoE backward: float64 gradcheck, Triton vs reference, the block, the aux loss."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -69,6 +71,27 @@ def test_triton_backward_matches_reference(routing, dtype):
         assert _rel(g, r) <= TOL[dtype], f"{name}: relative error {_rel(g, r):.2e}"
     if routing == "empty_experts":
         assert torch.count_nonzero(got[3][1]) == 0 and torch.count_nonzero(got[4][4]) == 0
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("routing", ["ragged", "empty_experts", "one_token_top3"])
+def test_backward_with_the_swiglu_in_the_gemm_epilogues(routing, transpose, monkeypatch):
+    """The Hopper kernel's path (on the CPU: forced, under the interpreter): GEMM1 stores gate_up and h
+    from one epilogue, GEMM2's dX runs the SwiGLU's backward in its epilogue; every gradient against float64."""
+    if not ON_GPU:  # (the module: the package exports a function of the same name)
+        monkeypatch.setattr(importlib.import_module("moe_learn.kernels.grouped_gemm"), "auto_candidate", lambda X: True)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    ids, tensors = _case(routing, H=48, I=40, dtype=dtype)
+    ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
+    d_out = torch.randn(tensors[0].shape, device=DEVICE, dtype=torch.float64)
+    ref = _grads(lambda x, w, a, b: moe_experts_torch(x, ids, w, a, b), ref_tensors, d_out)
+    if not transpose:
+        ref[3:] = [ref[3].mT, ref[4].mT]
+        tensors[2:] = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in tensors[2:]]
+    got = _grads(lambda x, w, a, b: moe_experts(x, ids, w, a, b, transpose=transpose), tensors, d_out)
+    for name, g, r in zip(["output", "d_hidden", "d_topk_weights", "d_gate_up", "d_down"], got, ref, strict=True):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        assert _rel(g, r) <= TOL[dtype], f"{name}: relative error {_rel(g, r):.2e}"
 
 
 def test_llama4_layout_and_float32_router_weights():
