@@ -19,6 +19,8 @@ Sections (all by default, in this order; later ones reuse the tuned configs of e
 * experts: the experts half of the layer, forward+backward (and forward alone), Qwen3-30B-A3B
   and Mixtral at T = 8192: ours with every switch new, ours with every switch old, and
   transformers' default ``grouped_mm`` experts when transformers is installed.
+* swiglu: the same calls (and Qwen3 T = 1024) with training's SwiGLU fused into the GEMMs'
+  epilogues or run as separate passes (``kernels.swiglu.FUSED``): fused, separate, fused again.
 
 Every variant's output is compared with ``_grouped_mm``'s (or the float32 reference for the
 experts); a relative error above 2e-2 is marked BAD. Rows are written to the JSON as they
@@ -47,7 +49,7 @@ gg = importlib.import_module("moe_learn.kernels.grouped_gemm")  # the module (th
 hopper = importlib.import_module("moe_learn.kernels.grouped_gemm_hopper")
 experts_mod = importlib.import_module("moe_learn.layers.experts")
 
-SECTIONS = ("dx", "dw", "decode", "experts")
+SECTIONS = ("dx", "dw", "decode", "experts", "swiglu")
 TRAIN_CASES = (("qwen3-30b-a3b", 8192), ("mixtral-8x7b", 8192))
 DECODE_CASES = (("gpt-oss-120b", 1), ("gpt-oss-120b", 64))
 BAD = 2e-2
@@ -88,7 +90,7 @@ class Recorder:
         self.rows.append(row)
         err = row.get("rel_err")
         flag = " BAD" if err is not None and not err <= BAD else ""
-        extra = "".join(f" {k}={v:.1f}" for k, v in row.items() if k.endswith("_us") and v is not None)
+        extra = "".join(f" {k}={v:.1f}" for k, v in row.items() if k.endswith(("_us", "_mib")) and v is not None)
         ms = f"{row['ms']:.3f} ms" if row.get("ms") is not None else ""
         print(f"  {row['section']:<8} {row['case']:<34} {row['variant']:<18} {ms}{extra}"
               f"{'' if err is None else f' err={err:.1e}'}{flag}{' ' + row['error'] if 'error' in row else ''}",
@@ -278,14 +280,35 @@ def section_experts(rec):
         free()
 
 
-def _experts_case(rec, bx, impls, case):
+def section_swiglu(rec):
+    """Training's SwiGLU in the GEMMs' epilogues (``kernels.swiglu.FUSED``) against the separate passes.
+
+    Fused, separate, fused again (so drift between the first and the last shows), everything else new.
+    """
+    from moe_learn.bench import experts as bx
+    from moe_learn.kernels import swiglu as swiglu_kernels
+
+    def fused(on):
+        return lambda: (switches(True), setattr(swiglu_kernels, "FUSED", on))
+
+    impls = {i.name: i for i in bx.implementations(with_eager=False)}
+    variants = [("fused swiglu", impls["ours"], fused(True)), ("separate swiglu", impls["ours"], fused(False)),
+                ("fused swiglu (again)", impls["ours"], fused(True))]
+    for model, T in (("qwen3-30b-a3b", 1024), *TRAIN_CASES):
+        _experts_case(rec, bx, impls, ExpertsCase(model, T, *MODELS[model]), variants, section="swiglu")
+        swiglu_kernels.FUSED = True
+        free()
+
+
+def _experts_case(rec, bx, impls, case, variants=None, section="experts"):
     p = bx.make_problem(case, seed=0, device=DEVICE, dtype=DTYPE)
     params = (p["hidden"], p["weights"], p["gate_up"], p["down"])
-    variants = [("new", impls["ours"], True), ("old", impls["ours"], False)]
-    if impls["default"].missing is None:
-        variants.append(("grouped_mm (transformers default)", impls["default"], True))
-    for variant, impl, new in variants:
-        switches(new)
+    if variants is None:
+        variants = [("new", impls["ours"], lambda: switches(True)), ("old", impls["ours"], lambda: switches(False))]
+        if impls["default"].missing is None:
+            variants.append(("grouped_mm (transformers default)", impls["default"], lambda: switches(True)))
+    for variant, impl, setup in variants:
+        setup()
         try:
             fn = impl.build(case, p["gate_up"], p["down"])
             ids = p["ids"].to(impl.ids_dtype)
@@ -307,10 +330,14 @@ def _experts_case(rec, bx, impls, case):
             for mode, call, flops in (("forward", forward, case.flops_forward),
                                       ("fwd+bwd", training, case.flops_training)):
                 seconds = timing.do_bench(call)
-                rec.add(section="experts", case=f"{case.name} {mode}", variant=variant, ms=seconds * 1e3,
-                        rel_err=err, tflops=flops / seconds / 1e12)
+                sync()
+                torch.cuda.reset_peak_memory_stats() if DEVICE == "cuda" else None
+                call()
+                peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None
+                rec.add(section=section, case=f"{case.name} {mode}", variant=variant, ms=seconds * 1e3,
+                        rel_err=err, tflops=flops / seconds / 1e12, peak_mib=peak)
         except Exception as exc:  # noqa: BLE001
-            rec.add(section="experts", case=case.name, variant=variant, ms=None,
+            rec.add(section=section, case=case.name, variant=variant, ms=None,
                     error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
         fn = forward = training = None
         gc.collect()

@@ -7,7 +7,8 @@
 #   sanitize  compute-sanitizer memcheck and racecheck over perf/sanitize.py (every kernel and mode)
 #   bench     python -m moe_learn bench (all sections, or BENCH_ARGS, e.g. "--only experts --models
 #             mixtral-8x7b --tokens 8192") into $OUT/logs/bench
-#   ab        perf/ab_kernels.py, the kernel variants side by side, into $OUT/logs/ab.json
+#   ab        perf/ab_kernels.py, the kernel variants side by side (AB_ARGS, e.g. "--sections swiglu"),
+#             into $OUT/logs/ab.json
 #   host      perf/host_overhead.py (host time per decode call) and perf/profile_host.py (its cProfile)
 #   abdw      perf/ab_dw.py, the dW configs, in-kernel gather vs copy first, vs torch._grouped_mm
 #   profile   perf/profile_training.py --only ours (kernel table of the experts' forward+backward)
@@ -95,7 +96,8 @@ for step in $STEPS; do
             # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
             python3 -m moe_learn bench --out "$OUT/logs/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/logs/bench.log" | tail -60 ;;
         ab)
-            python3 perf/ab_kernels.py "$OUT/logs/ab.json" 2>&1 | tee "$OUT/logs/ab.log" | tail -60 ;;
+            # shellcheck disable=SC2086
+            python3 perf/ab_kernels.py "$OUT/logs/ab.json" ${AB_ARGS:-} 2>&1 | tee "$OUT/logs/ab.log" | tail -60 ;;
         host)
             python3 perf/host_overhead.py "$OUT/logs/host.json" 2>&1 | tee "$OUT/logs/host.log" | tail -30
             python3 perf/profile_host.py > "$OUT/logs/profile_host.txt" 2>&1; grep "us/call" "$OUT/logs/profile_host.txt" ;;
