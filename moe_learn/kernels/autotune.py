@@ -71,7 +71,7 @@ def cache_stamp() -> dict:
 
     here = Path(__file__).resolve().parent
     digest = hashlib.sha1()
-    for name in ("grouped_gemm_hopper.py", "backward.py", "autotune.py"):
+    for name in ("grouped_gemm_hopper.py", "backward.py", "swiglu.py", "autotune.py"):
         digest.update((here / name).read_bytes())
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "kernels": digest.hexdigest()[:16]}

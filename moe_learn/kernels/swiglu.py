@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from moe_learn.device import check_kernel_device
+from moe_learn.kernels import autotune
 from moe_learn.kernels.grouped_gemm import (
     check_grouped_gemm_args,
     choose_kernel,
@@ -40,7 +41,7 @@ from moe_learn.kernels.grouped_gemm import (
     needs_autograd,
     run_grouped_gemm,
 )
-from moe_learn.kernels.grouped_gemm_hopper import grouped_gemm_hopper
+from moe_learn.kernels.grouped_gemm_hopper import grouped_gemm_hopper, tuning_key
 from moe_learn.validation import check_floating, check_integer, check_tensor
 
 BLOCK_R = 8  # rows per program: the weight and d_w of a row are loaded / stored once
@@ -192,13 +193,40 @@ def weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h):
 # Fused with the GEMMs around it (the Hopper kernel's epilogue)
 # ---------------------------------------------------------------------------------------
 
-FUSED = True  # A/B switch (perf/ab_kernels.py): False runs the GEMM, then the kernels above
+FUSED = True  # A/B switch (perf/ab_kernels.py): False always runs the GEMM, then the kernels above
+# Fused is not always faster. The epilogue's extra traffic (read gate_up, write d_gate_up and h) runs
+# on the SMs between two tiles' main loops instead of overlapping them, so where the GEMM is compute
+# bound the separate element-wise pass wins: on an H100, Qwen3-30B-A3B T=8192 fwd+bwd took 5.52 ms
+# fused and 4.75 separate, Mixtral T=8192 33.6 and 28.8; at T=1024 (host bound there: two launches
+# fewer) 2.35 and 3.35 (perf/NOTES.md item 20). So the first call of each shape bucket times both
+# ways, as the autotuner times configs, and later calls in the bucket take the winner.
+MEASURED_CHOICE = True
 
 
 def _fused_applies(X, W, transpose, config, kernel, width) -> bool:
     """The Hopper kernel takes the operands; K and I nonzero; not bf16 under the interpreter."""
     return (FUSED and X.shape[1] > 0 and width > 0 and not (X.is_cpu and X.dtype == torch.bfloat16)
             and choose_kernel(kernel, config, X, W, transpose) == "hopper")
+
+
+def _fused_or_separate(mode, X, W, m_sizes, topk, transpose, config, fused, separate):
+    """``fused()`` or ``separate()``: the faster for this shape bucket, timed on its first call.
+
+    Without tuning (the interpreter, ``MOE_LEARN_AUTOTUNE=0``, CUDA-graph capture) a bucket
+    not timed before runs fused. A given ``config`` (one launch's parameters) runs fused too.
+    """
+    if not MEASURED_CHOICE or config:
+        return fused()
+    rows, K = X.shape[0] * topk, X.shape[1]
+    N = W.shape[1] if transpose else W.shape[2]
+    key = ("swiglu", *tuning_key(rows, N, K, W.shape[0], X.dtype, True, False, True, False, not transpose, mode))
+    choice = autotune.TUNED.get(key)
+    if choice is None:
+        if not autotune.autotune_enabled(X):
+            return fused()
+        ways = {True: fused, False: separate}
+        choice = autotune.choose_config(key, ({"FUSED": True}, {"FUSED": False}), lambda c: ways[c["FUSED"]]())
+    return fused() if choice["FUSED"] else separate()
 
 
 def _check_fused(name, x_name, X, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel, gate_up=None):
@@ -241,14 +269,22 @@ def run_gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, topk, 
     """``gemm_weighted_swiglu`` without the checks (the op's implementation)."""
     M, two_i = X.shape[0] * topk, (W.shape[1] if transpose else W.shape[2])
     gather_indices = gather_indices.contiguous()
-    if _fused_applies(X, W, transpose, config, kernel, two_i):
+
+    def fused():
         gate_up, h = X.new_empty(M, two_i), X.new_empty(M, two_i // 2)
         grouped_gemm_hopper(X, W, m_sizes, h, gather_indices=gather_indices, topk=topk, permute_x=True,
                             topk_weights=topk_weights, transpose=transpose, config=config, swiglu="save",
                             gate_up=gate_up)
         return gate_up, h
-    gate_up = run_grouped_gemm(X, W, m_sizes, gather_indices, None, None, topk, True, False, transpose, config, kernel)
-    return gate_up, run_weighted_swiglu(gate_up, topk_weights, gather_indices)
+
+    def separate():
+        gate_up = run_grouped_gemm(X, W, m_sizes, gather_indices, None, None, topk, True, False, transpose, config,
+                                   kernel)
+        return gate_up, run_weighted_swiglu(gate_up, topk_weights, gather_indices)
+
+    if _fused_applies(X, W, transpose, config, kernel, two_i):
+        return _fused_or_separate("save", X, W, m_sizes, topk, transpose, config, fused, separate)
+    return separate()
 
 
 def run_gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, topk, transpose, config,
@@ -256,16 +292,23 @@ def run_gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_we
     """``gemm_swiglu_backward`` without the checks (the op's implementation)."""
     M, two_i = gate_up.shape
     gather_indices, gate_up = gather_indices.contiguous(), gate_up.contiguous()
-    if M and _fused_applies(d_out, W, transpose, config, kernel, two_i):
+
+    def fused():
         d_gate_up, h = torch.empty_like(gate_up), gate_up.new_empty(M, two_i // 2)
         d_weights = torch.empty(topk_weights.shape, dtype=torch.float32, device=gate_up.device)
         grouped_gemm_hopper(d_out, W, m_sizes, h, gather_indices=gather_indices, topk=topk, permute_x=True,
                             topk_weights=topk_weights, transpose=transpose, config=config, swiglu="backward",
                             gate_up=gate_up, d_gate_up=d_gate_up, d_weights=d_weights.view(-1))
         return d_gate_up, d_weights, h
-    d_h = run_grouped_gemm(d_out, W, m_sizes, gather_indices, None, None, topk, True, False, transpose, config,
-                           kernel)
-    return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+
+    def separate():
+        d_h = run_grouped_gemm(d_out, W, m_sizes, gather_indices, None, None, topk, True, False, transpose, config,
+                               kernel)
+        return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
+
+    if M and _fused_applies(d_out, W, transpose, config, kernel, two_i):
+        return _fused_or_separate("backward", d_out, W, m_sizes, topk, transpose, config, fused, separate)
+    return separate()
 
 
 def gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, *, topk, transpose=True, config=None,

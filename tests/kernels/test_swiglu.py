@@ -326,3 +326,45 @@ def test_fused_opcheck():
                           (x, w1, counts, gather, weights, 2, True, "", "auto"), test_utils=utils)
     torch.library.opcheck(torch.ops.moe_learn.gemm_swiglu_backward.default,
                           (d_out, w2, counts, gather, gate_up, weights, 2, False, "", "auto"), test_utils=utils)
+
+
+def test_fused_or_separate_is_timed_once_per_bucket_and_remembered(monkeypatch):
+    """The first call of a shape bucket times the fused epilogue against the separate pass and keeps the winner
+    (here the separate pass, made to look faster); without tuning, an untimed bucket runs fused."""
+    from moe_learn.kernels import autotune
+
+    counts, gather, weights, (x, d_out, w1, w2), _ = _moe_problem(5, 3, 2, 16, 8, FUSED_DTYPES[0], 8)
+    gate_up, _ = swiglu_kernels.gemm_weighted_swiglu(x, w1, counts, gather, weights, topk=2, kernel="hopper")
+    fused_calls = []
+    real_launch = swiglu_kernels.grouped_gemm_hopper
+    monkeypatch.setattr(swiglu_kernels, "grouped_gemm_hopper",
+                        lambda *a, **kw: fused_calls.append(kw.get("swiglu")) or real_launch(*a, **kw))
+    monkeypatch.setattr(autotune, "TUNED", {})
+
+    def backward():
+        before = len(fused_calls)
+        out = swiglu_kernels.gemm_swiglu_backward(d_out, w2, counts, gather, gate_up, weights, topk=2,
+                                                  transpose=False, kernel="hopper")
+        return out, len(fused_calls) - before
+
+    _, fused_launches = backward()  # the interpreter: no tuning, fused
+    assert fused_launches == 1 and autotune.TUNED == {}
+
+    def timer(fn):  # the separate pass "is faster"
+        before = len(fused_calls)
+        fn()
+        return 2.0 if len(fused_calls) > before else 1.0
+
+    real_choose = autotune.choose_config
+    monkeypatch.setattr(autotune, "autotune_enabled", lambda X: True)
+    monkeypatch.setattr(autotune, "choose_config", lambda key, configs, launch: real_choose(key, configs, launch,
+                                                                                            timer=timer))
+    (d_gate_up, d_w, h), _ = backward()
+    (key, choice), = autotune.TUNED.items()
+    assert key[0] == "swiglu" and "backward" in key and choice == {"FUSED": False}
+    monkeypatch.setattr(autotune, "autotune_enabled", lambda X: False)  # remembered, even where it can't tune
+    (d_gate_up2, d_w2, h2), fused_launches = backward()
+    assert fused_launches == 0
+    torch.testing.assert_close(d_gate_up2, d_gate_up)
+    torch.testing.assert_close(d_w2, d_w)
+    torch.testing.assert_close(h2, h)
