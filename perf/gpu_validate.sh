@@ -29,6 +29,9 @@ collect() {
     while [ ! -e "$RUN_DIR/done" ] && [ "$waited" -lt "${WAIT_S:-560}" ]; do sleep 5; waited=$((waited + 5)); done
     mkdir -p "$OUT"
     cp "$RUN_DIR"/out/*.tgz "$OUT"/ 2>/dev/null
+    # the logs as they are now, mid-step too (the bench writes results.json after every case): what a
+    # machine taken back before the step ends would otherwise lose
+    tar czf "$OUT/logs-now.tgz" -C "$RUN_DIR/out" logs 2>/dev/null
     rm -f "$OUT/gpu-cache.tgz"  # far past what comes back; tuned.tgz holds the tuning
     tail -40 "$RUN_DIR/log"
     if [ -e "$RUN_DIR/done" ]; then echo "finished"; else echo "still running: call again with COLLECT=1"; fi
@@ -84,7 +87,8 @@ for step in $STEPS; do
     start=$(date +%s)
     case $step in
         tests)
-            MOE_LEARN_CHECK_LAUNCH=1 python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rfE ${TESTS:-tests solutions} 2>&1 \
+            MOE_LEARN_CHECK_LAUNCH=1 python3 -m pytest -p no:cacheprovider -n 12 --dist loadfile -q -rfE --durations=20 \
+                ${TESTS:-tests solutions} 2>&1 \
                 | tee "$OUT/logs/pytest.log" | tail -40 ;;
         sanitize)
             for tool in memcheck racecheck; do

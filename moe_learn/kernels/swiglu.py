@@ -42,12 +42,14 @@ from moe_learn.kernels.grouped_gemm import (
     run_grouped_gemm,
 )
 from moe_learn.kernels.grouped_gemm_hopper import grouped_gemm_hopper, tuning_key
+from moe_learn.kernels.launcher import FastLauncher
 from moe_learn.validation import check_floating, check_integer, check_tensor
 
 BLOCK_R = 8  # rows per program: the weight and d_w of a row are loaded / stored once
 
 
-@triton.jit
+# the row counts change with the batch: no variant per M % 16 (nor a launcher-cache entry per value)
+@triton.jit(do_not_specialize=["M", "NUM_WEIGHTS"])
 def _weighted_swiglu_kernel(gate_up_ptr, weights_ptr, gather_ptr, h_ptr, M, I, NUM_WEIGHTS,
                             BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -65,7 +67,7 @@ def _weighted_swiglu_kernel(gate_up_ptr, weights_ptr, gather_ptr, h_ptr, M, I, N
         tl.store(h_rows + cols, (w * (gate * tl.sigmoid(gate)) * up).to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "NUM_WEIGHTS"])
 def _weighted_swiglu_backward_kernel(gate_up_ptr, d_h_ptr, weights_ptr, gather_ptr, d_gate_up_ptr, h_ptr, d_w_ptr,
                                      M, I, NUM_WEIGHTS, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -92,6 +94,11 @@ def _weighted_swiglu_backward_kernel(gate_up_ptr, d_h_ptr, weights_ptr, gather_p
         tl.store(d_gate_up_ptr + wide + I + cols, (d_s * silu).to(d_gate_up_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + narrow + cols, (w * s).to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(d_w_ptr + flat, d_w, mask=valid)
+
+
+# launched straight through the compiled kernels (Triton's own launch path costs 25-40 us of host time)
+_SWIGLU = FastLauncher(_weighted_swiglu_kernel)
+_SWIGLU_BACKWARD = FastLauncher(_weighted_swiglu_backward_kernel)
 
 
 def _block_i(inner: int) -> int:
@@ -136,8 +143,8 @@ def run_weighted_swiglu(gate_up, topk_weights, gather_indices):
     gate_up, weights, gather = gate_up.contiguous(), topk_weights.reshape(-1).contiguous(), gather_indices.contiguous()
     h = gate_up.new_empty(M, I)
     if M and I:
-        _weighted_swiglu_kernel[(triton.cdiv(M, BLOCK_R),)](gate_up, weights, gather, h, M, I, weights.numel(),
-                                                            BLOCK_R=BLOCK_R, BLOCK_I=_block_i(I))
+        _SWIGLU(((M + BLOCK_R - 1) // BLOCK_R,), (gate_up, weights, gather, h, M, I, weights.numel()),
+                dict(BLOCK_R=BLOCK_R, BLOCK_I=_block_i(I)), {})
     return h
 
 
@@ -153,9 +160,9 @@ def run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h):
     d_gate_up, h = torch.empty_like(gate_up), gate_up.new_empty(M, I)
     d_w = torch.zeros(topk_weights.shape, dtype=torch.float32, device=gate_up.device)  # a slot no row names gets 0
     if M and I:
-        _weighted_swiglu_backward_kernel[(triton.cdiv(M, BLOCK_R),)](
-            gate_up, d_h, weights, gather, d_gate_up, h, d_w, M, I, weights.numel(), BLOCK_R=BLOCK_R,
-            BLOCK_I=_block_i(I))
+        _SWIGLU_BACKWARD(((M + BLOCK_R - 1) // BLOCK_R,),
+                         (gate_up, d_h, weights, gather, d_gate_up, h, d_w, M, I, weights.numel()),
+                         dict(BLOCK_R=BLOCK_R, BLOCK_I=_block_i(I)), {})
     elif M:  # I == 0: empty rows, an empty sum
         d_gate_up.zero_()
     return d_gate_up, d_w, h
