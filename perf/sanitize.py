@@ -92,13 +92,20 @@ def main():
     with torch.no_grad():  # inference: the one-launch routing and the fused SwiGLU epilogue
         check("experts inference", moe_experts(x, sentinels, weights, w1, w2),
               moe_experts(x, sentinels, weights, w1, w2, backend="torch"))
-    out = moe_experts(x, ids, weights, w1, w2)
-    grads = torch.autograd.grad(out.float().square().sum(), [x, weights, w1, w2])
+    from moe_learn.kernels import swiglu as swiglu_kernels
+
     ref_out = moe_experts(x, ids, weights, w1, w2, backend="torch")
     ref_grads = torch.autograd.grad(ref_out.float().square().sum(), [x, weights, w1, w2])
-    check("experts forward", out, ref_out)
-    for name, g, r in zip(("d_x", "d_weights", "d_w1", "d_w2"), grads, ref_grads, strict=True):
-        check(f"experts backward {name}", g, r, tol=3e-2)
+    # training's SwiGLU in the GEMMs' epilogues (what an untuned bucket runs), then as separate passes
+    for fused in (True, False):
+        swiglu_kernels.FUSED = fused
+        out = moe_experts(x, ids, weights, w1, w2)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, weights, w1, w2])
+        tag = "fused SwiGLU" if fused else "separate SwiGLU"
+        check(f"experts forward ({tag})", out, ref_out)
+        for name, g, r in zip(("d_x", "d_weights", "d_w1", "d_w2"), grads, ref_grads, strict=True):
+            check(f"experts backward {name} ({tag})", g, r, tol=3e-2)
+    swiglu_kernels.FUSED = True
     torch.cuda.synchronize()
     print("all kernels and modes ran", flush=True)
 
