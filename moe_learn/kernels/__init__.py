@@ -6,7 +6,8 @@
     launcher.py             compiled kernels launched with little host work per call
     ops.py                  the kernels as torch.library custom ops (torch.compile, autograd)
     backward.py             the weight gradient ``grouped_gemm_dw`` (chapter 09)
-    swiglu.py               training's SwiGLU with the routing weight folded in, and its backward
+    swiglu.py               training's SwiGLU with the routing weight folded in, and its backward, alone
+                            or in the Hopper GEMM's epilogues (timed against each other per shape)
     fused_routing.py        top-k, counts, gather and scatter indices in one launch
     route_ids.py            counts, gather indices and weights from given ids, in one launch (decode)
     primer.py               chapter 05's small kernels

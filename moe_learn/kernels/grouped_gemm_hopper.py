@@ -23,6 +23,11 @@ Y rows and routing weights); ``grouped_gemm`` sends bf16/fp16 work here on a Hop
 - Host cost per call is a few microseconds: the compiled kernel is launched directly
   (``launcher.FastLauncher``), descriptors are built field by field, a tuned bucket is
   one dict lookup.
+- The MoE MLP's SwiGLU can run in the epilogue (``swiglu``): inference's ``silu(gate) * up``;
+  training's forward storing gate_up and the weighted h from one pair of accumulators; and
+  GEMM2's dX turning each tile of d_h into d_gate_up, h and the router's gradient
+  (``kernels/swiglu.py`` times those against separate passes: they lose where the GEMM is
+  compute bound).
 - Autotuning keyed on shape buckets: the first call for a (N, K, E, rows-per-expert
   bucket, dtype, fusion) key times a few candidate configs and caches the fastest in
   ``TUNED``; later calls with any routing in the same bucket reuse it.
