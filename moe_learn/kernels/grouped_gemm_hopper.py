@@ -150,7 +150,7 @@ def _grouped_gemm_tma_kernel(
             sig = tl.sigmoid(gate)
             silu = gate * sig
             s = silu * up
-            # this column block's share of d_w[flat] = <d_h, s>: one partial per block, summed on the host side
+            # this column block's share of d_w[flat] = <d_h, s>: one partial per block, summed after the launch
             # (a fixed order, where atomics would make the router's gradient vary run to run)
             tl.store(d_weights_ptr + tile_n.to(tl.int64) * M + flat, tl.sum(acc * s, axis=1), mask=mask_m)
             d_s = acc * w

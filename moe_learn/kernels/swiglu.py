@@ -236,7 +236,8 @@ def _fused_or_separate(mode, X, W, m_sizes, topk, transpose, config, fused, sepa
     return fused() if choice["FUSED"] else separate()
 
 
-def _check_fused(name, x_name, X, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel, gate_up=None):
+def _check_fused(name, x_name, X, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel,
+                 gate_up=None) -> None:
     """The arguments of the two fused calls (``x_name``: what the caller calls the GEMM's X)."""
     check_tensor(x_name, X, ndim=2)
     check_tensor("W", W, ndim=3)
@@ -269,7 +270,6 @@ def _check_fused(name, x_name, X, W, m_sizes, gather_indices, topk_weights, topk
     if needs_autograd(X, W, topk_weights, gate_up):
         raise ValueError(f"{name} is not differentiable (the layer's autograd.Function calls it), and an input "
                          "requires grad; call it under torch.no_grad() or use moe_learn.moe_experts")
-    return problem.N
 
 
 def run_gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, topk, transpose, config, kernel):
@@ -347,8 +347,8 @@ def gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weight
     h. Returns what ``weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)``
     returns (d_topk_weights in float32). Not differentiable; traceable by ``torch.compile``.
     """
-    _check_fused("gemm_swiglu_backward", "d_out", d_out, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel,
-                 gate_up)
+    _check_fused("gemm_swiglu_backward", "d_out", d_out, W, m_sizes, gather_indices, topk_weights, topk, transpose,
+                 kernel, gate_up)
     if torch.compiler.is_compiling():
         return torch.ops.moe_learn.gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_weights, topk,
                                                         transpose, encode_config(config), kernel)

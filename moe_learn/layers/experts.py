@@ -17,16 +17,16 @@ Forward, per row r of the expert-ordered problem, which belongs to (token t, slo
 ``= divmod(gather_indices[r], k)`` and expert e (``x = hidden_states``, ``w_r = topk_weights[t, j]``):
 
     g_r   = x_t @ W1_e.T                   GEMM1, rows gathered from token order     [M, 2I]
-    h_r   = w_r * silu(g_gate) * g_up      SwiGLU with the routing weight folded in  [M, I]  (GEMM1's epilogue)
+    h_r   = w_r * silu(g_gate) * g_up      SwiGLU with the routing weight folded in  [M, I]
     y_tj  = h_r @ W2_e.T                   GEMM2, rows scattered to (t, j) order     [M, H]
     out_t = sum_j y_tj
 
 Backward, given ``d_out [T, H]``:
 
     a_r     = d_out_t @ W2_e               grouped GEMM reading d_out's rows by token (other W layout)
-    d_w_tj  = <a_r, silu(g_gate) * g_up>   the router's gradient       } the SwiGLU's backward, in a's
-    dg_r    = SwiGLU'(g_r) * (w_r a_r)                                  } epilogue (kernels/swiglu.py):
-    h_r     = recomputed                                               } a itself is never stored
+    d_w_tj  = <a_r, silu(g_gate) * g_up>   the router's gradient       } the SwiGLU's backward: one
+    dg_r    = SwiGLU'(g_r) * (w_r a_r)                                  } element-wise pass, or a's
+    h_r     = recomputed                                               } epilogue (kernels/swiglu.py)
     dW2_e   = sum_r d_out_t.T h_r          weight-gradient kernel, d_out rows read by token
     dW1_e   = dg_e.T @ x_e                 weight-gradient kernel, x gathered from token order
     dx_t    = sum_j (dg_r @ W1_e)          forward kernel scattering to (t, j), summed over j
@@ -35,6 +35,10 @@ Folding w into h (GEMM2 is linear in its rows) is what keeps the backward lean: 
 size ``[M, H]`` is kept from the forward (only g), and no weighted copy of ``d_out`` is made;
 the expert outputs, weighted or not, never exist outside GEMM2's output. Inference (no
 gradient) applies the weights in GEMM2's epilogue and the SwiGLU in GEMM1's instead.
+
+On a Hopper GPU training's SwiGLU and its backward can run in the epilogues of GEMM1 and of
+a's kernel; whether they do is timed per shape, as tile configs are (``kernels/swiglu.py``:
+fusing loses where the GEMM is compute bound).
 """
 
 from __future__ import annotations
@@ -187,7 +191,7 @@ def _gemm1_weighted_swiglu(backend, hidden_states, gate_up_proj, counts, gather_
                            config):
     """Training's GEMM1 and h_r = w_r * swiglu(gate_up_r): ``(gate_up, h)``.
 
-    Triton: one kernel where it can (GEMM1's epilogue stores both, ``kernels/swiglu.py``).
+    Triton: one kernel where that is faster (GEMM1's epilogue stores both, ``kernels/swiglu.py``).
     """
     top_k = topk_weights.shape[1]
     if backend == "triton":
@@ -205,7 +209,8 @@ def _dx2_weighted_swiglu_backward(backend, d_out, down_proj, counts, gather_indi
     """a = GEMM2's dX (d_out's token rows read in place, as GEMM1 reads x), then the SwiGLU's backward on it.
 
     Returns ``(d_gate_up, d_topk_weights in float32 or wider, shaped like topk_weights, h)``.
-    Triton: the backward runs in the dX kernel's epilogue where it can, so ``a [M, I]`` is never stored.
+    Triton: the backward runs in the dX kernel's epilogue where that is faster (``a [M, I]`` is then never
+    stored).
     """
     top_k = topk_weights.shape[1]
     if backend == "triton":
