@@ -251,9 +251,13 @@ class Problem(NamedTuple):
 
 
 def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices=None, topk=1, permute_x=False, permute_y=False,
-                            topk_weights=None, bias=None, transpose=True, out=None, kernel="auto") -> Problem:
-    """Shapes, dtypes, devices and flags: everything that needs no device->host copy."""
-    check_tensor("X", X, ndim=2)
+                            topk_weights=None, bias=None, transpose=True, out=None, kernel="auto",
+                            x_name="X") -> Problem:
+    """Shapes, dtypes, devices and flags: everything that needs no device->host copy.
+
+    x_name: what the caller calls X, for the messages (the fused SwiGLU backward's is d_out).
+    """
+    check_tensor(x_name, X, ndim=2)
     check_tensor("W", W, ndim=3)
     check_tensor("m_sizes", m_sizes, ndim=1)
     check_integer("m_sizes", m_sizes)
@@ -287,7 +291,7 @@ def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices=None, topk=1, permu
     device = X.device
     others = (W, m_sizes, gather_indices, topk_weights, bias, out)
     if any(t is not None and t.device != device for t in others):
-        check_same_device(**{name: t for name, t in zip(("X", "W", "m_sizes", "gather_indices", "topk_weights", "bias",
+        check_same_device(**{name: t for name, t in zip((x_name, "W", "m_sizes", "gather_indices", "topk_weights", "bias",
                                                          "out"), (X, *others), strict=True) if t is not None})
 
     x_rows, x_cols = X.shape
@@ -296,14 +300,15 @@ def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices=None, topk=1, permu
     if x_cols != K:
         layout = "[E, N, K]" if transpose else "[E, K, N]"
         raise ValueError(
-            f"X has {x_cols} columns but W {tuple(W.shape)} (layout {layout}, transpose={transpose}) "
+            f"{x_name} has {x_cols} columns but W {tuple(W.shape)} (layout {layout}, transpose={transpose}) "
             f"expects K={K}; check the layout or the transpose flag"
         )
     dtype = X.dtype
     if dtype != W.dtype:
-        raise TypeError(f"X is {dtype} but W is {W.dtype}; cast one so they match")
+        raise TypeError(f"{x_name} is {dtype} but W is {W.dtype}; cast one so they match")
     if dtype not in _DTYPES:
-        raise TypeError(f"X must be float32, float16 or bfloat16, got {dtype}; cast X and W (e.g. X.float())")
+        raise TypeError(f"{x_name} must be float32, float16 or bfloat16, got {dtype}; cast {x_name} and W "
+                        f"(e.g. {x_name}.float())")
     if m_sizes.shape[0] != num_experts:
         raise ValueError(
             f"m_sizes has {m_sizes.numel()} entries but W has {num_experts} experts; "
@@ -311,7 +316,7 @@ def check_grouped_gemm_args(X, W, m_sizes, *, gather_indices=None, topk=1, permu
         )
     M = x_rows * topk if permute_x else x_rows
     if gather_indices is not None and gather_indices.shape[0] != M:
-        want = f"X rows ({x_rows}) x topk ({topk})" if permute_x else f"X rows ({x_rows})"
+        want = f"{x_name} rows ({x_rows}) x topk ({topk})" if permute_x else f"{x_name} rows ({x_rows})"
         raise ValueError(f"gather_indices has {gather_indices.numel()} entries, expected {M} = {want}")
     if topk_weights is not None and topk_weights.numel() != M:
         raise ValueError(

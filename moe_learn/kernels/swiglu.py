@@ -216,7 +216,7 @@ def _fused_applies(X, W, transpose, config, kernel, width) -> bool:
             and choose_kernel(kernel, config, X, W, transpose) == "hopper")
 
 
-def _fused_or_separate(mode, X, W, m_sizes, topk, transpose, config, fused, separate):
+def _fused_or_separate(mode, X, W, topk, transpose, config, fused, separate):
     """``fused()`` or ``separate()``: the faster for this shape bucket, timed on its first call.
 
     Without tuning (the interpreter, ``MOE_LEARN_AUTOTUNE=0``, CUDA-graph capture) a bucket
@@ -239,19 +239,8 @@ def _fused_or_separate(mode, X, W, m_sizes, topk, transpose, config, fused, sepa
 def _check_fused(name, x_name, X, W, m_sizes, gather_indices, topk_weights, topk, transpose, kernel,
                  gate_up=None) -> None:
     """The arguments of the two fused calls (``x_name``: what the caller calls the GEMM's X)."""
-    check_tensor(x_name, X, ndim=2)
-    check_tensor("W", W, ndim=3)
-    if X.dtype not in (torch.float32, torch.float16, torch.bfloat16) or X.dtype != W.dtype:
-        raise TypeError(f"{x_name} ({X.dtype}) and W ({W.dtype}) must be one of float32, float16 or bfloat16; "
-                        f"cast them (float64: use moe_learn.moe_experts(..., backend='torch'))")
-    inner = W.shape[2] if transpose else W.shape[1]
-    if X.shape[1] != inner:
-        raise ValueError(f"{x_name} has {X.shape[1]} columns but W {tuple(W.shape)} (transpose={transpose}) "
-                         f"expects {inner}; check the layout or the transpose flag")
-    if X.device != W.device:
-        raise ValueError(f"{x_name} is on {X.device} but W is on {W.device}; move them to one device")
     problem = check_grouped_gemm_args(X, W, m_sizes, gather_indices=gather_indices, topk=topk, permute_x=True,
-                                      transpose=transpose, kernel=kernel)
+                                      transpose=transpose, kernel=kernel, x_name=x_name)
     check_tensor("topk_weights", topk_weights, ndim=2)
     check_floating("topk_weights", topk_weights)
     if topk_weights.numel() != problem.M or topk_weights.device != X.device:
@@ -290,7 +279,7 @@ def run_gemm_weighted_swiglu(X, W, m_sizes, gather_indices, topk_weights, topk, 
         return gate_up, run_weighted_swiglu(gate_up, topk_weights, gather_indices)
 
     if _fused_applies(X, W, transpose, config, kernel, two_i):
-        return _fused_or_separate("save", X, W, m_sizes, topk, transpose, config, fused, separate)
+        return _fused_or_separate("save", X, W, topk, transpose, config, fused, separate)
     return separate()
 
 
@@ -314,7 +303,7 @@ def run_gemm_swiglu_backward(d_out, W, m_sizes, gather_indices, gate_up, topk_we
         return run_weighted_swiglu_backward(gate_up, topk_weights, gather_indices, d_h)
 
     if M and _fused_applies(d_out, W, transpose, config, kernel, two_i):
-        return _fused_or_separate("backward", d_out, W, m_sizes, topk, transpose, config, fused, separate)
+        return _fused_or_separate("backward", d_out, W, topk, transpose, config, fused, separate)
     return separate()
 
 
