@@ -331,9 +331,11 @@ def _experts_case(rec, bx, impls, case, variants=None, section="experts"):
                                       ("fwd+bwd", training, case.flops_training)):
                 seconds = timing.do_bench(call)
                 sync()
-                torch.cuda.reset_peak_memory_stats() if DEVICE == "cuda" else None
-                call()
-                peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None
+                peak = None
+                if DEVICE == "cuda":  # one more call, for its peak memory
+                    torch.cuda.reset_peak_memory_stats()
+                    call()
+                    peak = torch.cuda.max_memory_allocated() / 2**20
                 rec.add(section=section, case=f"{case.name} {mode}", variant=variant, ms=seconds * 1e3,
                         rel_err=err, tflops=flops / seconds / 1e12, peak_mib=peak)
         except Exception as exc:  # noqa: BLE001
