@@ -6,9 +6,11 @@
 GPU: each row times back-to-back eager calls (no sync in between) with a host clock, so
 ``host us/call`` is what the CPU spends per call, and a CUDA graph replay of the same call
 gives the GPU time. An eager decode step costs max(host, GPU): the target (issue #15) is
-host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours through the direct
-launch (``launcher.DIRECT``) with cached tensor maps (``launcher.RAW``), the same without them ("no raw":
-Triton's launcher wrapper makes the maps per call), ours through Triton's own launch, ``torch._grouped_mm``.
+host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours as shipped (launch plans,
+the direct launch, cached tensor maps); without launch plans ("no plan": every call checks, chooses
+the kernel and computes the launch key; ``grouped_gemm.PLANS``); without the cached maps ("no raw":
+Triton's launcher wrapper makes the maps per call; ``launcher.RAW``); through Triton's own launch;
+``torch._grouped_mm``.
 
 --stub (no GPU): the compiled kernel's launcher is replaced by a no-op and the direct path
 is forced on, so the time is our wrapper's Python (checks, key, descriptors, allocation)
@@ -88,8 +90,8 @@ def stub_the_launch():
     launcher.FastLauncher.key = key_every_argument
     launcher._current_device = lambda: 0
     launcher._current_stream = lambda device: 0
-    launcher.FastLauncher._compile = lambda self, args, constexprs, options: (
-        NoKernel(), [constexprs[n] for n in self.fn.arg_names[len(args):]], None)
+    launcher.FastLauncher._compile = lambda self, key, args, constexprs, options: launcher.Compiled(
+        key, NoKernel(), [constexprs[n] for n in self.fn.arg_names[len(args):]], None, constexprs, options)
     # on a GPU the bucket is tuned on the first call; here: the first candidate, cached the same way
     hopper.autotune_enabled = lambda X: True
     hopper.choose_config = lambda key, configs, run: autotune.TUNED.setdefault(key, dict(configs[0]))
@@ -157,6 +159,9 @@ def main():
             for name, fn in calls(c, kernel).items():
                 fn()  # compiles and tunes
                 row = {"case": case, "call": name, "host_us": host_us(fn)}
+                gg.PLANS = False  # every call through the checks, the kernel choice and the launch key
+                row["host_us_no_plan"] = host_us(fn)
+                gg.PLANS = True
                 if on_gpu:
                     launcher.DIRECT = False
                     row["host_us_triton_launch"] = host_us(fn)
@@ -170,12 +175,13 @@ def main():
                 gmm = functools.partial(torch._grouped_mm, c["h"], w2t, offs=offs)
                 rows.append({"case": case, "call": "torch._grouped_mm down", "host_us": host_us(gmm),
                              "graph_us": graph_us(gmm)})
-    print(f"{'case':<26} {'call':<38} {'host us':>8} {'no raw':>7} {'triton launch':>14} {'graph us':>9}")
+    print(f"{'case':<26} {'call':<38} {'host us':>8} {'no plan':>8} {'no raw':>7} {'triton launch':>14} "
+          f"{'graph us':>9}")
     for r in rows:
-        tri = f"{r['host_us_triton_launch']:.1f}" if "host_us_triton_launch" in r else "-"
-        no_raw = f"{r['host_us_no_raw']:.1f}" if "host_us_no_raw" in r else "-"
-        graph = f"{r['graph_us']:.1f}" if "graph_us" in r else "-"
-        print(f"{r['case']:<26} {r['call']:<38} {r['host_us']:8.1f} {no_raw:>7} {tri:>14} {graph:>9}")
+        cells = [f"{r[name]:.1f}" if name in r else "-"
+                 for name in ("host_us_no_plan", "host_us_no_raw", "host_us_triton_launch", "graph_us")]
+        print(f"{r['case']:<26} {r['call']:<38} {r['host_us']:8.1f} {cells[0]:>8} {cells[1]:>7} {cells[2]:>14} "
+              f"{cells[3]:>9}")
     if paths:
         with open(paths[0], "w") as f:
             json.dump({"stub": stub, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "rows": rows}, f,

@@ -80,18 +80,18 @@ def main():
         print(f"x.new_empty(8, 1536): {per_call_us(lambda: x.new_empty(8, 1536)):.1f} us/call")
         # the compiled kernel's own launcher, called as FastLauncher calls it, with the last launch's arguments
         seen = {}
-        real_call = launcher.FastLauncher.__call__
+        real_launch = launcher.FastLauncher.launch
 
-        def recording(self, grid, args, constexprs, options):
-            seen["launch"] = (self, grid, args, constexprs, options)
-            return real_call(self, grid, args, constexprs, options)
+        def recording(self, entry, grid, args, device):
+            seen["launch"] = (self, entry, grid, args)
+            return real_launch(self, entry, grid, args, device)
 
-        launcher.FastLauncher.__call__ = recording
+        launcher.FastLauncher.launch = recording
         trusted()
-        launcher.FastLauncher.__call__ = real_call
+        launcher.FastLauncher.launch = real_launch
         torch.cuda.synchronize()
-        fast, grid, args, constexprs, options = seen["launch"]
-        kernel, ordered, raw = fast.cache[fast.key(args, constexprs, options, torch.cuda.current_device())]
+        fast, entry, grid, args = seen["launch"]
+        kernel, ordered, raw = entry.kernel, entry.ordered, entry.raw
         stream = torch.cuda.current_stream().cuda_stream
         g = (*grid, 1, 1)
 
@@ -106,7 +106,7 @@ def main():
             every = (*args, *ordered)
             print(f"raw launch alone (cached tensor maps, same args): {per_call_us(lambda: raw(g, stream, every)):.1f}"
                   " us/call")
-        key = lambda: fast.key(args, constexprs, options, 0)  # noqa: E731
+        key = lambda: fast.key(args, entry.constexprs, entry.options, 0)  # noqa: E731
         print(f"our launch key alone: {per_call_us(key):.1f} us/call")
         launcher.DIRECT = False
         print(f"grouped_gemm_trusted through Triton's own launch: {per_call_us(trusted):.1f} us/call")

@@ -22,6 +22,7 @@ Fusions (chapter 07):
 from __future__ import annotations
 
 import json
+import os
 from typing import NamedTuple
 
 import torch
@@ -30,7 +31,13 @@ import triton.language as tl
 
 from moe_learn import device as _device
 from moe_learn.kernels.autotune import num_sms
-from moe_learn.kernels.grouped_gemm_hopper import auto_candidate, grouped_gemm_hopper, unsupported_reason
+from moe_learn.kernels.grouped_gemm_hopper import (
+    LaunchPlan,
+    auto_candidate,
+    grouped_gemm_hopper,
+    make_plan,
+    unsupported_reason,
+)
 from moe_learn.kernels.launcher import FastLauncher
 from moe_learn.ops.grouped_gemm import expert_of_rows
 from moe_learn.validation import (
@@ -409,7 +416,19 @@ def grouped_gemm(
     reach X (summed over its k rows when gathered), W (zero for experts with no rows),
     topk_weights and bias. Traceable by ``torch.compile(fullgraph=True)``.
     Returns the output ``[M, N]`` (``out`` when given).
+
+    Host cost: a call that repeats an earlier eager one (same shapes, strides, dtypes, devices,
+    alignment and flags; a decode step's GEMMs) skips the checks, the kernel choice and the
+    launch key, which that call already worked out (``launch plans``, see ``_PLANS``).
     """
+    # (keyed on validate as passed: None validates on the CPU, so a plan is kept only where it did not)
+    plannable, validate_arg = PLANS and config is None and use_int64 is None and not validate, validate
+    if plannable and _PLANS and not torch.compiler.is_compiling():
+        plan = _PLANS.get(("grouped_gemm", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
+                           _layout(topk_weights), _layout(bias), _layout(out), topk, permute_x, permute_y, transpose,
+                           kernel, validate_arg))
+        if plan is not None and plan.current() and not needs_autograd(X, W, topk_weights, bias):
+            return plan(X, W, m_sizes, out, gather_indices, topk_weights, bias)
     problem = check_grouped_gemm_args(
         X, W, m_sizes, gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
         topk_weights=topk_weights, bias=bias, transpose=transpose, out=out, kernel=kernel,
@@ -433,8 +452,14 @@ def grouped_gemm(
         )
         return out.copy_(result) if out is not None else result
     # Eager, nothing to record: straight to the launch (no dispatcher on the decode hot path).
-    return run_grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y,
-                            transpose, config, kernel, out=out, use_int64=use_int64, problem=problem)
+    result = run_grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y,
+                              transpose, config, kernel, out=out, use_int64=use_int64, problem=problem)
+    if plannable and not validate:
+        _remember_plan(("grouped_gemm", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
+                        _layout(topk_weights), _layout(bias), _layout(out), topk, permute_x, permute_y, transpose,
+                        kernel, validate_arg), X, W, m_sizes, result, gather_indices, topk_weights, bias, topk, permute_x,
+                       permute_y, transpose, kernel)
+    return result
 
 
 def grouped_gemm_trusted(X, W, m_sizes, gather_indices=None, topk_weights=None, bias=None, topk=1, permute_x=False,
@@ -449,11 +474,22 @@ def grouped_gemm_trusted(X, W, m_sizes, gather_indices=None, topk_weights=None, 
     if torch.compiler.is_compiling() or needs_autograd(X, W, topk_weights, bias):
         return torch.ops.moe_learn.grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x,
                                                 permute_y, transpose, encode_config(config), kernel)
+    signature = None
+    if PLANS and config is None:
+        signature = ("trusted", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
+                     _layout(topk_weights), _layout(bias), topk, permute_x, permute_y, transpose, kernel)
+        plan = _PLANS.get(signature)
+        if plan is not None and plan.current():
+            return plan(X, W, m_sizes, None, gather_indices, topk_weights, bias)
     _check_runs_here(X)
     N, K = (W.shape[1], W.shape[2]) if transpose else (W.shape[2], W.shape[1])
     problem = Problem(X.shape[0] * topk if permute_x else X.shape[0], N, K, W.shape[0])
-    return run_grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y, transpose,
-                            config, kernel, problem=problem)
+    result = run_grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y, transpose,
+                              config, kernel, problem=problem)
+    if signature is not None:
+        _remember_plan(signature, X, W, m_sizes, result, gather_indices, topk_weights, bias, topk, permute_x,
+                       permute_y, transpose, kernel)
+    return result
 
 
 def grouped_gemm_swiglu(X, W, m_sizes, gather_indices=None, topk=1, permute_x=False, transpose=True, config=None,
@@ -469,15 +505,61 @@ def grouped_gemm_swiglu(X, W, m_sizes, gather_indices=None, topk=1, permute_x=Fa
     """
     from moe_learn.ops.moe import swiglu
 
-    two_i, K = (W.shape[1], W.shape[2]) if transpose else (W.shape[2], W.shape[1])
-    if (torch.compiler.is_compiling() or needs_autograd(X, W) or K == 0 or (X.is_cpu and X.dtype == torch.bfloat16)
-            or choose_kernel(kernel, config, X, W, transpose) != "hopper"):
+    def separate():
         return swiglu(grouped_gemm_trusted(X, W, m_sizes, gather_indices, None, None, topk, permute_x, False,
                                            transpose, config, kernel))
+
+    if torch.compiler.is_compiling() or needs_autograd(X, W):
+        return separate()
+    signature = None
+    if PLANS and config is None:  # a repeat of an earlier call: its plan (which exists only where the fused kernel ran)
+        signature = ("swiglu", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices), topk, permute_x,
+                     transpose, kernel)
+        plan = _PLANS.get(signature)
+        if plan is not None and plan.current():
+            return plan(X, W, m_sizes, None, gather_indices, None, None)
+    two_i, K = (W.shape[1], W.shape[2]) if transpose else (W.shape[2], W.shape[1])
+    if K == 0 or (X.is_cpu and X.dtype == torch.bfloat16) or choose_kernel(kernel, config, X, W, transpose) != "hopper":
+        return separate()
     out = X.new_empty(X.shape[0] * topk if permute_x else X.shape[0], two_i // 2)
     grouped_gemm_hopper(X, W, m_sizes, out, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
                         transpose=transpose, config=config, swiglu=True)
+    if signature is not None:
+        _remember_plan(signature, X, W, m_sizes, out, gather_indices, None, None, topk, permute_x, False, transpose,
+                       kernel, swiglu=True)
     return out
+
+
+# Launch plans (``grouped_gemm_hopper.LaunchPlan``) of eager calls, keyed on everything the checks, the
+# kernel choice and the launch key read: each tensor's layout (``_layout``) and the flags. A decode
+# step repeats its GEMMs with new tensors of the same layouts, and such a repeat skips straight to
+# the launch (perf/NOTES.md: the checks, the kernel choice and the key were most of a call's host
+# time). None marks a layout that never takes the Hopper kernel (nothing to keep).
+_PLANS: dict[tuple, LaunchPlan | None] = {}
+PLANS = os.environ.get("MOE_LEARN_LAUNCH_PLANS", "1") not in ("", "0")  # False: no plans (A/B runs)
+MAX_PLANS = 1024  # past that (every decode batch size of many layers, say) the plans start over
+
+
+def _layout(t: torch.Tensor | None) -> tuple | None:
+    """What a launch depends on in a tensor besides its data: shape, strides, dtype, device, 16-byte alignment."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15 == 0)
+
+
+def _remember_plan(signature, X, W, m_sizes, result, gather_indices, topk_weights, bias, topk, permute_x, permute_y,
+                   transpose, kernel, swiglu=False) -> None:
+    """Keep the plan of the launch an eager call just made, when it took the Hopper kernel with a tuned config."""
+    if signature in _PLANS and (_PLANS[signature] is None or _PLANS[signature].current()):
+        return
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    if (result.numel() == 0 or X.shape[1] == 0 or (X.is_cpu and X.dtype == torch.bfloat16)
+            or choose_kernel(kernel, None, X, W, transpose) != "hopper"):
+        _PLANS[signature] = None  # the portable kernel, or no launch at all: the full path every time
+        return
+    plan = make_plan(X, W, m_sizes, result, gather_indices=gather_indices, topk=topk, permute_x=permute_x,
+                     permute_y=permute_y, topk_weights=topk_weights, bias=bias, transpose=transpose, swiglu=swiglu)
+    if plan is not None:  # (None: not tuned yet, or no direct launch now; the next call tries again)
+        _PLANS[signature] = plan
 
 
 def encode_config(config: dict | None) -> str:

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from moe_learn.kernels import autotune
+from moe_learn.kernels import autotune, launcher
 from moe_learn.kernels.autotune import autotune_enabled, choose_config, num_sms
 from moe_learn.kernels.launcher import FastLauncher
 
@@ -356,8 +357,18 @@ def tensor_descriptor(base: torch.Tensor, shape: tuple, strides: tuple, block_sh
 _LAUNCH = FastLauncher(_grouped_gemm_tma_kernel)
 
 
-def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights, bias,
-            transpose=True, swiglu=False, gate_up=None, d_gate_up=None, d_weights=None):
+class Geometry(NamedTuple):
+    """What a launch works out from shapes, strides, dtypes and the config alone (no data)."""
+
+    programs: int
+    x_desc: tuple  # (shape, strides, block) of X's tensor descriptor
+    w_desc: tuple | None  # W's, or None where W is read with masked loads
+    scalars: tuple  # N, K, E, X's row stride, out's row stride
+    constexprs: dict
+    options: dict
+
+
+def _geometry(cfg, X, W, out, *, topk, permute_x, permute_y, weighted, biased, transpose, swiglu) -> Geometry:
     E, K = W.shape[0], X.shape[1]
     M, N = out.shape
     backward = swiglu == "backward"
@@ -365,36 +376,138 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     w_tma = transpose or K % bk == 0
     if transpose:
-        w_desc = tensor_descriptor(W, (E * w_n, K), (K, 1), [bn, bk])
+        w_desc = ((E * w_n, K), (K, 1), [bn, bk])
     elif w_tma:
-        w_desc = tensor_descriptor(W, (E * K, w_n), (w_n, 1), [bk, bn])
+        w_desc = ((E * K, w_n), (w_n, 1), [bk, bn])
     else:
         w_desc = None
-    x_desc = tensor_descriptor(X, (X.shape[0], K), (X.stride(0), 1), [bm, bk])
     # more programs than tiles would only idle. At most min(E, M) experts have rows, and each
     # adds at most one ragged row block, so the tiles number at most this:
     max_tiles = (M + min(E, M) * (bm - 1)) // bm * -(-N // bn)  # (not triton.cdiv: a slow call on the host)
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
-    m_sizes = m_sizes.contiguous()  # read at unit stride, like the gather indices
-    placeholder = m_sizes  # for pointers a variant never reads
-    # the backward's d_weights, one partial row per column block (written where a row is valid, else 0)
-    partials = torch.zeros(-(-N // bn), M, dtype=torch.float32, device=out.device) if backward else None
-    args = (X, x_desc, W, w_desc, out, m_sizes,
-            gather_indices.contiguous() if gather_indices is not None else placeholder,  # read at unit stride
-            topk_weights.reshape(-1) if topk_weights is not None else placeholder,
-            bias.contiguous() if bias is not None else placeholder,
-            gate_up if gate_up is not None else placeholder, d_gate_up if d_gate_up is not None else placeholder,
-            partials if backward else placeholder,
-            N, K, E, X.stride(0), out.stride(0))
     constexprs = dict(
         TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs,
         PERMUTE_X=permute_x, PERMUTE_Y=permute_y,
         # the fused SwiGLUs read the weights themselves (forward: folded into h; backward: d_h -> d_gate_up)
-        HAS_WEIGHTS=topk_weights is not None and swiglu in (False, "save"), HAS_BIAS=bias is not None,
+        HAS_WEIGHTS=weighted and swiglu in (False, "save"), HAS_BIAS=biased,
         FLATTEN=cfg["FLATTEN"], WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"], W_KN=not transpose, W_TMA=w_tma,
         SWIGLU=bool(swiglu) and not backward, SAVE_GATE_UP=swiglu == "save", SWIGLU_BWD=backward,
     )
-    _LAUNCH((programs,), args, constexprs, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return Geometry(programs, ((X.shape[0], K), (X.stride(0), 1), [bm, bk]), w_desc, (N, K, E, X.stride(0), out.stride(0)),
+                    constexprs, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
+X_DESC, W_DESC = 1, 3  # where the descriptors are in the kernel's arguments
+
+
+def _arguments(geometry: Geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias, gate_up=None,
+               d_gate_up=None, partials=None, describe=True) -> tuple:
+    """The kernel's runtime arguments, in its order (``describe=False``: None for the descriptors, whose
+    tensor maps the caller passes instead)."""
+    m_sizes = m_sizes.contiguous()  # read at unit stride, like the gather indices
+    placeholder = m_sizes  # for pointers a variant never reads
+    w_desc = geometry.w_desc
+    if not describe:
+        x_desc = w_desc = None
+    else:
+        x_desc = tensor_descriptor(X, *geometry.x_desc)
+        w_desc = tensor_descriptor(W, *w_desc) if w_desc else None
+    return (X, x_desc, W, w_desc, out,
+            m_sizes, gather_indices.contiguous() if gather_indices is not None else placeholder,
+            topk_weights.reshape(-1) if topk_weights is not None else placeholder,
+            bias.contiguous() if bias is not None else placeholder,
+            gate_up if gate_up is not None else placeholder, d_gate_up if d_gate_up is not None else placeholder,
+            partials if partials is not None else placeholder, *geometry.scalars)
+
+
+def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute_y, topk_weights, bias,
+            transpose=True, swiglu=False, gate_up=None, d_gate_up=None, d_weights=None):
+    geometry = _geometry(cfg, X, W, out, topk=topk, permute_x=permute_x, permute_y=permute_y,
+                         weighted=topk_weights is not None, biased=bias is not None, transpose=transpose, swiglu=swiglu)
+    backward = swiglu == "backward"
+    # the backward's d_weights, one partial row per column block (written where a row is valid, else 0)
+    M, N = out.shape
+    partials = torch.zeros(-(-N // cfg["BLOCK_N"]), M, dtype=torch.float32, device=out.device) if backward else None
+    _LAUNCH((geometry.programs,), _arguments(geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias, gate_up,
+                                            d_gate_up, partials), geometry.constexprs, geometry.options)
     if backward:
         torch.sum(partials, dim=0, out=d_weights)
     return out
+
+
+class LaunchPlan:
+    """One ``grouped_gemm_hopper`` launch worked out once, for a caller that repeats it with new tensors.
+
+    A decode step calls the same GEMMs with tensors of the same shapes, strides, dtypes and
+    alignment every time; everything the launch derives from those (the tuned config, the
+    grid, the constexprs, the compiled kernel) is kept here, and so are the tensor maps of
+    the addresses seen (a map encodes an address and the geometry, which the plan fixes), so a
+    repeat costs building the argument tuple and the launch itself. The caller keys plans on
+    all of that (``grouped_gemm._layout``). A plan stays ``current`` while its bucket's tuned
+    config is the one it was made with (``autotune.TUNED`` cleared or retuned: a new plan),
+    the direct launch is possible, and the current device is the same.
+    """
+
+    __slots__ = ("key", "tuned", "geometry", "entry", "device", "rows", "cols", "maps", "mappable")
+    MAX_MAPS = 64  # (X, W) address pairs whose tensor maps are kept; past that they start over
+
+    def __init__(self, key, tuned, geometry, entry, device, rows, cols):
+        self.key, self.tuned, self.geometry, self.entry = key, tuned, geometry, entry
+        self.device, self.rows, self.cols = device, rows, cols
+        self.maps: dict[tuple, list] = {}
+        raw = entry.raw
+        self.mappable = raw is not None and set(raw.positions) <= {X_DESC, W_DESC}
+
+    def current(self) -> bool:
+        return (autotune.TUNED.get(self.key) is self.tuned and launcher.direct_possible()
+                and launcher._current_device() == self.device)
+
+    def __call__(self, X, W, m_sizes, out, gather_indices, topk_weights, bias) -> torch.Tensor:
+        if out is None:
+            out = X.new_empty(self.rows, self.cols)
+        grid = (self.geometry.programs,)
+        if not (self.mappable and _LAUNCH.launch_with_maps(
+                self.entry, grid, _arguments(self.geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias,
+                                             describe=False), lambda: self._maps(X, W), self.device)):
+            args = _arguments(self.geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias)
+            _LAUNCH.launch(self.entry, grid, args, self.device)
+        return out
+
+    def _maps(self, X, W) -> list:
+        """The tensor maps of X's and W's descriptors (those the compiled kernel takes), made once per address."""
+        key = (X.data_ptr(), W.data_ptr())
+        maps = self.maps.get(key)
+        if maps is None:
+            if len(self.maps) >= self.MAX_MAPS:
+                self.maps.clear()
+            raw = self.entry.raw
+            bases = {X_DESC: (X, self.geometry.x_desc), W_DESC: (W, self.geometry.w_desc)}
+            maps = self.maps[key] = [list(raw.make_arg(tensor_descriptor(bases[position][0], *bases[position][1]),
+                                                       meta)) for position, meta in zip(raw.positions, raw.metas,
+                                                                                        strict=True)]
+        return maps
+
+
+def make_plan(X, W, m_sizes, out, *, gather_indices=None, topk=1, permute_x=False, permute_y=False, topk_weights=None,
+              bias=None, transpose=True, swiglu=False) -> LaunchPlan | None:
+    """The plan of the launch ``grouped_gemm_hopper`` (without a config) makes for these arguments.
+
+    None where there is nothing to keep: no direct launch (interpreter, a profiler's hooks),
+    no rows, a training SwiGLU mode, or a bucket not tuned yet (its next call tunes it).
+    """
+    if swiglu not in (False, True) or not launcher.direct_possible():
+        return None
+    M, N = out.shape
+    if M == 0:
+        return None
+    key = tuning_key(M, N, X.shape[1], W.shape[0], X.dtype, permute_x, permute_y, topk_weights is not None,
+                     bias is not None, not transpose, swiglu)
+    tuned = autotune.TUNED.get(key)
+    if tuned is None:
+        return None
+    geometry = _geometry(tuned, X, W, out, topk=topk, permute_x=permute_x, permute_y=permute_y,
+                         weighted=topk_weights is not None, biased=bias is not None, transpose=transpose, swiglu=swiglu)
+    device = launcher._current_device()
+    entry = _LAUNCH.compiled(_arguments(geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias),
+                             geometry.constexprs, geometry.options, device)
+    return LaunchPlan(key, tuned, geometry, entry, device, M, N)

@@ -135,14 +135,36 @@ class RawLaunch:
         return expanded
 
     def __call__(self, grid: tuple, stream: int, args: tuple) -> None:
+        maps = [self.tensor_map(args[position], meta) for position, meta in zip(self.positions, self.metas,
+                                                                                 strict=True)]
+        self.call_with_maps(grid, stream, args, maps)
+
+    def call_with_maps(self, grid: tuple, stream: int, args: tuple, maps: list) -> None:
+        """The launch with each descriptor's expansion given (``maps``, in the order of ``positions``);
+        what ``args`` holds at those positions is not read."""
         final = [grid[0], grid[1], grid[2], stream, *self.head]
         start = 0
-        for position, meta in zip(self.positions, self.metas, strict=True):
+        for position, expanded in zip(self.positions, maps, strict=True):
             final.extend(args[start:position])
-            final.extend(self.tensor_map(args[position], meta))
+            final.extend(expanded)
             start = position + 1
         final.extend(args[start:])
         self.launch(*final)
+
+
+def direct_possible() -> bool:
+    """Whether a launch may skip Triton's own path (see the module doc): a GPU, no hooks, not switched off."""
+    return not INTERPRETER and DIRECT and FastLauncher._direct_ok and not _hooks_set()
+
+
+class Compiled:
+    """One compiled kernel of a ``FastLauncher`` and what launching it takes besides the runtime arguments."""
+
+    __slots__ = ("key", "kernel", "ordered", "raw", "constexprs", "options")
+
+    def __init__(self, key, kernel, ordered, raw, constexprs, options):
+        self.key, self.kernel, self.ordered, self.raw = key, kernel, ordered, raw
+        self.constexprs, self.options = constexprs, options  # for Triton's own path and the check mode
 
 
 class FastLauncher:
@@ -150,6 +172,8 @@ class FastLauncher:
 
     ``args`` are the kernel's runtime parameters in order; the constexprs must be the
     parameters after them (the launcher takes every parameter, constexprs included).
+    ``compiled`` and ``launch`` are the two halves of a call, for callers that keep the
+    compiled kernel of a launch they repeat (``grouped_gemm_hopper.LaunchPlan``).
     """
 
     _direct_ok = True  # False once a Triton's launcher refused our call: its own path from then on
@@ -158,50 +182,76 @@ class FastLauncher:
         self.fn = fn
         # which integers Triton keys on only by width (the interpreter's functions have no params)
         self.loose = tuple(p.do_not_specialize for p in getattr(fn, "params", ()))
-        self.cache: dict[tuple, tuple] = {}
+        self.cache: dict[tuple, Compiled] = {}
         self.check = os.environ.get("MOE_LEARN_CHECK_LAUNCH", "0") not in ("", "0")
 
     def key(self, args, constexprs, options, device: int) -> tuple:
         return (device, *map(_arg_key, args, self.loose), *constexprs.values(), *options.values())
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
-        if INTERPRETER or not DIRECT or not FastLauncher._direct_ok or _hooks_set():
+        if not direct_possible():
             self.fn[grid](*args, **constexprs, **options)
             return
         device = _current_device()  # where Triton would launch: the current device and stream
+        self.launch(self.compiled(args, constexprs, options, device), grid, args, device)
+
+    def compiled(self, args: tuple, constexprs: dict, options: dict, device: int) -> Compiled:
+        """The compiled kernel these arguments launch (compiled on the first call of its key)."""
         key = self.key(args, constexprs, options, device)
         entry = self.cache.get(key)
         if entry is None:
-            entry = self.cache[key] = self._compile(args, constexprs, options)
-        kernel, ordered, raw = entry
+            entry = self.cache[key] = self._compile(key, args, constexprs, options)
+        return entry
+
+    def launch(self, entry: Compiled, grid: tuple, args: tuple, device: int) -> None:
+        """Launch ``entry`` (from ``compiled`` with arguments of the same key) on ``device``'s current stream."""
         if self.check:
-            chosen = self.fn.warmup(*args, **constexprs, **options, grid=grid)
-            if chosen is not kernel:
-                raise AssertionError(f"{self._name()}: the launch key {key} maps to another compiled kernel "
+            chosen = self.fn.warmup(*args, **entry.constexprs, **entry.options, grid=grid)
+            if chosen is not entry.kernel:
+                raise AssertionError(f"{self._name()}: the launch key {entry.key} maps to another compiled kernel "
                                      "than Triton would pick; the key misses something Triton specializes on")
         stream = _current_stream(device)
         grid = (*grid, 1, 1)
+        raw = entry.raw
         if raw is not None and RAW and RawLaunch._ok:
             try:
-                raw(grid, stream, (*args, *ordered))
+                raw(grid, stream, (*args, *entry.ordered))
                 return
             except (TypeError, AttributeError, ValueError, SystemError) as exc:  # the C launcher refused our arguments
-                RawLaunch._ok = False
-                warnings.warn(f"moe_learn: launching {self._name()} with cached tensor maps failed ({exc}); "
-                              "every kernel now goes through Triton's launcher", stacklevel=2)
+                self._raw_failed(exc)
+        kernel = entry.kernel
         try:
             kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                       *args, *ordered)
+                       *args, *entry.ordered)
         except (TypeError, AttributeError) as exc:  # another Triton's launcher interface: its own path from now on
             FastLauncher._direct_ok = False
             warnings.warn(f"moe_learn: launching {self._name()} directly failed ({exc}); every kernel now takes "
-                          "Triton's own launch path, which costs more host time per call", stacklevel=2)
-            self.fn[grid[:3]](*args, **constexprs, **options)
+                          "Triton's own launch path, which costs more host time per call", stacklevel=3)
+            self.fn[grid[:3]](*args, **entry.constexprs, **entry.options)
+
+    def launch_with_maps(self, entry: Compiled, grid: tuple, args: tuple, maps, device: int) -> bool:
+        """``launch`` through ``entry.raw`` with the descriptors' tensor maps given (``maps()``, called only
+        when they are used), for a caller that keeps them; False, launching nothing, where that path is
+        off: no raw launch for this kernel or Triton, or the check mode (which needs the descriptors)."""
+        raw = entry.raw
+        if raw is None or not RAW or not RawLaunch._ok or self.check:
+            return False
+        try:
+            raw.call_with_maps((*grid, 1, 1), _current_stream(device), (*args, *entry.ordered), maps())
+            return True
+        except (TypeError, AttributeError, ValueError, SystemError) as exc:
+            self._raw_failed(exc)
+            return False
+
+    def _raw_failed(self, exc) -> None:
+        RawLaunch._ok = False
+        warnings.warn(f"moe_learn: launching {self._name()} with cached tensor maps failed ({exc}); "
+                      "every kernel now goes through Triton's launcher", stacklevel=4)
 
     def _name(self) -> str:
         return getattr(self.fn, "__name__", repr(self.fn))
 
-    def _compile(self, args, constexprs, options) -> tuple:
+    def _compile(self, key, args, constexprs, options) -> Compiled:
         names = self.fn.arg_names[len(args):]
         trailing_constexprs = all(p.is_constexpr for p in self.fn.params[len(args):])
         if sorted(names) != sorted(constexprs) or not trailing_constexprs:
@@ -209,4 +259,5 @@ class FastLauncher:
                             f"constexprs; got {sorted(constexprs)}, the kernel has {names}")
         kernel = self.fn.warmup(*args, **constexprs, **options, grid=(1,))
         kernel._init_handles()
-        return kernel, [constexprs[name] for name in names], RawLaunch.of(kernel)
+        return Compiled(key, kernel, [constexprs[name] for name in names], RawLaunch.of(kernel), dict(constexprs),
+                        dict(options))

@@ -1,0 +1,356 @@
+"""Launch plans: a repeated eager call launches exactly what the full path would, and skips no check.
+
+A plan (``grouped_gemm_hopper.LaunchPlan``) exists only where kernels launch directly, i.e. on a
+GPU. Here the direct path is forced on and the "compiled kernel" runs the real kernel under
+Triton's interpreter, so a plan's launches are checked twice: their numbers against float64,
+and their arguments against the full path's launch of the same inputs (``PLANS = False``).
+"""
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_learn import get_routing_indices, permute, torch_grouped_gemm, unpermute
+from moe_learn.course.checks._core import relative_error
+from moe_learn.device import ON_GPU
+from moe_learn.kernels import autotune, launcher
+
+# the modules (the package exports the functions of the same names)
+gg = importlib.import_module("moe_learn.kernels.grouped_gemm")
+hopper = importlib.import_module("moe_learn.kernels.grouped_gemm_hopper")
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="CPU stand-in for the compiled launch; the GPU suite runs the real one")
+
+TINY = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+
+
+class Interpreted:
+    """A stand-in for a compiled kernel: its launcher runs the function under the interpreter and logs the launch."""
+
+    function = packed_metadata = None
+
+    def __init__(self, fn, constexprs, options, log):
+        self.fn, self.constexprs, self.options, self.log = fn, constexprs, options, log
+
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit_, *args):
+        runtime = args[: len(args) - len(self.constexprs)]
+        self.log.append((self, (gx, gy, gz), runtime))
+        self.fn[(gx,)](*runtime, **self.constexprs, **self.options)
+
+
+class InterpretedRaw(launcher.RawLaunch):
+    """``RawLaunch`` over an ``Interpreted`` kernel: a descriptor's "tensor map" is the descriptor itself, so the
+    C launcher's argument list is the kernel's arguments again, which run under the interpreter."""
+
+    def __init__(self, kernel, positions):
+        self.kernel, self.positions, self.metas = kernel, positions, [{}] * len(positions)
+        self.head, self.maps, self.made = (), {}, []
+
+    def make_arg(self, desc, meta):
+        self.made.append(desc.base.data_ptr())
+        return [desc]
+
+    def launch(self, gx, gy, gz, stream, *args):
+        self.kernel.run(gx, gy, gz, stream, None, None, None, None, None, *args)
+
+
+@pytest.fixture(params=["kernel.run", "raw launch"])
+def direct(monkeypatch, request):
+    """Direct launches on the CPU, tuned buckets (the tiny config), no plans left from other tests; the
+    compiled kernel launched through its launcher, or through ``RawLaunch`` with its tensor maps."""
+    log = []
+    monkeypatch.setattr(launcher, "RAW", True)
+    monkeypatch.setattr(launcher.RawLaunch, "_ok", True)
+    monkeypatch.setattr(launcher, "INTERPRETER", False)
+    monkeypatch.setattr(launcher, "_current_device", lambda: 0)
+    monkeypatch.setattr(launcher, "_current_stream", lambda device: 0)
+    monkeypatch.setattr(launcher, "_hooks_set", lambda: False)
+    monkeypatch.setattr(launcher.FastLauncher, "_direct_ok", True)
+
+    def compile_interpreted(self, key, args, constexprs, options):
+        ordered = [constexprs[name] for name in self.fn.arg_names[len(args):]]
+        kernel = Interpreted(self.fn, constexprs, options, log)
+        descriptors = [i for i, arg in enumerate(args) if type(arg).__name__ == "TensorDescriptor"]
+        raw = InterpretedRaw(kernel, descriptors) if request.param == "raw launch" else None
+        return launcher.Compiled(key, kernel, ordered, raw, constexprs, options)
+
+    key = launcher.FastLauncher.key
+
+    def key_every_argument(self, args, constexprs, options, device):
+        # the interpreter's functions list no parameters: key every argument as Triton would
+        self.loose = (False,) * len(args)
+        return key(self, args, constexprs, options, device)
+
+    monkeypatch.setattr(launcher.FastLauncher, "_compile", compile_interpreted)
+    monkeypatch.setattr(launcher.FastLauncher, "key", key_every_argument)
+    monkeypatch.setattr(hopper, "_LAUNCH", launcher.FastLauncher(hopper._grouped_gemm_tma_kernel))
+    monkeypatch.setattr(hopper, "autotune_enabled", lambda X: True)
+    monkeypatch.setattr(hopper, "choose_config",
+                        lambda key, configs, run: autotune.TUNED.setdefault(key, {**configs[0], **TINY}))
+    monkeypatch.setattr(autotune, "TUNED", {})
+    monkeypatch.setattr(gg, "auto_candidate", lambda X: True)  # "auto" tries the Hopper kernel, as on a GPU
+    monkeypatch.setattr(gg, "_PLANS", {})
+    monkeypatch.setattr(gg, "PLANS", True)
+    return log
+
+
+def _normal(arg):
+    """A launch argument as what decides the launch: tensors by layout, descriptors by geometry."""
+    if isinstance(arg, torch.Tensor):
+        return "tensor", arg.shape, arg.stride(), arg.dtype
+    if type(arg).__name__ == "TensorDescriptor":
+        return "desc", _normal(arg.base), tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape)
+    return arg
+
+
+def _routing(T, E, topk, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=g).topk(topk, dim=1).indices
+    return get_routing_indices(ids, E)
+
+
+CALLS = ["plain", "validated", "gather", "scatter_weights", "bias", "out", "trusted_gather", "trusted_scatter",
+         "swiglu"]
+
+
+def _call(kind, X, W, counts, gather, weights, bias, topk, transpose, out):
+    if kind == "plain":
+        return gg.grouped_gemm(X, W, counts, transpose=transpose, kernel="auto", validate=False)
+    if kind == "gather":  # (validate=None, the default, validates on the CPU: no plan is kept for such calls)
+        return gg.grouped_gemm(X, W, counts, gather_indices=gather, topk=topk, permute_x=True, transpose=transpose,
+                               kernel="auto", validate=False)
+    if kind == "validated":
+        return gg.grouped_gemm(X, W, counts, transpose=transpose, kernel="auto")
+    if kind == "scatter_weights":
+        return gg.grouped_gemm(X, W, counts, gather_indices=gather, topk=topk, permute_y=True, topk_weights=weights,
+                               transpose=transpose, kernel="auto", validate=False)
+    if kind == "bias":
+        return gg.grouped_gemm(X, W, counts, bias=bias, transpose=transpose, kernel="auto", validate=False)
+    if kind == "out":
+        return gg.grouped_gemm(X, W, counts, out=out, transpose=transpose, kernel="auto", validate=False)
+    if kind == "trusted_gather":
+        return gg.grouped_gemm_trusted(X, W, counts, gather, topk=topk, permute_x=True, transpose=transpose,
+                                       kernel="auto")
+    if kind == "trusted_scatter":
+        return gg.grouped_gemm_trusted(X, W, counts, gather, weights, topk=topk, permute_y=True, transpose=transpose,
+                                       kernel="auto")
+    return gg.grouped_gemm_swiglu(X, W, counts, gather, topk=topk, permute_x=True, transpose=transpose,
+                                  kernel="auto")
+
+
+def _reference(kind, X, W_ref, counts, gather, weights, bias, topk):
+    """float64: the expert-ordered product, then what the call adds (gather, scatter, weights, bias, SwiGLU)."""
+    X, W_ref = X.double(), W_ref.double()
+    if kind in ("gather", "trusted_gather", "swiglu"):
+        X = permute(X, gather, topk)
+    Y = torch_grouped_gemm(X, W_ref, counts)
+    if kind == "bias":
+        Y = Y + bias.double()[torch.repeat_interleave(torch.arange(len(counts)), counts)]
+    if kind in ("scatter_weights", "trusted_scatter"):
+        Y = unpermute(Y, gather) * weights.double().reshape(-1, 1)
+    if kind == "swiglu":
+        gate, up = Y.chunk(2, dim=1)
+        Y = torch.nn.functional.silu(gate) * up
+    return Y
+
+
+# each property of a tensor's layout that a launch depends on, and the values the tests take
+LAYOUT_CHOICES = {
+    "dtype": [torch.float32, torch.float16],
+    "x_offset": [0, 1],  # X starts 2 or 4 bytes in: not 16-byte aligned, TMA cannot read it
+    "x_pad": [0, 8],  # X a column slice of a wider buffer: another row stride
+    "sizes_dtype": [torch.int32, torch.int64],
+    "sizes_strided": [False, True],  # m_sizes a strided view
+    "weights_strided": [False, True],
+    "out_pad": [0, 8],  # out= a column slice: another row stride
+}
+PLAIN = {name: values[0] for name, values in LAYOUT_CHOICES.items()}
+
+
+def _inputs(kind, T, E, topk, N, K, transpose, seed, layout):
+    g = torch.Generator().manual_seed(seed)
+    dtype = layout["dtype"]
+    counts, gather = _routing(T, E, topk, seed)
+    counts = counts.to(layout["sizes_dtype"])
+    if layout["sizes_strided"]:
+        counts = torch.stack([counts, torch.full_like(counts, -7)], dim=1)[:, 0]
+    M = T * topk
+    rows = T if kind in ("gather", "trusted_gather", "swiglu") else M
+    n_w = 2 * N if kind == "swiglu" else N
+    width, offset = K + layout["x_pad"], layout["x_offset"]
+    X = torch.randn(rows * width + offset, generator=g)[offset:].view(rows, width)[:, :K].to(dtype)
+    if offset:  # .to(dtype) copied it: make the misaligned view again in the target dtype
+        X = torch.empty(rows * width + offset, dtype=dtype)[offset:].view(rows, width)[:, :K].copy_(X)
+    W_ref = (torch.randn(E, n_w, K, generator=g) / K**0.5).to(dtype)
+    W = W_ref if transpose else W_ref.transpose(1, 2).contiguous()
+    weights = torch.rand(T, topk, generator=g).to(dtype)
+    if layout["weights_strided"]:
+        weights = torch.rand(topk, T, generator=g).to(dtype).t()
+    bias = torch.randn(E, N, generator=g).to(dtype)
+    out = torch.full((M, N + layout["out_pad"]), float("nan"), dtype=dtype)[:, :N]
+    return X, W, W_ref, counts, gather, weights, bias, out
+
+
+def _check_against_the_full_path(kind, X, W, W_ref, counts, gather, weights, bias, topk, transpose, out, log,
+                                 plan=None):
+    """One call: its numbers against float64, its launch against the full path's launch of the same inputs."""
+    del log[:]
+    result = _call(kind, X, W, counts, gather, weights, bias, topk, transpose, out)
+    bound = 1e-5 if X.dtype == torch.float32 else 3e-3
+    assert relative_error(result, _reference(kind, X, W_ref, counts, gather, weights, bias, topk)) <= bound
+    if kind == "out":
+        assert result is out
+    launches = list(log)
+    if plan is not None:
+        assert len(launches) == 1 and launches[0][0] is plan.entry.kernel, "a repeat of a planned call uses its plan"
+        assert launches[0][2][0] is X and launches[0][2][2] is W, "the caller's tensors themselves"
+    del log[:]
+    gg.PLANS = False
+    # (out= again in the same layout: clone() would make a strided slice contiguous)
+    same_layout = torch.empty(out.shape[0], out.stride(0), dtype=out.dtype)[:, : out.shape[1]]
+    again = _call(kind, X, W, counts, gather, weights, bias, topk, transpose, same_layout)
+    gg.PLANS = True
+    assert len(log) == len(launches)
+    for (kernel, grid, args), (kernel_p, grid_p, args_p) in zip(log, launches, strict=True):
+        assert kernel is kernel_p and grid == grid_p, "the same compiled kernel and grid as the full path"
+        assert [_normal(a) for a in args] == [_normal(a) for a in args_p], "the same arguments as the full path"
+    assert torch.equal(again, result)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(CALLS), T=st.integers(1, 9), E=st.integers(1, 5), topk_frac=st.floats(0, 1),
+       N=st.sampled_from([4, 8, 24, 40]) | st.integers(1, 40), K=st.sampled_from([8, 16, 24, 40]),
+       transpose=st.booleans(), seed=st.integers(0, 99),
+       first=st.fixed_dictionaries({name: st.sampled_from(values) for name, values in LAYOUT_CHOICES.items()
+                                    if name != "x_offset"}))
+def test_a_repeat_launches_what_the_full_path_would(direct, kind, T, E, topk_frac, N, K, transpose, seed, first):
+    """A call keeps a plan; then calls of the same shapes, each in the same layout or one that differs
+    in one property (a stride, the alignment, a dtype), compute the right numbers and launch what the
+    full path launches for them: the plan's launch where nothing differs, another where anything does.
+
+    Ragged routings, empty experts, k = E, N and K off the tiles, both weight layouts. (The fixture is
+    shared by the examples: each clears the plans first.)
+    """
+    topk = 1 + round(topk_frac * (E - 1))
+    log = direct
+    first = {**first, "x_offset": 0}
+    for change in [None, *LAYOUT_CHOICES]:
+        gg._PLANS.clear()
+        inputs = _inputs(kind, T, E, topk, N, K, transpose, seed, first)
+        X, W, W_ref, counts, gather, weights, bias, out = inputs
+        _call(kind, X, W, counts, gather, weights, bias, topk, transpose, out)  # the full path; may keep a plan
+        plans = [p for p in gg._PLANS.values() if p is not None]
+        hopper_ran = hopper.unsupported_reason(X, W, transpose) is None
+        assert len(plans) == (hopper_ran and kind != "validated"), "a plan where the Hopper kernel ran, unvalidated"
+        second = dict(first)
+        if change is not None:
+            second[change] = next(v for v in LAYOUT_CHOICES[change] if v != first[change])
+        X, W, W_ref, counts, gather, weights, bias, out = _inputs(kind, T, E, topk, N, K, transpose, seed + 1, second)
+        counts, gather = _routing(T, E, topk, seed + 7)  # another routing, same shapes
+        counts = counts.to(second["sizes_dtype"])
+        _check_against_the_full_path(kind, X, W, W_ref, counts, gather, weights, bias, topk, transpose, out, log,
+                                     plans[0] if plans and change is None else None)
+
+
+def test_a_plan_follows_its_buckets_tuned_config(direct):
+    log = direct
+    X, W, _, counts, *_ = _inputs("plain", 8, 3, 2, 24, 16, True, 0, PLAIN)
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    (key,) = autotune.TUNED
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert log[-1][0].constexprs["BLOCK_N"] == 16
+    autotune.TUNED[key] = {**autotune.TUNED[key], "BLOCK_N": 32}  # retuned (another process's cache, say)
+    expected = gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert log[-1][0].constexprs["BLOCK_N"] == 32, "a plan made for the old config is not current any more"
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert log[-1][0].constexprs["BLOCK_N"] == 32 and sum(p is not None for p in gg._PLANS.values()) == 1
+    autotune.TUNED.clear()  # cleared (an A/B run flipping a switch): tuned again, then planned again
+    assert relative_error(gg.grouped_gemm(X, W, counts, kernel="auto", validate=False), expected) <= 1e-6
+    assert log[-1][0].constexprs["BLOCK_N"] == 16
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert log[-1][0].constexprs["BLOCK_N"] == 16
+
+
+def test_no_plan_while_a_profiler_listens_or_the_direct_path_is_off(direct, monkeypatch):
+    log = direct
+    X, W, _, counts, *_ = _inputs("plain", 8, 3, 2, 24, 16, True, 0, PLAIN)
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert len(log) == 2
+    triton_launches = []
+    real_getitem = type(hopper._grouped_gemm_tma_kernel).__getitem__
+    monkeypatch.setattr(type(hopper._grouped_gemm_tma_kernel), "__getitem__",
+                        lambda self, grid: triton_launches.append(grid) or real_getitem(self, grid))
+    monkeypatch.setattr(launcher, "_hooks_set", lambda: True)
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert len(log) == 2 and len(triton_launches) == 1, "with hooks set, every launch goes through Triton's path"
+    monkeypatch.setattr(launcher, "_hooks_set", lambda: False)
+    monkeypatch.setattr(launcher, "DIRECT", False)
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert len(log) == 2 and len(triton_launches) == 2
+
+
+def test_a_plan_skips_no_check(direct):
+    """Once a layout has a plan, inputs that differ from it in any checked property still get the error."""
+    X, W, _, counts, gather, weights, *_ = _inputs("plain", 8, 3, 2, 24, 16, True, 0, PLAIN)
+    for _ in range(2):
+        gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert any(p is not None for p in gg._PLANS.values())
+    with pytest.raises(ValueError, match="expects K=16"):
+        gg.grouped_gemm(X[:, :8], W, counts, kernel="auto", validate=False)
+    with pytest.raises(TypeError, match="W is torch.float16"):
+        gg.grouped_gemm(X, W.half(), counts, kernel="auto", validate=False)
+    with pytest.raises(ValueError, match="m_sizes has 2 entries"):
+        gg.grouped_gemm(X, W, counts[:2], kernel="auto", validate=False)
+    bad = counts.clone()
+    bad[0] += 1  # the sizes no longer sum to M: found by validate=True (a host read), plan or not
+    with pytest.raises(ValueError, match="m_sizes"):
+        gg.grouped_gemm(X, W, bad, kernel="auto", validate=True)
+    with pytest.raises(ValueError, match="m_sizes"):
+        gg.grouped_gemm(X, W, bad, kernel="auto")  # the CPU's default validates
+
+
+def test_a_plan_never_drops_a_gradient(direct):
+    X, W, W_ref, counts, *_ = _inputs("plain", 8, 3, 2, 24, 16, True, 0, PLAIN)
+    for _ in range(2):
+        gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    Xg, Wg = X.clone().requires_grad_(), W.clone().requires_grad_()
+    y = gg.grouped_gemm(Xg, Wg, counts, kernel="auto", validate=False)
+    assert y.requires_grad, "an input that requires grad goes through the op, which records autograd"
+    y.sum().backward()
+    Xd, Wd = X.double().requires_grad_(), W.double().requires_grad_()
+    torch_grouped_gemm(Xd, Wd, counts).sum().backward()
+    assert relative_error(Xg.grad, Xd.grad) <= 1e-5 and relative_error(Wg.grad, Wd.grad) <= 1e-5
+
+
+def test_plans_are_bounded(direct, monkeypatch):
+    monkeypatch.setattr(gg, "MAX_PLANS", 3)
+    W = torch.randn(3, 24, 16)
+    for T in range(1, 8):
+        counts, _ = _routing(T, 3, 1, T)
+        gg.grouped_gemm(torch.randn(T, 16), W, counts, kernel="auto", validate=False)
+        assert len(gg._PLANS) <= 3
+
+
+@pytest.mark.parametrize("kind", ["plain", "gather", "swiglu"])
+def test_a_plan_launches_on_the_tensors_it_is_given(direct, kind):
+    """A decode loop: the same weights, new activations every step (the allocator recycling a few addresses).
+    Each step computes on its own X, and a tensor map is made once per address pair, not per call."""
+    log = direct
+    X, W, W_ref, counts, gather, weights, bias, out = _inputs(kind, 6, 4, 2, 24, 16, True, 0, PLAIN)
+    _call(kind, X, W, counts, gather, weights, bias, 2, True, out)
+    (plan,) = [p for p in gg._PLANS.values() if p is not None]
+    pool = [torch.empty_like(X) for _ in range(3)]  # three buffers the steps' activations take turns in
+    for step in range(7):
+        X = pool[step % 3].normal_()
+        counts, gather = _routing(6, 4, 2, step)
+        result = _call(kind, X, W, counts, gather, weights, bias, 2, True, out)
+        assert relative_error(result, _reference(kind, X, W_ref, counts, gather, weights, bias, 2)) <= 1e-5
+        assert log[-1][0] is plan.entry.kernel
+    raw = plan.entry.raw
+    if raw is not None:
+        assert len(plan.maps) == 3, "one set of tensor maps per (X, W) address pair"
+        assert raw.made.count(W.data_ptr()) == 1 + 3, "W's map made by the first call's launch, then once per pair"
