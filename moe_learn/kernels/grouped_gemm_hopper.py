@@ -20,9 +20,10 @@ Y rows and routing weights); ``grouped_gemm`` sends bf16/fp16 work here on a Hop
 - In the ``[E, K, N]`` layout the weight tile is ``[BLOCK_K, BLOCK_N]`` rows of the
   ``[E*K, N]`` view; when ``BLOCK_K`` does not divide K the last K step would read the next
   expert's rows, so such configs load W with masked loads instead of TMA (``W_TMA``).
-- Host cost per call is a few microseconds: the compiled kernel is launched directly
+- Host cost per call is small: the compiled kernel is launched directly
   (``launcher.FastLauncher``), descriptors are built field by field, a tuned bucket is
-  one dict lookup.
+  one dict lookup, and a call that repeats an earlier one's layout reuses its
+  ``LaunchPlan`` (config, grid, compiled kernel, tensor maps) without working any of it out.
 - The MoE MLP's SwiGLU can run in the epilogue (``swiglu``): inference's ``silu(gate) * up``;
   training's forward storing gate_up and the weighted h from one pair of accumulators; and
   GEMM2's dX turning each tile of d_h into d_gate_up, h and the router's gradient
@@ -62,7 +63,8 @@ def _grouped_gemm_tma_kernel(
     BLOCK_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERMUTE_X: tl.constexpr, PERMUTE_Y: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr, HAS_BIAS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     W_KN: tl.constexpr,  # W is [E, K, N] (the backward's dX reads the forward's W this way), else [E, N, K]
-    W_TMA: tl.constexpr,  # W through TMA; False only for [E, K, N] with K % BLOCK_K != 0 (masked loads)
+    W_TMA: tl.constexpr,  # W through TMA; False for [E, K, N] with K % BLOCK_K != 0, or the SwiGLU's up half
+    # not starting on 16 bytes (masked loads)
     SWIGLU: tl.constexpr,  # W holds 2N outputs, [gate | up]; Y = silu(X @ W_gate.T) * (X @ W_up.T), N columns
     SAVE_GATE_UP: tl.constexpr,  # (with SWIGLU) also store gate and up, as training's backward needs them
     SWIGLU_BWD: tl.constexpr,  # the product is d_h: the weighted SwiGLU's backward in the epilogue (kernels/swiglu.py)
@@ -374,7 +376,9 @@ def _geometry(cfg, X, W, out, *, topk, permute_x, permute_y, weighted, biased, t
     backward = swiglu == "backward"
     w_n = 2 * N if swiglu and not backward else N  # W's outputs per expert
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    w_tma = transpose or K % bk == 0
+    # [E*K, W_N] through TMA needs each K step inside expert e (K % BLOCK_K == 0) and, with the SwiGLU's up
+    # half N columns along, that column to start on 16 bytes (the interpreter asserts it; masked loads otherwise)
+    w_tma = transpose or (K % bk == 0 and not (swiglu and not backward and N * W.element_size() % 16))
     if transpose:
         w_desc = ((E * w_n, K), (K, 1), [bn, bk])
     elif w_tma:

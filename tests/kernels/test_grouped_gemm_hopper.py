@@ -139,13 +139,15 @@ def test_non_finite_weights_stay_in_their_expert(transpose):
 
 @pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("K", [48, 40])  # [E, K, 2I] with K = 40: masked W loads (BLOCK_K = 16)
-def test_swiglu_in_the_epilogue(transpose, K):
+# I = 2: in [E, K, 2I] the up half starts 2 elements along a row, not on 16 bytes (masked W loads there too)
+@pytest.mark.parametrize("I", [40, 2])
+def test_swiglu_in_the_epilogue(transpose, K, I):  # noqa: E741
     """GEMM1 with the SwiGLU fused: silu(x @ W_gate.T) * (x @ W_up.T) for every row, gathered,
     empty experts, an I that is not a multiple of BLOCK_N; the same through the unfused fallback."""
     from moe_learn.kernels.grouped_gemm import grouped_gemm_swiglu
     from moe_learn.ops.moe import swiglu
 
-    T, E, topk, I = 21, 5, 2, 40  # noqa: E741
+    T, E, topk = 21, 5, 2
     counts, gather = _routing(T, E, topk, empty=(3,))
     dtype = DTYPES[0]
     X = torch.randn(T, K, device=DEVICE).to(dtype)
