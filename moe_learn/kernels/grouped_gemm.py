@@ -427,7 +427,7 @@ def grouped_gemm(
         plan = _PLANS.get(("grouped_gemm", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
                            _layout(topk_weights), _layout(bias), _layout(out), topk, permute_x, permute_y, transpose,
                            kernel, validate_arg))
-        if plan is not None and plan.current() and not needs_autograd(X, W, topk_weights, bias):
+        if plan is not None and plan.current(X) and not needs_autograd(X, W, topk_weights, bias):
             return plan(X, W, m_sizes, out, gather_indices, topk_weights, bias)
     problem = check_grouped_gemm_args(
         X, W, m_sizes, gather_indices=gather_indices, topk=topk, permute_x=permute_x, permute_y=permute_y,
@@ -479,7 +479,7 @@ def grouped_gemm_trusted(X, W, m_sizes, gather_indices=None, topk_weights=None, 
         signature = ("trusted", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
                      _layout(topk_weights), _layout(bias), topk, permute_x, permute_y, transpose, kernel)
         plan = _PLANS.get(signature)
-        if plan is not None and plan.current():
+        if plan is not None and plan.current(X):
             return plan(X, W, m_sizes, None, gather_indices, topk_weights, bias)
     _check_runs_here(X)
     N, K = (W.shape[1], W.shape[2]) if transpose else (W.shape[2], W.shape[1])
@@ -516,7 +516,7 @@ def grouped_gemm_swiglu(X, W, m_sizes, gather_indices=None, topk=1, permute_x=Fa
         signature = ("swiglu", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices), topk, permute_x,
                      transpose, kernel)
         plan = _PLANS.get(signature)
-        if plan is not None and plan.current():
+        if plan is not None and plan.current(X):
             return plan(X, W, m_sizes, None, gather_indices, None, None)
     two_i, K = (W.shape[1], W.shape[2]) if transpose else (W.shape[2], W.shape[1])
     if K == 0 or (X.is_cpu and X.dtype == torch.bfloat16) or choose_kernel(kernel, config, X, W, transpose) != "hopper":
@@ -547,8 +547,9 @@ def _layout(t: torch.Tensor | None) -> tuple | None:
 
 def _remember_plan(signature, X, W, m_sizes, result, gather_indices, topk_weights, bias, topk, permute_x, permute_y,
                    transpose, kernel, swiglu=False) -> None:
-    """Keep the plan of the launch an eager call just made, when it took the Hopper kernel with a tuned config."""
-    if signature in _PLANS and (_PLANS[signature] is None or _PLANS[signature].current()):
+    """Keep the plan of the launch an eager call just made, when it took the Hopper kernel (with a tuned config,
+    or the untuned one while tuning is off)."""
+    if signature in _PLANS and (_PLANS[signature] is None or _PLANS[signature].current(X)):
         return
     if len(_PLANS) >= MAX_PLANS:
         _PLANS.clear()

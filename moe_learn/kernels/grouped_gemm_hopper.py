@@ -324,9 +324,17 @@ def grouped_gemm_hopper(
                      not transpose, swiglu)
     cfg = autotune.TUNED.get(key)  # the hot path: this bucket was tuned before
     if cfg is None:
-        configs = swiglu_candidates(candidates(M, E)) if swiglu else candidates(M, E)
-        cfg = choose_config(key, configs, run) if autotune_enabled(X) else dict(configs[0])
+        if autotune_enabled(X):
+            cfg = choose_config(key, swiglu_candidates(candidates(M, E)) if swiglu else candidates(M, E), run)
+        else:
+            cfg = _untuned_config(M, E, swiglu)
     return run(cfg)
+
+
+def _untuned_config(rows: int, num_experts: int, swiglu) -> dict:
+    """What ``grouped_gemm_hopper`` runs for an untuned bucket while tuning is off: its first candidate."""
+    configs = candidates(rows, num_experts)
+    return dict((swiglu_candidates(configs) if swiglu else configs)[0])
 
 
 def _descriptor_defaults() -> dict | None:
@@ -448,8 +456,9 @@ class LaunchPlan:
     the addresses seen (a map encodes an address and the geometry, which the plan fixes), so a
     repeat costs building the argument tuple and the launch itself. The caller keys plans on
     all of that (``grouped_gemm._layout``). A plan stays ``current`` while its bucket's tuned
-    config is the one it was made with (``autotune.TUNED`` cleared or retuned: a new plan),
-    the direct launch is possible, and the current device is the same.
+    config is the one it was made with (``autotune.TUNED`` cleared or retuned: a new plan; a
+    plan of an untuned bucket, made while tuning was off, until tuning is on again), the
+    direct launch is possible, and the current device is the same.
     """
 
     __slots__ = ("key", "tuned", "geometry", "entry", "device", "rows", "cols", "maps", "mappable")
@@ -462,9 +471,11 @@ class LaunchPlan:
         raw = entry.raw
         self.mappable = raw is not None and set(raw.positions) <= {X_DESC, W_DESC}
 
-    def current(self) -> bool:
-        return (autotune.TUNED.get(self.key) is self.tuned and launcher.direct_possible()
-                and launcher._current_device() == self.device)
+    def current(self, X) -> bool:
+        tuned = autotune.TUNED.get(self.key)
+        if tuned is not self.tuned or (tuned is None and autotune_enabled(X)):  # (the next call would tune)
+            return False
+        return launcher.direct_possible() and launcher._current_device() == self.device
 
     def __call__(self, X, W, m_sizes, out, gather_indices, topk_weights, bias) -> torch.Tensor:
         if out is None:
@@ -497,7 +508,8 @@ def make_plan(X, W, m_sizes, out, *, gather_indices=None, topk=1, permute_x=Fals
     """The plan of the launch ``grouped_gemm_hopper`` (without a config) makes for these arguments.
 
     None where there is nothing to keep: no direct launch (interpreter, a profiler's hooks),
-    no rows, a training SwiGLU mode, or a bucket not tuned yet (its next call tunes it).
+    no rows, a training SwiGLU mode, or a bucket not tuned yet while tuning is on (its next
+    call tunes it).
     """
     if swiglu not in (False, True) or not launcher.direct_possible():
         return None
@@ -507,9 +519,9 @@ def make_plan(X, W, m_sizes, out, *, gather_indices=None, topk=1, permute_x=Fals
     key = tuning_key(M, N, X.shape[1], W.shape[0], X.dtype, permute_x, permute_y, topk_weights is not None,
                      bias is not None, not transpose, swiglu)
     tuned = autotune.TUNED.get(key)
-    if tuned is None:
+    if tuned is None and autotune_enabled(X):
         return None
-    geometry = _geometry(tuned, X, W, out, topk=topk, permute_x=permute_x, permute_y=permute_y,
+    geometry = _geometry(tuned or _untuned_config(M, W.shape[0], swiglu), X, W, out, topk=topk, permute_x=permute_x, permute_y=permute_y,
                          weighted=topk_weights is not None, biased=bias is not None, transpose=transpose, swiglu=swiglu)
     device = launcher._current_device()
     entry = _LAUNCH.compiled(_arguments(geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias),

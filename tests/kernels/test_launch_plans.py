@@ -354,3 +354,25 @@ def test_a_plan_launches_on_the_tensors_it_is_given(direct, kind):
     if raw is not None:
         assert len(plan.maps) == 3, "one set of tensor maps per (X, W) address pair"
         assert raw.made.count(W.data_ptr()) == 1 + 3, "W's map made by the first call's launch, then once per pair"
+
+
+def test_an_untuned_bucket_is_planned_while_tuning_is_off(direct, monkeypatch):
+    """MOE_LEARN_AUTOTUNE=0 (or a graph capture): the bucket's first candidate, planned like a tuned config,
+    until tuning is on again and the next call tunes the bucket."""
+    log = direct
+    monkeypatch.setattr(hopper, "autotune_enabled", lambda X: False)
+    X, W, _, counts, *_ = _inputs("plain", 8, 3, 2, 24, 16, True, 0, PLAIN)
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    (plan,) = [p for p in gg._PLANS.values() if p is not None]
+    assert plan.tuned is None and autotune.TUNED == {}
+    X = torch.randn_like(X)
+    out = gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert log[-1][0] is plan.entry.kernel, "the repeat went through the plan"
+    assert log[-1][0].constexprs["BLOCK_N"] == hopper.pick_config(16, 3)["BLOCK_N"], "the bucket's first candidate"
+    assert relative_error(out, torch_grouped_gemm(X.double(), W.double(), counts)) <= 1e-5
+    monkeypatch.setattr(hopper, "autotune_enabled", lambda X: True)
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    assert len(autotune.TUNED) == 1 and log[-1][0].constexprs["BLOCK_N"] == TINY["BLOCK_N"], "tuned, not planned"
+    gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
+    (plan,) = [p for p in gg._PLANS.values() if p is not None]
+    assert plan.tuned is not None and log[-1][0] is plan.entry.kernel, "then planned with the tuned config"
