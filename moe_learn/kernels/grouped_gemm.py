@@ -421,12 +421,13 @@ def grouped_gemm(
     alignment and flags; a decode step's GEMMs) skips the checks, the kernel choice and the
     launch key, which that call already worked out (``launch plans``, see ``_PLANS``).
     """
-    # (keyed on validate as passed: None validates on the CPU, so a plan is kept only where it did not)
-    plannable, validate_arg = PLANS and config is None and use_int64 is None and not validate, validate
-    if plannable and _PLANS and not torch.compiler.is_compiling():
-        plan = _PLANS.get(("grouped_gemm", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
-                           _layout(topk_weights), _layout(bias), _layout(out), topk, permute_x, permute_y, transpose,
-                           kernel, validate_arg))
+    signature = None
+    if PLANS and config is None and use_int64 is None and not validate and not torch.compiler.is_compiling():
+        # (keyed on validate as passed: None validates on the CPU, so a plan is kept only where it did not)
+        signature = ("grouped_gemm", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
+                     _layout(topk_weights), _layout(bias), _layout(out), topk, permute_x, permute_y, transpose,
+                     kernel, validate)
+        plan = _PLANS.get(signature)
         if plan is not None and plan.current(X) and not needs_autograd(X, W, topk_weights, bias):
             return plan(X, W, m_sizes, out, gather_indices, topk_weights, bias)
     problem = check_grouped_gemm_args(
@@ -454,10 +455,8 @@ def grouped_gemm(
     # Eager, nothing to record: straight to the launch (no dispatcher on the decode hot path).
     result = run_grouped_gemm(X, W, m_sizes, gather_indices, topk_weights, bias, topk, permute_x, permute_y,
                               transpose, config, kernel, out=out, use_int64=use_int64, problem=problem)
-    if plannable and not validate:
-        _remember_plan(("grouped_gemm", _layout(X), _layout(W), _layout(m_sizes), _layout(gather_indices),
-                        _layout(topk_weights), _layout(bias), _layout(out), topk, permute_x, permute_y, transpose,
-                        kernel, validate_arg), X, W, m_sizes, result, gather_indices, topk_weights, bias, topk, permute_x,
+    if signature is not None and not validate:
+        _remember_plan(signature, X, W, m_sizes, result, gather_indices, topk_weights, bias, topk, permute_x,
                        permute_y, transpose, kernel)
     return result
 
