@@ -8,9 +8,10 @@ GPU: each row times back-to-back eager calls (no sync in between) with a host cl
 gives the GPU time. An eager decode step costs max(host, GPU): the target (issue #15) is
 host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours as shipped (launch plans,
 the direct launch, cached tensor maps); without launch plans ("no plan": every call checks, chooses
-the kernel and computes the launch key; ``grouped_gemm.PLANS``); without the cached maps ("no raw":
-Triton's launcher wrapper makes the maps per call; ``launcher.RAW``); through Triton's own launch;
-``torch._grouped_mm``.
+the kernel and computes the launch key; ``grouped_gemm.PLANS``); for ``moe_experts`` at these sizes
+the two-launch decode path (``kernels/decode_experts.py``) and, beside it, the grouped path; without
+the cached maps ("no raw": Triton's launcher wrapper makes the maps per call; ``launcher.RAW``);
+through Triton's own launch; ``torch._grouped_mm``.
 
 --stub (no GPU): the compiled kernel's launcher is replaced by a no-op and the direct path
 is forced on, so the time is our wrapper's Python (checks, key, descriptors, allocation)
@@ -115,12 +116,22 @@ def cases(device, dtype):
 
 
 def pytorch_routing(fn, *args):
-    """``fn(*args)`` with the routing of given ids as eight PyTorch ops (the A/B of ``experts.ROUTE_IDS_KERNEL``)."""
+    """``fn(*args)`` on the grouped path with the routing of given ids as eight PyTorch ops (the A/B of
+    ``experts.ROUTE_IDS_KERNEL``)."""
     experts.ROUTE_IDS_KERNEL = False
+    try:
+        return grouped_path(fn, *args)
+    finally:
+        experts.ROUTE_IDS_KERNEL = True
+
+
+def grouped_path(fn, *args):
+    """``fn(*args)`` on the grouped path (routing, two grouped GEMMs, sum) instead of the two-launch decode path."""
+    experts.DECODE_EXPERTS = False
     try:
         return fn(*args)
     finally:
-        experts.ROUTE_IDS_KERNEL = True
+        experts.DECODE_EXPERTS = True
 
 
 def calls(c, kernel):
@@ -136,6 +147,8 @@ def calls(c, kernel):
         "experts (routing given)": lambda: experts.run_experts(c["x"], c["counts"], c["gather"], c["weights"],
                                                                c["w1"], c["w2"]),
         "moe_experts (ids in)": lambda: experts.moe_experts(c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
+        "moe_experts (ids in), grouped path": lambda: grouped_path(
+            experts.moe_experts, c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
         "moe_experts (ids in), PyTorch routing": lambda: pytorch_routing(
             experts.moe_experts, c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
     }

@@ -3,11 +3,11 @@
     PYTHONPATH=$PWD python3 perf/profile_host.py > $OUT/profile_host.txt
 
 Cases: the qwen3-30b-a3b gate_up GEMM at T=1 (gathered, what the decode bench's weakest
-case calls) and the fused experts at T=1 (with the one-launch routing of given ids, and
-without). For each: host microseconds per call in a back-to-back loop and the cProfile
-table of 2000 calls; then the bare pieces timed alone (the compiled kernel's own launcher
-with our last launch's arguments, our launch key, torch.empty, and torch._grouped_mm of the
-same GEMM) so the Python of ours can be told from the floor.
+case calls) and the fused experts at T=1 (the two-launch decode path; the grouped path with the
+one-launch routing of given ids, and with PyTorch's). For each: host microseconds per call in a
+back-to-back loop and the cProfile table of 2000 calls; then the bare pieces timed alone (the
+compiled kernel's own launcher with our last launch's arguments, our launch key, torch.empty, one PyTorch launch, and
+torch._grouped_mm of the same GEMM) so the Python of ours can be told from the floor.
 """
 
 from __future__ import annotations
@@ -70,11 +70,16 @@ def main():
         routed = lambda: experts.run_experts(x, counts, gather, weights, w1, w2)  # noqa: E731
         gmm = lambda: torch._grouped_mm(xg, w1.transpose(1, 2), offs=offs)  # noqa: E731
         for name, fn in (("grouped_gemm gate_up gather", gate_up), ("grouped_gemm_trusted gate_up gather", trusted),
-                         ("run_experts (routing given)", routed), ("moe_experts (ids in)", fused)):
+                         ("run_experts (routing given)", routed), ("moe_experts (ids in): the decode path", fused)):
             profile(name, fn)
+        experts.DECODE_EXPERTS = False  # the grouped path: routing in one launch, two grouped GEMMs, the sum
+        profile("moe_experts (ids in), grouped path", fused)
         experts.ROUTE_IDS_KERNEL = False  # the A/B: the routing of given ids as eight PyTorch ops
-        profile("moe_experts (ids in), PyTorch routing", fused)
+        profile("moe_experts (ids in), grouped path, PyTorch routing", fused)
         experts.ROUTE_IDS_KERNEL = True
+        experts.DECODE_EXPERTS = True
+        add = lambda: x.add_(0.0)  # noqa: E731
+        print(f"\nx.add_(0.0), one PyTorch kernel launch: {per_call_us(add):.1f} us/call")
         print(f"\ntorch._grouped_mm gate_up (pre-gathered): {per_call_us(gmm):.1f} us/call")
         print(f"torch.empty(8, 1536): {per_call_us(lambda: torch.empty(8, 1536, device=dev, dtype=dt)):.1f} us/call")
         print(f"x.new_empty(8, 1536): {per_call_us(lambda: x.new_empty(8, 1536)):.1f} us/call")
@@ -87,7 +92,9 @@ def main():
             return real_launch(self, entry, grid, args, device)
 
         launcher.FastLauncher.launch = recording
+        gg.PLANS = False  # a planned call skips FastLauncher.launch: record one through the full path
         trusted()
+        gg.PLANS = True
         launcher.FastLauncher.launch = real_launch
         torch.cuda.synchronize()
         fast, entry, grid, args = seen["launch"]

@@ -112,6 +112,26 @@ def _one_launch_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, back
     return (topk_ids.is_cuda or (topk_ids.is_cpu and device.INTERPRETER)) and topk_ids.numel() <= MAX_SLOTS
 
 
+# Decode-sized inference in two launches with no routing pass (kernels/decode_experts.py): each (token,
+# slot) pair reads its expert's weights itself. An A/B switch (perf/decode_experts.py).
+DECODE_EXPERTS = True
+
+
+def decode_path(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, backend: str, config) -> bool:
+    """Whether the experts take ``kernels.decode_experts``: Triton, eager, no gradient, at most its
+    ``MAX_SLOTS`` (token, slot) pairs, no launch ``config`` (that is for the grouped GEMMs)."""
+    if not (DECODE_EXPERTS and device.HAS_TRITON) or backend != "triton" or config is not None:
+        return False
+    if hidden_states.dtype not in TRITON_DTYPES or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, topk_weights, gate_up_proj,
+                                                                   down_proj)):
+        return False
+    from moe_learn.kernels.decode_experts import MAX_SLOTS
+
+    return topk_ids.numel() <= MAX_SLOTS and (hidden_states.is_cuda or (hidden_states.is_cpu and device.INTERPRETER))
+
+
 def drop_and_route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, backend: str = "triton"):
     """``(counts, gather_indices, weights)``: ``drop_invalid``, then ``route_rows`` on the kept ids.
 
@@ -357,7 +377,20 @@ def moe_experts(
     Expert ids outside [0, E) raise on CPU tensors; on a GPU or under torch.compile, where
     checking them would read values back to the host, they contribute nothing.
     """
+    if DECODE_EXPERTS and backend == "triton" and config is None and not hidden_states.is_cpu and device.HAS_TRITON:
+        from moe_learn.kernels.decode_experts import planned
+
+        # a decode step repeating the layouts of one checked before: its launch plan (on a GPU; the CPU
+        # checks the ids' values on every call)
+        out = planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)
+        if out is not None:
+            return out
     _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend)
+    if decode_path(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, backend, config):
+        from moe_learn.kernels.decode_experts import run_decode_experts
+
+        return run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=transpose,
+                                  remember=True)
     # ids out of range were refused on the CPU; elsewhere they are dropped here
     counts, gather_indices, topk_weights = drop_and_route(topk_ids, topk_weights, gate_up_proj.shape[0],
                                                           effective_backend(backend, hidden_states.dtype))

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from moe_learn.layers.experts import (
     check_backend,
+    decode_path,
     drop_and_route,
     effective_backend,
     experts_with_activation,
@@ -109,11 +110,16 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     x = hidden_states
     weights = top_k_weights
     ids = top_k_index
+    if w1.dtype != x.dtype:  # autocast may hand over fp32 activations with bf16 weights, as in grouped_mm
+        x = x.to(w1.dtype)
+    if layout.fused and decode_path(x, ids, weights, w1, w2, backend, None):  # a few tokens, inference
+        from moe_learn.kernels.decode_experts import decode_experts
+
+        # (checked on its first call of each layout, from a launch plan after)
+        return decode_experts(x, ids, weights, w1, w2, transpose=layout.transpose).to(hidden_states.dtype)
     # transformers' expert-parallel sentinels (ids >= E, and anything else out of range) contribute
     # nothing: routed to a valid expert with weight 0, and kept out of the router's gradient.
     counts, gather_indices, weights = drop_and_route(ids, weights, num_experts, effective_backend(backend, w1.dtype))
-    if w1.dtype != x.dtype:  # autocast may hand over fp32 activations with bf16 weights, as in grouped_mm
-        x = x.to(w1.dtype)
     if layout.fused:
         out = run_experts(x, counts, gather_indices, weights, w1, w2, transpose=layout.transpose, backend=backend)
     else:

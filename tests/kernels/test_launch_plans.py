@@ -38,7 +38,7 @@ class Interpreted:
     def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit_, *args):
         runtime = args[: len(args) - len(self.constexprs)]
         self.log.append((self, (gx, gy, gz), runtime))
-        self.fn[(gx,)](*runtime, **self.constexprs, **self.options)
+        self.fn[(gx, gy, gz)](*runtime, **self.constexprs, **self.options)
 
 
 class InterpretedRaw(launcher.RawLaunch):
@@ -376,3 +376,154 @@ def test_an_untuned_bucket_is_planned_while_tuning_is_off(direct, monkeypatch):
     gg.grouped_gemm(X, W, counts, kernel="auto", validate=False)
     (plan,) = [p for p in gg._PLANS.values() if p is not None]
     assert plan.tuned is not None and log[-1][0] is plan.entry.kernel, "then planned with the tuned config"
+
+
+# ---------------------------------------------------------------------------------------
+# The decode experts' plans (kernels/decode_experts.py)
+# ---------------------------------------------------------------------------------------
+
+dec = importlib.import_module("moe_learn.kernels.decode_experts")
+
+
+@pytest.fixture
+def direct_decode(monkeypatch):
+    """Direct launches on the CPU for the two decode kernels, each compiled kernel the interpreter behind a log."""
+    log = []
+    monkeypatch.setattr(launcher, "INTERPRETER", False)
+    monkeypatch.setattr(launcher, "_current_device", lambda: 0)
+    monkeypatch.setattr(launcher, "_current_stream", lambda device: 0)
+    monkeypatch.setattr(launcher, "_hooks_set", lambda: False)
+    monkeypatch.setattr(launcher.FastLauncher, "_direct_ok", True)
+
+    def compile_interpreted(self, key, args, constexprs, options):
+        ordered = [constexprs[name] for name in self.fn.arg_names[len(args):]]
+        return launcher.Compiled(key, Interpreted(self.fn, constexprs, options, log), ordered, None, constexprs,
+                                 options)
+
+    key = launcher.FastLauncher.key
+
+    def key_every_argument(self, args, constexprs, options, device):
+        self.loose = (False,) * len(args)
+        return key(self, args, constexprs, options, device)
+
+    monkeypatch.setattr(launcher.FastLauncher, "_compile", compile_interpreted)
+    monkeypatch.setattr(launcher.FastLauncher, "key", key_every_argument)
+    monkeypatch.setattr(dec, "_GATE_UP", launcher.FastLauncher(dec._gate_up_swiglu_kernel))
+    monkeypatch.setattr(dec, "_DOWN", launcher.FastLauncher(dec._down_sum_kernel))
+    monkeypatch.setattr(dec, "_PLANS", {})
+    monkeypatch.setattr(dec, "PLANS", True)
+    return log
+
+
+
+
+def _decode_reference(x, ids, weights, w1, w2, transpose):
+    """float64, slot by slot; h rounded to the dtype as the kernel stores it."""
+    w1 = (w1 if transpose else w1.transpose(1, 2)).double()
+    w2 = (w2 if transpose else w2.transpose(1, 2)).double()
+    E, inter = w1.shape[0], w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if 0 <= e < E:
+                gate_up = w1[e] @ x[t].double()
+                h = (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]).to(x.dtype).double()
+                out[t] += weights[t, j].double() * (w2[e] @ h)
+    return out
+
+
+DECODE_LAYOUTS = {
+    "dtype": [torch.float32, torch.float16],
+    "x_offset": [0, 1],  # x starts 2 or 4 bytes in
+    "x_pad": [0, 5],  # x a column slice: another row stride
+    "ids_dtype": [torch.int64, torch.int32],
+    "ids_strided": [False, True],
+    "weights_strided": [False, True],
+    "transpose": [True, False],
+}
+DECODE_PLAIN = {name: values[0] for name, values in DECODE_LAYOUTS.items()}
+
+
+def _decode_inputs(T, k, E, H, I, seed, layout):  # noqa: E741
+    g = torch.Generator().manual_seed(seed)
+    dtype, offset, width = layout["dtype"], layout["x_offset"], H + layout["x_pad"]
+    x = torch.empty(T * width + offset, dtype=dtype)[offset:].view(T, width)[:, :H]
+    x.copy_(torch.randn(T, H, generator=g))
+    ids = torch.randint(-1, E + 1, (T, k), generator=g).to(layout["ids_dtype"])  # some slots dropped
+    if layout["ids_strided"]:
+        ids = torch.stack([ids, torch.full_like(ids, 10**6)], dim=2)[:, :, 0]
+    weights = torch.rand(T, k, generator=g)
+    if layout["weights_strided"]:
+        weights = torch.rand(k, T, generator=g).t()
+    w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
+    if not layout["transpose"]:
+        w1, w2 = w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
+    return x, ids, weights.to(dtype), w1, w2
+
+
+def _launch_record(log):
+    return [(entry.fn, grid, tuple(_normal(a) for a in args)) for entry, grid, args in log]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changed=st.sampled_from(sorted(DECODE_LAYOUTS)), T=st.integers(1, 3), k=st.integers(1, 3),
+       E=st.integers(1, 4), H=st.integers(1, 20), I=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_decode_plans_launch_what_the_full_path_launches(direct_decode, changed, T, k, E, H, I, seed):  # noqa: E741
+    """A repeated layout runs from its plan: the same kernels, grids and arguments as the full path, float64's
+    numbers; a layout that differs in one property gets its own plan."""
+    dec._PLANS.clear()
+    log = direct_decode
+    first = dict(DECODE_PLAIN)
+    second = {**first, changed: DECODE_LAYOUTS[changed][1]}
+    for n, layout in enumerate((first, first, second, second)):
+        inputs = _decode_inputs(T, k, E, H, I, seed + n, layout)
+        transpose = layout["transpose"]
+        had_plan = len(dec._PLANS)
+        del log[:]
+        with torch.no_grad():
+            got = dec.decode_experts(*inputs, transpose=transpose)
+        planned_launch = _launch_record(log)
+        assert len(dec._PLANS) == (1 if n < 2 else 2)
+        assert (n in (1, 3)) == (had_plan == len(dec._PLANS)), "a repeated layout reuses its plan, a new one adds one"
+        dec.PLANS, saved = False, dict(dec._PLANS)
+        dec._PLANS.clear()
+        del log[:]
+        with torch.no_grad():
+            full = dec.decode_experts(*inputs, transpose=transpose)
+        dec.PLANS = True
+        dec._PLANS.update(saved)
+        assert planned_launch == _launch_record(log)
+        assert torch.equal(got, full)
+        want = _decode_reference(*inputs, transpose)
+        tol = 2e-2 if layout["dtype"] == torch.float16 else 1e-4
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * (1 + want.abs().max().item()))
+
+
+def test_decode_plans_skip_no_check_that_depends_on_more_than_the_layout(direct_decode, monkeypatch):
+    """A gradient to record refuses, plan or not; the CPU's id-range check of moe_experts runs on every call;
+    the plans stay bounded."""
+    from moe_learn.layers.experts import moe_experts
+
+    x, ids, weights, w1, w2 = _decode_inputs(2, 2, 3, 8, 4, 0, DECODE_PLAIN)
+    ids = ids.clamp(0, 2)
+    with torch.no_grad():
+        dec.decode_experts(x, ids, weights, w1, w2)
+    assert len(dec._PLANS) == 1
+    with pytest.raises(ValueError, match="no_grad"):
+        dec.decode_experts(x.requires_grad_(), ids, weights, w1, w2)
+    x = x.detach()
+    with torch.no_grad():
+        moe_experts(x, ids, weights, w1, w2)
+        bad = ids.clone()
+        bad[0, 0] = 3
+        with pytest.raises(ValueError, match="topk_ids"):
+            moe_experts(x, bad, weights, w1, w2)
+    dec._PLANS.clear()
+    monkeypatch.setattr(dec, "MAX_PLANS", 3)
+    with torch.no_grad():
+        for T in range(1, dec.MAX_PLANS + 3):
+            dec.run_decode_experts(x[:1].expand(T, -1), ids[:1].expand(T, -1), weights[:1].expand(T, -1), w1, w2,
+                                   remember=True)
+    assert 0 < len(dec._PLANS) <= dec.MAX_PLANS
