@@ -1,6 +1,6 @@
 """The experts of a decode step: the two-launch decode path against the grouped path and transformers' default.
 
-    PYTHONPATH=$PWD python3 perf/decode_experts.py [$OUT/decode_experts.json]     # on a GPU
+    PYTHONPATH=$PWD python3 perf/decode_experts.py [$OUT/decode_experts.json] [--sweep]     # on a GPU
 
 For each decode model (bench.cases.DECODE_MODELS) and T = 1..64 tokens, inference (no grad), bf16:
 - ``decode``: ``kernels.decode_experts.run_decode_experts`` (two launches, no routing pass), also past
@@ -12,7 +12,7 @@ Three times per call, microseconds: ``eager`` = back-to-back eager calls, wall t
 sync at the end (what an eager decode loop gets: max(host, GPU) per call); ``alone`` = one call timed
 with a sync before and after (median); ``graph`` = a CUDA-graph replay (``do_bench_cudagraph``: GPU
 time only). Outputs are compared with the default's (largest difference relative to its largest
-value).
+value). --sweep first times the decode kernels' launch parameters (``SWEEP``) from CUDA graphs.
 """
 
 from __future__ import annotations
@@ -74,17 +74,53 @@ def grouped(fn):
     return call
 
 
+SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, MIN_BLOCK_N=bn, PROGRAMS_PER_SM=p, stages=s)
+         for bk1 in (64, 128) for bk2 in (128, 256) for bn in (8, 16) for p in (2, 4) for s in (3, 5)]
+
+
+def sweep(dev, dt) -> list[dict]:
+    """Graph times of the decode path's launch parameters (module constants) on two models at T = 1 and 8."""
+    out = []
+    defaults = dict(BLOCK_K_GATE_UP=dec.BLOCK_K_GATE_UP, BLOCK_K_DOWN=dec.BLOCK_K_DOWN, MIN_BLOCK_N=dec.MIN_BLOCK_N,
+                    PROGRAMS_PER_SM=dec.PROGRAMS_PER_SM, stages=dec.OPTIONS["num_stages"])
+    for model in ("qwen3-30b-a3b", "gpt-oss-120b"):
+        H, I, E, k = MODELS[model]  # noqa: E741
+        w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02
+        w2 = torch.randn(E, H, I, device=dev, dtype=dt) * 0.02
+        for T in (1, 8):
+            weights, ids = route(T, E, k, seed=T, device=dev)
+            x = torch.randn(T, H, device=dev, dtype=dt)
+            for params in [defaults, *SWEEP]:
+                for name, value in params.items():
+                    if name == "stages":
+                        dec.OPTIONS["num_stages"] = value
+                    else:
+                        setattr(dec, name, value)
+                us = graph_us(lambda: dec.run_decode_experts(x, ids, weights, w1, w2))  # noqa: B023
+                out.append({"model": model, "T": T, **params, "graph_us": us})
+                print(f"sweep {model:<14} T={T} {params} graph {us:6.1f} us", flush=True)
+    for name, value in defaults.items():
+        if name == "stages":
+            dec.OPTIONS["num_stages"] = value
+        else:
+            setattr(dec, name, value)
+    return out
+
+
 def main():
     path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
     dev, dt = "cuda", torch.bfloat16
     rows = []
     with torch.no_grad():
+        swept = sweep(dev, dt) if "--sweep" in sys.argv else []
         for model in DECODE_MODELS:
             H, I, E, k = MODELS[model]  # noqa: E741
             gen = torch.Generator(device=dev).manual_seed(0)
             w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=gen) * 0.02
             w2 = torch.randn(E, H, I, device=dev, dtype=dt, generator=gen) * 0.02
-            default = _transformers_module(ExpertsCase(model, 1, H, I, E, k), "grouped_mm", w1, w2)
+            default = _transformers_module(ExpertsCase(model, 1, H, I, E, k), "grouped_mm",
+                                           torch.nn.Parameter(w1, requires_grad=False),
+                                           torch.nn.Parameter(w2, requires_grad=False))
             for T in TOKENS:
                 weights, ids = route(T, E, k, seed=T, device=dev)
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
@@ -105,7 +141,8 @@ def main():
                           f"alone {row['alone_us']:7.1f} graph {row['graph_us']:7.1f} us   "
                           f"diff {row['rel_diff_vs_default']:.1e}", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "moe_learn_max_slots": dec.MAX_SLOTS, "command": "python3 perf/decode_experts.py", "rows": rows}
+            "moe_learn_max_slots": dec.MAX_SLOTS, "command": "python3 perf/decode_experts.py " + " ".join(sys.argv[1:]),
+            "rows": rows, "sweep": swept}
     try:
         import transformers
 

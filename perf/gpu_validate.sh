@@ -11,7 +11,7 @@
 #             into $OUT/logs/ab.json
 #   host      perf/host_overhead.py (host time per decode call) and perf/profile_host.py (its cProfile)
 #   decode    perf/decode_experts.py: the decode experts' two-launch path vs the grouped path vs transformers'
-#             default, T = 1..64, into $OUT/logs/decode_experts.json
+#             default, T = 1..64, into $OUT/logs/decode_experts.json (DECODE_ARGS="--sweep": launch parameters first)
 #   abdw      perf/ab_dw.py, the dW configs, in-kernel gather vs copy first, vs torch._grouped_mm
 #   profile   perf/profile_training.py --only ours (kernel table of the experts' forward+backward)
 # On a machine whose Python has torch and triton but not pytest/jupyter/nbval/liger, put their
@@ -108,7 +108,8 @@ for step in $STEPS; do
             python3 perf/host_overhead.py "$OUT/logs/host.json" 2>&1 | tee "$OUT/logs/host.log" | tail -30
             python3 perf/profile_host.py > "$OUT/logs/profile_host.txt" 2>&1; grep "us/call" "$OUT/logs/profile_host.txt" ;;
         decode)
-            python3 perf/decode_experts.py "$OUT/logs/decode_experts.json" 2>&1 | tee "$OUT/logs/decode_experts.log" \
+            # shellcheck disable=SC2086
+            python3 perf/decode_experts.py "$OUT/logs/decode_experts.json" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/logs/decode_experts.log" \
                 | tail -90 ;;
         abdw)
             python3 perf/ab_dw.py 2>&1 | tee "$OUT/logs/ab_dw.txt" | grep -v "^  .*config" | tail -20 ;;

@@ -38,7 +38,9 @@ from moe_learn.validation import check_moe_args
 # Measured against the grouped path on an H100 and an H200 (perf/decode_experts.py, perf/NOTES.md item 22).
 MAX_SLOTS = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BLOCK_K = 128
+# Launch parameters (perf/decode_experts.py --sweep compares others): the K block of each kernel (the gate_up
+# kernel streams two tiles a step), the narrowest column block and the programs per SM to aim for.
+BLOCK_K_GATE_UP, BLOCK_K_DOWN, MIN_BLOCK_N, PROGRAMS_PER_SM = 128, 256, 8, 2
 OPTIONS = dict(num_warps=4, num_stages=4)
 
 
@@ -77,27 +79,34 @@ def _gate_up_swiglu_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, E, I, H, TOP_K,
 @triton.jit(do_not_specialize=["E", "TOP_K"])
 def _down_sum_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, E, H, I, TOP_K,
                      stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    # The token's k ids and weights, loaded once: inside the loop a slot's expert then comes from registers,
+    # and no load of W waits for a load of its id. Another id is masked off (exactly nothing, not 0 times an
+    # unwritten h): its bound is 0.
+    offs_s = tl.arange(0, SLOTS)
+    ids = tl.load(ids_ptr + t * stride_it + offs_s * stride_ik, mask=offs_s < TOP_K, other=-1).to(tl.int64)
+    valid = (ids >= 0) & (ids < E)
+    weights = tl.load(weights_ptr + t * stride_rt + offs_s * stride_rk, mask=offs_s < TOP_K, other=0.0)
+    weights = tl.where(valid, weights.to(tl.float32), 0.0)
+    bases = tl.where(valid, ids, 0) * stride_we
+    bounds = tl.where(valid, I, 0)
     # one flat loop over (slot, K block), so that loads run ahead across slots too (a decode step has few K
     # blocks per slot); each step adds W_down[e] tile * (weight * h) per lane, reduced once at the end
     chunks = tl.cdiv(I, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for step in range(0, TOP_K * chunks):
         j = step // chunks
+        this = offs_s == j
         offs_k = (step - j * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        e = tl.load(ids_ptr + t * stride_it + j * stride_ik).to(tl.int64)
-        valid = (e >= 0) & (e < E)  # another id: masked off, so exactly nothing (not 0 * an unwritten h)
-        e = tl.where(valid, e, 0)
-        mask_k = offs_k < tl.where(valid, I, 0)
-        weight = tl.load(weights_ptr + t * stride_rt + j * stride_rk).to(tl.float32)
-        weight = tl.where(valid, weight, 0.0)
+        mask_k = offs_k < tl.sum(tl.where(this, bounds, 0))
+        weight = tl.sum(tl.where(this, weights, 0.0))
         h = tl.load(h_ptr + (t * TOP_K + j).to(tl.int64) * I + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        w = tl.load(rows + e * stride_we + offs_k[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0)
+        w = tl.load(rows + tl.sum(tl.where(this, bases, 0)) + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * (weight * h)[None, :]
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n * stride_oh, out.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -154,11 +163,16 @@ def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, tran
 
 
 def _block_n(rows: int, columns: int, sms: int) -> int:
-    """The widest column block that still gives every SM two programs (decode streams weights: all SMs must pull)."""
-    for block in (64, 32):
-        if rows * -(-columns // block) >= 2 * sms:
+    """The widest column block that still gives every SM PROGRAMS_PER_SM programs (decode streams weights: every
+    SM must pull, with loads in flight)."""
+    for block in (64, 32, 16):
+        if rows * -(-columns // block) >= PROGRAMS_PER_SM * sms:
             return block
-    return 16
+    return MIN_BLOCK_N
+
+
+def _block_k(depth: int, widest: int) -> int:
+    return max(16, min(widest, triton.next_power_of_2(depth)))
 
 
 def _nk_strides(w: torch.Tensor, transpose: bool) -> tuple[int, int, int]:
@@ -187,11 +201,12 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     block = _block_n(slots, inter, sms)
     gate_up = ((slots, -(-inter // block)),
                (num_experts, inter, hidden, top_k, *hidden_states.stride(), *topk_ids.stride(),
-                *_nk_strides(gate_up_proj, transpose)), dict(BLOCK_N=block, BLOCK_K=BLOCK_K))
+                *_nk_strides(gate_up_proj, transpose)), dict(BLOCK_N=block, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP)))
     block = _block_n(tokens, hidden, sms)
     down = ((tokens, -(-hidden // block)),
             (num_experts, hidden, inter, top_k, *topk_ids.stride(), *topk_weights.stride(),
-             *_nk_strides(down_proj, transpose), *out.stride()), dict(BLOCK_N=block, BLOCK_K=BLOCK_K))
+             *_nk_strides(down_proj, transpose), *out.stride()),
+            dict(SLOTS=triton.next_power_of_2(top_k), BLOCK_N=block, BLOCK_K=_block_k(inter, BLOCK_K_DOWN)))
     gate_up_args = (hidden_states, topk_ids, gate_up_proj, h, *gate_up[1])
     down_args = (h, topk_ids, topk_weights, down_proj, out, *down[1])
     if not direct_possible():

@@ -310,14 +310,23 @@ def test_agrees_with_moe_experts_torch_backend(transpose, dtype):
 
 @pytest.fixture
 def decode_calls(monkeypatch):
-    """Counts the layers' calls of run_decode_experts (they import it from its module at call time)."""
+    """Counts the layers' calls of the decode path (they import it from its module at call time): through
+    run_decode_experts, or, on a GPU, from a launch plan of an earlier call (``planned``)."""
     calls = []
+    planned = D.planned
 
     def counting(*args, **kwargs):
         calls.append(args[1].shape)
         return run_decode_experts(*args, **kwargs)
 
+    def counting_planned(*args, **kwargs):
+        out = planned(*args, **kwargs)
+        if out is not None:
+            calls.append(args[1].shape)
+        return out
+
     monkeypatch.setattr(D, "run_decode_experts", counting)
+    monkeypatch.setattr(D, "planned", counting_planned)
     return calls
 
 
