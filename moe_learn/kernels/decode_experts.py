@@ -16,7 +16,7 @@ experts' weights past one vector (a matrix-vector product, which tensor cores wo
 
 Nothing is sorted, so nothing waits for a routing pass, and no expert that got no slot is read.
 An expert that got several slots is read once per slot (from L2 when they run close together):
-the reason the layers take this path only up to ``MAX_SLOTS`` pairs. Ids outside [0, E) skip
+one reason the layers take this path only for a few slots (``layers_take``). Ids outside [0, E) skip
 their slot: it contributes nothing, as ``drop_invalid`` says (transformers' expert-parallel
 sentinels). Inference only: no autograd.
 """
@@ -34,9 +34,14 @@ from moe_learn.kernels.grouped_gemm import _layout as layout
 from moe_learn.kernels.launcher import FastLauncher, direct_possible
 from moe_learn.validation import check_moe_args
 
-# T*k at or below which the layers (moe_experts, transformers' experts) take this path in inference.
-# Measured against the grouped path on an H100 and an H200 (perf/decode_experts.py, perf/NOTES.md item 22).
+# When the layers (moe_experts, transformers' experts) take this path in inference: at most MAX_SLOTS (token,
+# slot) pairs whose experts' weights come to at most MAX_WEIGHT_BYTES (counted once per slot, as read), and not
+# while a CUDA graph is captured. Its kernels stream weights at 0.6-0.8 of what the grouped GEMMs reach, so it
+# wins only where the grouped path's four launches cost more host time than that: on an H100 VM, Qwen3-30B-A3B
+# at T = 1-2 (75-150 MB) and gpt-oss-120b at T = 1 (200 MB) won, everything from 300 MB up lost
+# (perf/decode_experts.py, perf/NOTES.md item 22). In a CUDA graph host time is free: the grouped path wins.
 MAX_SLOTS = 64
+MAX_WEIGHT_BYTES = 224 * 2**20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch parameters (perf/decode_experts.py --sweep compares others): the K block of each kernel (the gate_up
 # kernel streams two tiles a step), the narrowest column block and the programs per SM to aim for.
@@ -124,11 +129,12 @@ _PLANS: dict[tuple, _Plan] = {}
 class _Plan:
     """What a decode call with these layouts launches: both compiled kernels, their grids and their scalars."""
 
-    __slots__ = ("device", "tokens", "hidden", "slots", "inter", "gate_up", "down")
+    __slots__ = ("device", "tokens", "hidden", "slots", "inter", "gate_up", "down", "layers_take_it")
 
-    def __init__(self, device, tokens, hidden, slots, inter, gate_up, down):
+    def __init__(self, device, tokens, hidden, slots, inter, gate_up, down, layers_take_it):
         self.device, self.tokens, self.hidden, self.slots, self.inter = device, tokens, hidden, slots, inter
         self.gate_up, self.down = gate_up, down  # (compiled kernel, grid, scalar arguments)
+        self.layers_take_it = layers_take_it  # the layers' rule (layers_take) for these shapes
 
     def __call__(self, x, ids, weights, w1, w2) -> torch.Tensor:
         out = x.new_empty(self.tokens, self.hidden)
@@ -140,13 +146,32 @@ class _Plan:
         return out
 
 
+_CUDA = torch.cuda.is_available()
+
+
+def _capturing() -> bool:
+    return _CUDA and torch.cuda.is_current_stream_capturing()  # (a CPU build has no such query)
+
+
+def layers_take(topk_ids: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """The layers' rule (see MAX_WEIGHT_BYTES): few slots, few bytes of weights, no CUDA graph being captured."""
+    slots = topk_ids.numel()
+    if slots > MAX_SLOTS or _capturing():
+        return False
+    per_expert = (gate_up_proj.numel() + down_proj.numel()) // max(gate_up_proj.shape[0], 1)
+    return slots * per_expert * gate_up_proj.element_size() <= MAX_WEIGHT_BYTES
+
+
 def _plan_key(x, ids, weights, w1, w2, transpose) -> tuple:
-    return layout(x), layout(ids), layout(weights), layout(w1), layout(w2), transpose
+    # (the rule's limits too: a plan made under other limits is not reused)
+    return layout(x), layout(ids), layout(weights), layout(w1), layout(w2), transpose, MAX_SLOTS, MAX_WEIGHT_BYTES
 
 
-def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=True) -> torch.Tensor | None:
+def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=True, *,
+            layers=False) -> torch.Tensor | None:
     """The output of a call whose layouts ran (checked) before, from its plan; None where there is no plan
-    (a new layout, a gradient to record, a changed current device, torch.compile): then take the checked path."""
+    (a new layout, a gradient to record, a changed current device, torch.compile): then take the checked path.
+    layers: for the layers, which take this path only by their rule (``layers_take``)."""
     if not _PLANS or torch.compiler.is_compiling():
         return None
     try:
@@ -155,6 +180,8 @@ def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, tran
         return None
     plan = _PLANS.get(key)
     if plan is None or not direct_possible() or plan.device != launcher._current_device():
+        return None
+    if layers and (not plan.layers_take_it or _capturing()):
         return None
     if torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
                                     or gate_up_proj.requires_grad or down_proj.requires_grad):
@@ -223,7 +250,8 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         key = _plan_key(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)
-        _PLANS[key] = _Plan(device, tokens, hidden, slots, inter, *launches)
+        _PLANS[key] = _Plan(device, tokens, hidden, slots, inter, *launches,
+                            layers_take(topk_ids, gate_up_proj, down_proj))
     return out
 
 
@@ -237,8 +265,8 @@ def decode_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_wei
     ``e = topk_ids[t, j]`` in [0, E): ``h = silu(gate) * up`` (float32, rounded to the dtype, as the
     grouped GEMM stores it), and ``out[t] = sum_j topk_weights[t, j] * down_e(h)`` summed in float32
     and rounded once. A slot whose id is outside [0, E) contributes nothing. Any number of tokens
-    works; past ``MAX_SLOTS`` (T*k) the grouped path of ``moe_experts`` reads each expert's weights
-    once instead of once per slot.
+    works; ``moe_experts`` takes this path only where it measured faster (``layers_take``): past that its
+    grouped path reads each expert's weights once instead of once per slot, at a higher bandwidth.
     """
     out = planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)
     if out is not None:

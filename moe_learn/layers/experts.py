@@ -113,13 +113,15 @@ def _one_launch_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, back
 
 
 # Decode-sized inference in two launches with no routing pass (kernels/decode_experts.py): each (token,
-# slot) pair reads its expert's weights itself. An A/B switch (perf/decode_experts.py).
+# slot) pair reads its expert's weights itself; taken where that measured faster (its layers_take). An A/B
+# switch (perf/decode_experts.py).
 DECODE_EXPERTS = True
 
 
 def decode_path(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, backend: str, config) -> bool:
-    """Whether the experts take ``kernels.decode_experts``: Triton, eager, no gradient, at most its
-    ``MAX_SLOTS`` (token, slot) pairs, no launch ``config`` (that is for the grouped GEMMs)."""
+    """Whether the experts take ``kernels.decode_experts``: Triton, eager, no gradient, no launch ``config``
+    (that is for the grouped GEMMs), and its rule (``decode_experts.layers_take``: few slots and bytes, where
+    it measured faster, and no CUDA graph being captured)."""
     if not (DECODE_EXPERTS and device.HAS_TRITON) or backend != "triton" or config is not None:
         return False
     if hidden_states.dtype not in TRITON_DTYPES or torch.compiler.is_compiling():
@@ -127,9 +129,11 @@ def decode_path(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, 
     if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, topk_weights, gate_up_proj,
                                                                    down_proj)):
         return False
-    from moe_learn.kernels.decode_experts import MAX_SLOTS
+    if not (hidden_states.is_cuda or (hidden_states.is_cpu and device.INTERPRETER)):
+        return False
+    from moe_learn.kernels.decode_experts import layers_take
 
-    return topk_ids.numel() <= MAX_SLOTS and (hidden_states.is_cuda or (hidden_states.is_cpu and device.INTERPRETER))
+    return layers_take(topk_ids, gate_up_proj, down_proj)
 
 
 def drop_and_route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, backend: str = "triton"):
@@ -382,7 +386,7 @@ def moe_experts(
 
         # a decode step repeating the layouts of one checked before: its launch plan (on a GPU; the CPU
         # checks the ids' values on every call)
-        out = planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)
+        out = planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, layers=True)
         if out is not None:
             return out
     _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend)

@@ -527,3 +527,21 @@ def test_decode_plans_skip_no_check_that_depends_on_more_than_the_layout(direct_
             dec.run_decode_experts(x[:1].expand(T, -1), ids[:1].expand(T, -1), weights[:1].expand(T, -1), w1, w2,
                                    remember=True)
     assert 0 < len(dec._PLANS) <= dec.MAX_PLANS
+
+
+def test_layers_take_a_decode_plan_only_within_their_rule(direct_decode, monkeypatch):
+    """A plan that ``decode_experts`` made for shapes past the layers' rule (too many bytes of weights) is not
+    the layers' (``planned(layers=True)``); changing the rule's limits retires every plan made under the old."""
+    x, ids, weights, w1, w2 = _decode_inputs(2, 2, 3, 8, 4, 0, DECODE_PLAIN)
+    ids = ids.clamp(0, 2)
+    per_slot = (w1.numel() + w2.numel()) // 3 * w1.element_size()
+    monkeypatch.setattr(dec, "MAX_WEIGHT_BYTES", 4 * per_slot - 1)  # 4 slots are one byte too many
+    assert not dec.layers_take(ids, w1, w2) and dec.layers_take(ids[:1], w1, w2)
+    with torch.no_grad():
+        want = dec.decode_experts(x, ids, weights, w1, w2)
+        assert torch.equal(dec.planned(x, ids, weights, w1, w2), want)  # decode_experts' own calls: planned
+        assert dec.planned(x, ids, weights, w1, w2, layers=True) is None
+        dec.decode_experts(x[:1], ids[:1], weights[:1], w1, w2)
+        assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is not None
+        monkeypatch.setattr(dec, "MAX_SLOTS", 1)  # other limits: no plan of the old ones is reused
+        assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is None
