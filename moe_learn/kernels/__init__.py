@@ -10,6 +10,7 @@
                             or in the Hopper GEMM's epilogues (timed against each other per shape)
     fused_routing.py        top-k, counts, gather and scatter indices in one launch
     route_ids.py            counts, gather indices and weights from given ids, in one launch (decode)
+    decode_experts.py       a decode step's experts in two launches, one (token, slot) per row (decode)
     primer.py               chapter 05's small kernels
     schedule.py             the grouped GEMM's tile walk in plain Python (chapter 06's picture)
 """
