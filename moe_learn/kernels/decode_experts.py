@@ -56,15 +56,15 @@ def _gate_up_swiglu_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, E, I, H, TOP_K,
     slot = tl.program_id(0)
     t = slot // TOP_K
     e = tl.load(ids_ptr + t * stride_it + (slot - t * TOP_K) * stride_ik).to(tl.int64)
-    # Another id contributes nothing: every load below is masked off (no traffic), h's row is 0. Masks, not
-    # a branch around the loop, keep the loop one the compiler pipelines.
+    # Another id contributes nothing: every load below is masked off (no traffic), h's row is 0 (bounds in
+    # the masks rather than a branch around the loop).
     valid = (e >= 0) & (e < E)
     e = tl.where(valid, e, 0)
     k_end = tl.where(valid, H, 0)  # (bounds, not a scalar mask: the interpreter takes no scalar in a mask)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < tl.where(valid, I, 0)
     gate_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn  # W[e, n, :], n < I: the gate
-    up_rows = gate_rows + I * stride_wn  # W[e, I + n, :]: the up projection
+    up_rows = w_ptr + e * stride_we + (offs_n + I).to(tl.int64)[:, None] * stride_wn  # W[e, I + n, :]: the up
     x_row = x_ptr + t.to(tl.int64) * stride_xt
     # products summed per lane, reduced once after the loop (one reduction, not one per step)
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)

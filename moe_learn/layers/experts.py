@@ -381,7 +381,8 @@ def moe_experts(
     Expert ids outside [0, E) raise on CPU tensors; on a GPU or under torch.compile, where
     checking them would read values back to the host, they contribute nothing.
     """
-    if DECODE_EXPERTS and backend == "triton" and config is None and not hidden_states.is_cpu and device.HAS_TRITON:
+    if (DECODE_EXPERTS and backend == "triton" and config is None and device.HAS_TRITON
+            and isinstance(hidden_states, torch.Tensor) and not hidden_states.is_cpu):
         from moe_learn.kernels.decode_experts import planned
 
         # a decode step repeating the layouts of one checked before: its launch plan (on a GPU; the CPU

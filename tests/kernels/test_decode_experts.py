@@ -535,3 +535,12 @@ def test_what_is_allowed_is_not_refused():
     for w_other in (w.detach().half(), w.detach().double(), w.detach().bfloat16()):
         with torch.no_grad():
             _assert_matches(decode_experts(x, ids.int(), w_other, w1, w2), x, ids, w_other, w1, w2)
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], None, 3.0])
+def test_moe_experts_names_a_hidden_states_that_is_no_tensor(bad):
+    """The decode path's look-up runs before moe_experts' checks: it must leave a non-tensor to them."""
+    ids, w = torch.zeros(1, 1, dtype=torch.long, device=DEVICE), torch.ones(1, 1, device=DEVICE)
+    w1, w2 = torch.zeros(1, 2, 2, device=DEVICE), torch.zeros(1, 2, 1, device=DEVICE)
+    with torch.no_grad(), pytest.raises(TypeError, match="hidden_states must be a torch.Tensor"):
+        X.moe_experts(bad, ids, w, w1, w2)
