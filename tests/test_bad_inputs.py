@@ -8,24 +8,19 @@ passed) fails like a wrong answer does.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from moe_learn.device import ON_GPU
+from tests.child_cases import outcomes_in_children, report_cases
 
 # The table builds CPU tensors (run through Triton's interpreter): a CPU machine's test.
 pytestmark = pytest.mark.skipif(ON_GPU, reason="the bad-input table is built from CPU tensors")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -288,42 +283,13 @@ def run_child(start: int) -> None:
     import moe_learn  # noqa: F401  (the interpreter on CPU)
 
     torch.manual_seed(0)
-    for i, case in enumerate(_cases()):
-        if i < start:
-            continue
-        print(json.dumps({"start": i}), flush=True)
-        try:
-            case.call()
-        except Exception as exc:  # noqa: BLE001 - every outcome is reported, the parent judges
-            print(json.dumps({"i": i, "type": type(exc).__name__, "message": str(exc)}), flush=True)
-        else:
-            print(json.dumps({"i": i, "type": None, "message": "returned without an error"}), flush=True)
+    report_cases([case.call for case in _cases()], start)
 
 
 @pytest.fixture(scope="module")
 def outcomes() -> dict[int, dict]:
     """Run the table in a child; after a crash, note it and go on from the next case."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    results: dict[int, dict] = {}
-    start, total = 0, len(_cases())
-    while start < total:
-        proc = subprocess.run(
-            [sys.executable, "-c", f"from tests.test_bad_inputs import run_child; run_child({start})"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-        )
-        last = start
-        for line in proc.stdout.splitlines():
-            record = json.loads(line)
-            if "start" in record:
-                last = record["start"]
-            else:
-                results[record["i"]] = record
-        if last in results:  # the child got through to the end
-            break
-        results[last] = {"type": "crash", "message": f"the process died (exit code {proc.returncode}): "
-                                                      f"{proc.stderr[-1500:]}"}
-        start = last + 1
-    return results
+    return outcomes_in_children("from tests.test_bad_inputs import run_child; run_child({start})", len(_cases()))
 
 
 CASES = _cases()

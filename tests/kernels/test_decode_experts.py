@@ -7,12 +7,7 @@ real expert (0 * inf = NaN leaking in), the rounding of h, the dispatch from the
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +19,8 @@ from moe_learn.device import DEVICE, ON_GPU
 from moe_learn.kernels import decode_experts as D
 from moe_learn.kernels.decode_experts import MAX_SLOTS, decode_experts, run_decode_experts
 from moe_learn.layers import experts as X
+from tests.child_cases import outcomes_in_children, report_cases
 
-ROOT = Path(__file__).resolve().parents[2]
 NAN = float("nan")
 INF = float("inf")
 
@@ -474,46 +469,24 @@ def _bad_cases():
     ]
 
 
+def _with_grad(call):
+    def run():
+        with torch.enable_grad():
+            call()
+    return run
+
+
 def _run_child(start: int) -> None:
     """The child's side: from case ``start`` on, one JSON line per case."""
     torch.manual_seed(0)
-    for i, (_, _, _, call) in enumerate(_bad_cases()):
-        if i < start:
-            continue
-        print(json.dumps({"start": i}), flush=True)
-        try:
-            with torch.enable_grad():
-                call()
-        except Exception as exc:  # noqa: BLE001 - every outcome is reported, the parent judges
-            print(json.dumps({"i": i, "type": type(exc).__name__, "message": str(exc)}), flush=True)
-        else:
-            print(json.dumps({"i": i, "type": None, "message": "returned without an error"}), flush=True)
+    report_cases([_with_grad(call) for _, _, _, call in _bad_cases()], start)
 
 
 @pytest.fixture(scope="module")
 def bad_outcomes() -> dict[int, dict]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    results: dict[int, dict] = {}
-    start, total = 0, len(_bad_cases())
-    while start < total:
-        proc = subprocess.run(
-            [sys.executable, "-c",
-             f"import moe_learn; from tests.kernels.test_decode_experts import _run_child; _run_child({start})"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-        )
-        last = start
-        for line in proc.stdout.splitlines():
-            record = json.loads(line)
-            if "start" in record:
-                last = record["start"]
-            else:
-                results[record["i"]] = record
-        if last in results:  # the child got through to the end
-            break
-        results[last] = {"type": "crash", "message": f"the process died (exit code {proc.returncode}): "
-                                                      f"{proc.stderr[-1500:]}"}
-        start = last + 1
-    return results
+    return outcomes_in_children(
+        "import moe_learn; from tests.kernels.test_decode_experts import _run_child; _run_child({start})",
+        len(_bad_cases()), timeout=600)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the bad-input table is built from CPU tensors")

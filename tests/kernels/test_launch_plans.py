@@ -57,11 +57,9 @@ class InterpretedRaw(launcher.RawLaunch):
         self.kernel.run(gx, gy, gz, stream, None, None, None, None, None, *args)
 
 
-@pytest.fixture(params=["kernel.run", "raw launch"])
-def direct(monkeypatch, request):
-    """Direct launches on the CPU, tuned buckets (the tiny config), no plans left from other tests; the
-    compiled kernel launched through its launcher, or through ``RawLaunch`` with its tensor maps."""
-    log = []
+def _interpreted_direct_launches(monkeypatch, log, raw: bool) -> None:
+    """Direct launches on the CPU: every ``FastLauncher`` compiles to an ``Interpreted`` stand-in that logs
+    its launches (behind ``InterpretedRaw`` with its "tensor maps" when ``raw``)."""
     monkeypatch.setattr(launcher, "RAW", True)
     monkeypatch.setattr(launcher.RawLaunch, "_ok", True)
     monkeypatch.setattr(launcher, "INTERPRETER", False)
@@ -74,8 +72,8 @@ def direct(monkeypatch, request):
         ordered = [constexprs[name] for name in self.fn.arg_names[len(args):]]
         kernel = Interpreted(self.fn, constexprs, options, log)
         descriptors = [i for i, arg in enumerate(args) if type(arg).__name__ == "TensorDescriptor"]
-        raw = InterpretedRaw(kernel, descriptors) if request.param == "raw launch" else None
-        return launcher.Compiled(key, kernel, ordered, raw, constexprs, options)
+        return launcher.Compiled(key, kernel, ordered, InterpretedRaw(kernel, descriptors) if raw else None,
+                                 constexprs, options)
 
     key = launcher.FastLauncher.key
 
@@ -86,6 +84,14 @@ def direct(monkeypatch, request):
 
     monkeypatch.setattr(launcher.FastLauncher, "_compile", compile_interpreted)
     monkeypatch.setattr(launcher.FastLauncher, "key", key_every_argument)
+
+
+@pytest.fixture(params=["kernel.run", "raw launch"])
+def direct(monkeypatch, request):
+    """Direct launches on the CPU, tuned buckets (the tiny config), no plans left from other tests; the
+    compiled kernel launched through its launcher, or through ``RawLaunch`` with its tensor maps."""
+    log = []
+    _interpreted_direct_launches(monkeypatch, log, raw=request.param == "raw launch")
     monkeypatch.setattr(hopper, "_LAUNCH", launcher.FastLauncher(hopper._grouped_gemm_tma_kernel))
     monkeypatch.setattr(hopper, "autotune_enabled", lambda X: True)
     monkeypatch.setattr(hopper, "choose_config",
@@ -389,32 +395,12 @@ dec = importlib.import_module("moe_learn.kernels.decode_experts")
 def direct_decode(monkeypatch):
     """Direct launches on the CPU for the two decode kernels, each compiled kernel the interpreter behind a log."""
     log = []
-    monkeypatch.setattr(launcher, "INTERPRETER", False)
-    monkeypatch.setattr(launcher, "_current_device", lambda: 0)
-    monkeypatch.setattr(launcher, "_current_stream", lambda device: 0)
-    monkeypatch.setattr(launcher, "_hooks_set", lambda: False)
-    monkeypatch.setattr(launcher.FastLauncher, "_direct_ok", True)
-
-    def compile_interpreted(self, key, args, constexprs, options):
-        ordered = [constexprs[name] for name in self.fn.arg_names[len(args):]]
-        return launcher.Compiled(key, Interpreted(self.fn, constexprs, options, log), ordered, None, constexprs,
-                                 options)
-
-    key = launcher.FastLauncher.key
-
-    def key_every_argument(self, args, constexprs, options, device):
-        self.loose = (False,) * len(args)
-        return key(self, args, constexprs, options, device)
-
-    monkeypatch.setattr(launcher.FastLauncher, "_compile", compile_interpreted)
-    monkeypatch.setattr(launcher.FastLauncher, "key", key_every_argument)
+    _interpreted_direct_launches(monkeypatch, log, raw=False)
     monkeypatch.setattr(dec, "_GATE_UP", launcher.FastLauncher(dec._gate_up_swiglu_kernel))
     monkeypatch.setattr(dec, "_DOWN", launcher.FastLauncher(dec._down_sum_kernel))
     monkeypatch.setattr(dec, "_PLANS", {})
     monkeypatch.setattr(dec, "PLANS", True)
     return log
-
-
 
 
 def _decode_reference(x, ids, weights, w1, w2, transpose):
