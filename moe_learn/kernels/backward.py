@@ -39,7 +39,7 @@ from moe_learn.kernels import autotune
 from moe_learn.kernels.autotune import autotune_enabled, choose_config, num_sms
 from moe_learn.kernels.grouped_gemm import encode_config, needs_autograd
 from moe_learn.kernels.grouped_gemm_hopper import TensorDescriptor, capability, tensor_descriptor
-from moe_learn.kernels.launcher import FastLauncher
+from moe_learn.kernels.launcher import FastLauncher, cdiv, next_power_of_2
 from moe_learn.validation import (
     check_gather_indices,
     check_integer,
@@ -226,14 +226,14 @@ def gather_rows(X: torch.Tensor, gather_indices: torch.Tensor, topk: int) -> tor
     M, K = gather_indices.shape[0], X.shape[1]
     out = X.new_empty(M, K)
     if M and K:
-        _gather_rows_kernel[(triton.cdiv(M, 16),)](X, gather_indices, out, M, K, X.stride(0), TOP_K=topk, BLOCK_R=16,
-                                                   BLOCK_K=min(256, triton.next_power_of_2(K)))
+        _gather_rows_kernel[(cdiv(M, 16),)](X, gather_indices, out, M, K, X.stride(0), TOP_K=topk, BLOCK_R=16,
+                                                   BLOCK_K=min(256, next_power_of_2(K)))
     return out
 
 
 def _block(size: int, cap: int) -> int:
     """Smallest power of two >= size, at least 16 (tl.dot's minimum) and at most cap."""
-    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+    return max(16, min(cap, next_power_of_2(max(size, 1))))
 
 
 def grouped_gemm_dw(
@@ -367,7 +367,7 @@ def run_grouped_gemm_dw(X, dY, m_sizes, gather_indices, topk, permute_x, transpo
         if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
             raise ValueError(f"config[{key!r}] must be a power of two >= 16 (tl.dot needs it), got {value!r}")
     BLOCK_M, BLOCK_N, BLOCK_K = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (num_experts, triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))
+    grid = (num_experts, cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))
     _grouped_gemm_dw_kernel[grid](
         X,
         dY,

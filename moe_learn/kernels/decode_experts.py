@@ -31,7 +31,7 @@ from moe_learn.device import check_kernel_device
 from moe_learn.kernels import launcher
 from moe_learn.kernels.autotune import num_sms
 from moe_learn.kernels.grouped_gemm import _layout as layout
-from moe_learn.kernels.launcher import FastLauncher, direct_possible
+from moe_learn.kernels.launcher import FastLauncher, direct_possible, next_power_of_2
 from moe_learn.validation import check_moe_args
 
 # When the layers (moe_experts, transformers' experts) take this path in inference: at most MAX_SLOTS (token,
@@ -198,12 +198,8 @@ def _block_n(rows: int, columns: int, sms: int) -> int:
     return MIN_BLOCK_N
 
 
-def _power_of_2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()  # (triton.next_power_of_2 is a slow call on the host)
-
-
 def _block_k(depth: int, widest: int) -> int:
-    return max(16, min(widest, _power_of_2_at_least(depth)))
+    return max(16, min(widest, next_power_of_2(depth)))
 
 
 def _nk_strides(w: torch.Tensor, transpose: bool) -> tuple[int, int, int]:
@@ -237,7 +233,7 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     down = ((tokens, -(-hidden // block)),
             (num_experts, hidden, inter, top_k, *topk_ids.stride(), *topk_weights.stride(),
              *_nk_strides(down_proj, transpose), *out.stride()),
-            dict(SLOTS=_power_of_2_at_least(top_k), BLOCK_N=block, BLOCK_K=_block_k(inter, BLOCK_K_DOWN)))
+            dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block, BLOCK_K=_block_k(inter, BLOCK_K_DOWN)))
     gate_up_args = (hidden_states, topk_ids, gate_up_proj, h, *gate_up[1])
     down_args = (h, topk_ids, topk_weights, down_proj, out, *down[1])
     if not direct_possible():

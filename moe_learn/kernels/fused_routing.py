@@ -32,6 +32,7 @@ import triton.language as tl
 
 from moe_learn.device import INTERPRETER, check_kernel_device
 from moe_learn.kernels.autotune import num_sms
+from moe_learn.kernels.launcher import cdiv, next_power_of_2
 from moe_learn.validation import check_floating, check_positive_int, check_tensor
 
 
@@ -328,7 +329,7 @@ def run_fused_routing(router_logits, top_k, *, use_sigmoid, renormalize, pre_act
     device = router_logits.device
     # a power of two with block_t * top_k <= 128: the pairwise rank matrix is 128 x 128 at most
     block_t = 1 << max(0, (128 // top_k).bit_length() - 1)
-    num_blocks = max(1, triton.cdiv(T, block_t))
+    num_blocks = max(1, cdiv(T, block_t))
     slots = T * top_k
 
     weights = torch.empty(T, top_k, dtype=router_logits.dtype, device=device)
@@ -341,9 +342,9 @@ def run_fused_routing(router_logits, top_k, *, use_sigmoid, renormalize, pre_act
             2 * slots + E + 2 * num_blocks * E, dtype=torch.int32, device=device,
         ).split_with_sizes([slots, slots, E, num_blocks * E, num_blocks * E])
     constexprs = dict(
-        TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
-        BLOCK_B=min(1024, triton.next_power_of_2(num_blocks)), USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize,
-        PRE_ACT=pre_act, RANK_CHUNK=min(32, block_t * triton.next_power_of_2(top_k)), COOPERATIVE=cooperative,
+        TOP_K=top_k, TOP_K_PAD=next_power_of_2(top_k), BLOCK_T=block_t, BLOCK_E=next_power_of_2(E),
+        BLOCK_B=min(1024, next_power_of_2(num_blocks)), USE_SIGMOID=use_sigmoid, RENORMALIZE=renormalize,
+        PRE_ACT=pre_act, RANK_CHUNK=min(32, block_t * next_power_of_2(top_k)), COOPERATIVE=cooperative,
     )
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     args = (router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter,

@@ -52,6 +52,17 @@ _INT32 = range(-(2**31), 2**31)
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
 
 
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for the host side of a launch: that one is a JIT-aware function whose call
+    costs microseconds, paid on every eager call."""
+    return 1 << max(n - 1, 0).bit_length() if n > 0 else 0
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for the host side of a launch (the same reason)."""
+    return -(-a // b)
+
+
 def _hooks_set() -> bool:
     """Whether a launch hook is installed (a profiler): those run only on Triton's own path."""
     if _RUNTIME is None:

@@ -42,7 +42,7 @@ from moe_learn.kernels.grouped_gemm import (
     run_grouped_gemm,
 )
 from moe_learn.kernels.grouped_gemm_hopper import grouped_gemm_hopper, tuning_key
-from moe_learn.kernels.launcher import FastLauncher
+from moe_learn.kernels.launcher import FastLauncher, next_power_of_2
 from moe_learn.validation import check_floating, check_integer, check_tensor
 
 BLOCK_R = 8  # rows per program: the weight and d_w of a row are loaded / stored once
@@ -102,7 +102,7 @@ _SWIGLU_BACKWARD = FastLauncher(_weighted_swiglu_backward_kernel)
 
 
 def _block_i(inner: int) -> int:
-    return min(512, triton.next_power_of_2(max(inner, 16)))
+    return min(512, next_power_of_2(max(inner, 16)))
 
 
 def _check(gate_up, topk_weights, gather_indices, d_h=None) -> None:
