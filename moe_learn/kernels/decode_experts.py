@@ -172,7 +172,7 @@ def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, tran
     """The output of a call whose layouts ran (checked) before, from its plan; None where there is no plan
     (a new layout, a gradient to record, a changed current device, torch.compile): then take the checked path.
     layers: for the layers, which take this path only by their rule (``layers_take``)."""
-    if not _PLANS or torch.compiler.is_compiling():
+    if not (PLANS and _PLANS) or torch.compiler.is_compiling():
         return None
     try:
         key = _plan_key(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)

@@ -529,5 +529,8 @@ def test_layers_take_a_decode_plan_only_within_their_rule(direct_decode, monkeyp
         assert dec.planned(x, ids, weights, w1, w2, layers=True) is None
         dec.decode_experts(x[:1], ids[:1], weights[:1], w1, w2)
         assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is not None
+        monkeypatch.setattr(dec, "PLANS", False)  # the A/B switch off: no plan is used, even one kept before
+        assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is None
+        monkeypatch.setattr(dec, "PLANS", True)
         monkeypatch.setattr(dec, "MAX_SLOTS", 1)  # other limits: no plan of the old ones is reused
         assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is None
