@@ -136,6 +136,17 @@ def decode_path(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, 
     return layers_take(topk_ids, gate_up_proj, down_proj)
 
 
+def planned_decode(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose: bool, backend: str,
+                   config):
+    """A decode step repeating the layouts of an earlier checked call that took ``kernels.decode_experts``: the
+    output from that call's launch plan (no checks, no rule, no launch keys again); None otherwise."""
+    if not (DECODE_EXPERTS and device.HAS_TRITON) or backend != "triton" or config is not None:
+        return None
+    from moe_learn.kernels.decode_experts import planned
+
+    return planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, layers=True)
+
+
 def drop_and_route(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, backend: str = "triton"):
     """``(counts, gather_indices, weights)``: ``drop_invalid``, then ``route_rows`` on the kept ids.
 
@@ -381,13 +392,9 @@ def moe_experts(
     Expert ids outside [0, E) raise on CPU tensors; on a GPU or under torch.compile, where
     checking them would read values back to the host, they contribute nothing.
     """
-    if (DECODE_EXPERTS and backend == "triton" and config is None and device.HAS_TRITON
-            and isinstance(hidden_states, torch.Tensor) and not hidden_states.is_cpu):
-        from moe_learn.kernels.decode_experts import planned
-
-        # a decode step repeating the layouts of one checked before: its launch plan (on a GPU; the CPU
-        # checks the ids' values on every call)
-        out = planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, layers=True)
+    if isinstance(hidden_states, torch.Tensor) and not hidden_states.is_cpu:  # (the CPU checks the ids' values)
+        out = planned_decode(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend,
+                             config)
         if out is not None:
             return out
     _check_experts_args(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose, backend)

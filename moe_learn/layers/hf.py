@@ -41,6 +41,7 @@ from moe_learn.layers.experts import (
     effective_backend,
     experts_with_activation,
     moe_experts,
+    planned_decode,
     run_experts,
 )
 from moe_learn.ops.moe import is_silu
@@ -112,11 +113,14 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     ids = top_k_index
     if w1.dtype != x.dtype:  # autocast may hand over fp32 activations with bf16 weights, as in grouped_mm
         x = x.to(w1.dtype)
-    if layout.fused and decode_path(x, ids, weights, w1, w2, backend, None):  # a few tokens, inference
-        from moe_learn.kernels.decode_experts import decode_experts
+    if layout.fused:  # a few tokens, inference: the two-launch decode path where the layers take it
+        out = planned_decode(x, ids, weights, w1, w2, layout.transpose, backend, None)
+        if out is None and decode_path(x, ids, weights, w1, w2, backend, None):
+            from moe_learn.kernels.decode_experts import decode_experts
 
-        # (checked on its first call of each layout, from a launch plan after)
-        return decode_experts(x, ids, weights, w1, w2, transpose=layout.transpose).to(hidden_states.dtype)
+            out = decode_experts(x, ids, weights, w1, w2, transpose=layout.transpose)  # (checked; keeps a plan)
+        if out is not None:
+            return out.to(hidden_states.dtype)
     # transformers' expert-parallel sentinels (ids >= E, and anything else out of range) contribute
     # nothing: routed to a valid expert with weight 0, and kept out of the router's gradient.
     counts, gather_indices, weights = drop_and_route(ids, weights, num_experts, effective_backend(backend, w1.dtype))

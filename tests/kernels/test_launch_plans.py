@@ -529,6 +529,17 @@ def test_layers_take_a_decode_plan_only_within_their_rule(direct_decode, monkeyp
         assert dec.planned(x, ids, weights, w1, w2, layers=True) is None
         dec.decode_experts(x[:1], ids[:1], weights[:1], w1, w2)
         assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is not None
+        # the layers' look-up (moe_experts, transformers' experts): the plan, unless their switch, the
+        # backend or a config says otherwise
+        from moe_learn.layers import experts as layers
+
+        assert torch.equal(layers.planned_decode(x[:1], ids[:1], weights[:1], w1, w2, True, "triton", None),
+                           dec.planned(x[:1], ids[:1], weights[:1], w1, w2))
+        assert layers.planned_decode(x[:1], ids[:1], weights[:1], w1, w2, True, "torch", None) is None
+        assert layers.planned_decode(x[:1], ids[:1], weights[:1], w1, w2, True, "triton", {"BLOCK_M": 16}) is None
+        monkeypatch.setattr(layers, "DECODE_EXPERTS", False)
+        assert layers.planned_decode(x[:1], ids[:1], weights[:1], w1, w2, True, "triton", None) is None
+        monkeypatch.setattr(layers, "DECODE_EXPERTS", True)
         monkeypatch.setattr(dec, "PLANS", False)  # the A/B switch off: no plan is used, even one kept before
         assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is None
         monkeypatch.setattr(dec, "PLANS", True)
