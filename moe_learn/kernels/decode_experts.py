@@ -31,7 +31,7 @@ from moe_learn.device import check_kernel_device
 from moe_learn.kernels import launcher
 from moe_learn.kernels.autotune import num_sms
 from moe_learn.kernels.grouped_gemm import _layout as layout
-from moe_learn.kernels.launcher import FastLauncher, direct_possible, next_power_of_2
+from moe_learn.kernels.launcher import FastLauncher, cdiv, direct_possible, next_power_of_2
 from moe_learn.validation import check_moe_args
 
 # When the layers (moe_experts, transformers' experts) take this path in inference: at most MAX_SLOTS (token,
@@ -193,7 +193,7 @@ def _block_n(rows: int, columns: int, sms: int) -> int:
     """The widest column block that still gives every SM PROGRAMS_PER_SM programs (decode streams weights: every
     SM must pull, with loads in flight)."""
     for block in (64, 32, 16):
-        if rows * -(-columns // block) >= PROGRAMS_PER_SM * sms:
+        if rows * cdiv(columns, block) >= PROGRAMS_PER_SM * sms:
             return block
     return MIN_BLOCK_N
 
@@ -226,11 +226,11 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     h = hidden_states.new_empty(slots, inter)  # slot-major [T*k, I]; invalid slots' rows stay unwritten
     sms = num_sms(hidden_states.device)
     block = _block_n(slots, inter, sms)
-    gate_up = ((slots, -(-inter // block)),
+    gate_up = ((slots, cdiv(inter, block)),
                (num_experts, inter, hidden, top_k, *hidden_states.stride(), *topk_ids.stride(),
                 *_nk_strides(gate_up_proj, transpose)), dict(BLOCK_N=block, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP)))
     block = _block_n(tokens, hidden, sms)
-    down = ((tokens, -(-hidden // block)),
+    down = ((tokens, cdiv(hidden, block)),
             (num_experts, hidden, inter, top_k, *topk_ids.stride(), *topk_weights.stride(),
              *_nk_strides(down_proj, transpose), *out.stride()),
             dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block, BLOCK_K=_block_k(inter, BLOCK_K_DOWN)))

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from moe_learn.kernels import autotune, launcher
 from moe_learn.kernels.autotune import autotune_enabled, choose_config, num_sms
-from moe_learn.kernels.launcher import FastLauncher
+from moe_learn.kernels.launcher import FastLauncher, cdiv
 
 try:  # Triton >= 3.4: host-side tensor descriptors
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -395,7 +395,7 @@ def _geometry(cfg, X, W, out, *, topk, permute_x, permute_y, weighted, biased, t
         w_desc = None
     # more programs than tiles would only idle. At most min(E, M) experts have rows, and each
     # adds at most one ragged row block, so the tiles number at most this:
-    max_tiles = (M + min(E, M) * (bm - 1)) // bm * -(-N // bn)  # (not triton.cdiv: a slow call on the host)
+    max_tiles = (M + min(E, M) * (bm - 1)) // bm * cdiv(N, bn)
     programs = min(cfg.get("NUM_PROGRAMS") or num_sms(X.device), max_tiles)
     constexprs = dict(
         TOP_K=topk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=1 << (E - 1).bit_length(), NUM_PROGRAMS=programs,

@@ -55,7 +55,7 @@ _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
 def next_power_of_2(n: int) -> int:
     """``triton.next_power_of_2`` for the host side of a launch: that one is a JIT-aware function whose call
     costs microseconds, paid on every eager call."""
-    return 1 << max(n - 1, 0).bit_length() if n > 0 else 0
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def cdiv(a: int, b: int) -> int:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from moe_learn.device import check_kernel_device
-from moe_learn.kernels.launcher import FastLauncher
+from moe_learn.kernels.launcher import FastLauncher, cdiv
 from moe_learn.validation import check_floating, check_integer, check_positive_int, check_tensor
 
 MAX_SLOTS = 4096  # T*k up to this take the kernel in the layers (decode and small prefill); beyond, PyTorch's sort
@@ -70,7 +70,7 @@ def run_route_ids(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_expert
     counts = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
     gather = torch.empty(n, dtype=torch.int32, device=ids.device)
     weights_out = torch.empty_like(weights)
-    programs = max(-(-n // ROWS), -(-num_experts // EXPERTS))  # (not triton.cdiv: a slow call on the host)
+    programs = max(cdiv(n, ROWS), cdiv(num_experts, EXPERTS))
     _LAUNCH((programs,), (ids, weights, counts, gather, weights_out, n, num_experts),
             dict(ROWS=ROWS, EXPERTS=EXPERTS, CHUNK=CHUNK), dict(num_warps=4))
     return counts, gather, weights_out.view(topk_weights.shape)
