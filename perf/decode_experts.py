@@ -24,7 +24,7 @@ import time
 
 import torch
 import triton
-import triton.testing
+from host_overhead import graph_us, grouped_path  # (perf/, this script's folder)
 
 import moe_learn
 from moe_learn.bench.cases import DECODE_MODELS, MODELS, ExpertsCase, route
@@ -58,20 +58,6 @@ def alone_us(fn, calls=200) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e6)
     return statistics.median(times)
-
-
-def graph_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
-
-
-def grouped(fn):
-    def call():
-        experts.DECODE_EXPERTS = False
-        try:
-            return fn()
-        finally:
-            experts.DECODE_EXPERTS = True
-    return call
 
 
 SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, MIN_BLOCK_N=bn, PROGRAMS_PER_SM=p, stages=s)
@@ -126,7 +112,7 @@ def main():
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
                 impls = {
                     "decode": lambda: dec.run_decode_experts(x, ids, weights, w1, w2),  # noqa: B023
-                    "grouped": grouped(lambda: experts.moe_experts(x, ids, weights, w1, w2)),  # noqa: B023
+                    "grouped": lambda: grouped_path(experts.moe_experts, x, ids, weights, w1, w2),  # noqa: B023
                     "default": lambda: default(x, ids, weights),  # noqa: B023
                 }
                 want = impls["default"]().float()
