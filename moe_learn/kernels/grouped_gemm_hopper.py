@@ -426,7 +426,7 @@ def _arguments(geometry: Geometry, X, W, m_sizes, out, gather_indices, topk_weig
         w_desc = tensor_descriptor(W, *w_desc) if w_desc else None
     return (X, x_desc, W, w_desc, out,
             m_sizes, gather_indices.contiguous() if gather_indices is not None else placeholder,
-            topk_weights.reshape(-1) if topk_weights is not None else placeholder,
+            topk_weights.reshape(-1).contiguous() if topk_weights is not None else placeholder,  # unit stride
             bias.contiguous() if bias is not None else placeholder,
             gate_up if gate_up is not None else placeholder, d_gate_up if d_gate_up is not None else placeholder,
             partials if partials is not None else placeholder, *geometry.scalars)

@@ -77,6 +77,13 @@ def test_all_fusions_match_float64(dtype, T, E, topk, N, K, empty, skew, transpo
     ref2 = unpermute(torch_grouped_gemm(ref, W2.double(), counts), gather) * weights.double().reshape(-1, 1)
     assert relative_error(out2, ref2) <= BOUNDS[dtype]
 
+    # the routing weights as every other column of a NaN-filled wider tensor: flattened, a strided view
+    wide = torch.full((T, 2 * topk), float("nan"), dtype=dtype, device=DEVICE)
+    wide[:, ::2] = weights
+    out3 = torch.full((M, K), float("nan"), dtype=dtype, device=DEVICE)
+    gemm(out1, W2_run, counts, gather_indices=gather, topk=topk, permute_y=True, topk_weights=wide[:, ::2], out=out3)
+    assert relative_error(out3, ref2) <= BOUNDS[dtype]
+
 
 def test_default_configs_run():
     """Every tuning candidate (the H100's big tiles, the decode buckets' small ones) on a small ragged problem.

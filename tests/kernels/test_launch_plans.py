@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moe_learn import get_routing_indices, permute, torch_grouped_gemm, unpermute
@@ -193,8 +193,8 @@ def _inputs(kind, T, E, topk, N, K, transpose, seed, layout):
     W_ref = (torch.randn(E, n_w, K, generator=g) / K**0.5).to(dtype)
     W = W_ref if transpose else W_ref.transpose(1, 2).contiguous()
     weights = torch.rand(T, topk, generator=g).to(dtype)
-    if layout["weights_strided"]:
-        weights = torch.rand(topk, T, generator=g).to(dtype).t()
+    if layout["weights_strided"]:  # every other column: strided whatever the shape (a [1, 1] .t() would not be)
+        weights = torch.rand(T, 2 * topk, generator=g).to(dtype)[:, ::2]
     bias = torch.randn(E, N, generator=g).to(dtype)
     out = torch.full((M, N + layout["out_pad"]), float("nan"), dtype=dtype)[:, :N]
     return X, W, W_ref, counts, gather, weights, bias, out
@@ -440,8 +440,8 @@ def _decode_inputs(T, k, E, H, I, seed, layout):  # noqa: E741
     if layout["ids_strided"]:
         ids = torch.stack([ids, torch.full_like(ids, 10**6)], dim=2)[:, :, 0]
     weights = torch.rand(T, k, generator=g)
-    if layout["weights_strided"]:
-        weights = torch.rand(k, T, generator=g).t()
+    if layout["weights_strided"]:  # every other column: strided whatever the shape (a [1, 1] .t() would not be)
+        weights = torch.rand(T, 2 * k, generator=g)[:, ::2]
     w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
     w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
     if not layout["transpose"]:
@@ -454,6 +454,7 @@ def _launch_record(log):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(changed="weights_strided", T=1, k=1, E=1, H=15, I=4, seed=0)  # (a [1, 1] weights view, strided still)
 @given(changed=st.sampled_from(sorted(DECODE_LAYOUTS)), T=st.integers(1, 3), k=st.integers(1, 3),
        E=st.integers(1, 4), H=st.integers(1, 20), I=st.integers(1, 12), seed=st.integers(0, 2**16))
 def test_decode_plans_launch_what_the_full_path_launches(direct_decode, changed, T, k, E, H, I, seed):  # noqa: E741
