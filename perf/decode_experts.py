@@ -1,18 +1,22 @@
-"""The experts of a decode step: the two-launch decode path against the grouped path and transformers' default.
+"""A decode step's experts: the decode path (one launch, or two) against the grouped path and transformers' default.
 
     PYTHONPATH=$PWD python3 perf/decode_experts.py [$OUT/decode_experts.json] [--sweep]     # on a GPU
 
 For each decode model (bench.cases.DECODE_MODELS) and T = 1..64 tokens, inference (no grad), bf16:
-- ``decode``: ``kernels.decode_experts.run_decode_experts`` (two launches, no routing pass), also past
-  ``MAX_SLOTS``, to see where the grouped path starts to win;
+- ``decode``: ``kernels.decode_experts.decode_experts`` as the layers call it (checked once, then from its
+  launch plan): one launch with a grid barrier between its two phases; also past ``MAX_SLOTS``, to see
+  where the grouped path starts to win;
+- ``decode2``: the same with ``ONE_LAUNCH = False``: two launches (what a CUDA graph captures);
 - ``grouped``: ``moe_experts`` with ``DECODE_EXPERTS = False`` (routing of the ids in one launch, the two
   grouped GEMMs with the SwiGLU in GEMM1's epilogue, the sum over the k slots);
 - ``default``: transformers 5.x's default experts module (``experts_implementation="grouped_mm"``).
-Three times per call, microseconds: ``eager`` = back-to-back eager calls, wall time per call with one
+Four times per call, microseconds: ``eager`` = back-to-back eager calls, wall time per call with one
 sync at the end (what an eager decode loop gets: max(host, GPU) per call); ``alone`` = one call timed
-with a sync before and after (median); ``graph`` = a CUDA-graph replay (``do_bench_cudagraph``: GPU
-time only). Outputs are compared with the default's (largest difference relative to its largest
-value). --sweep first times the decode kernels' launch parameters (``SWEEP``) from CUDA graphs.
+with a sync before and after (median); ``bench`` = ``triton.testing.do_bench`` (median, L2 flushed
+between calls: GPU time, host hidden); ``graph`` = a CUDA-graph replay (``do_bench_cudagraph``; the decode
+path captures two launches, so ``decode`` and ``decode2`` share it). Outputs are compared with the
+default's (largest difference relative to its largest value). --sweep first times the decode kernel's
+launch parameters (``SWEEP``, one launch, ``do_bench``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 
 import torch
 import triton
+import triton.testing
 from host_overhead import graph_us, grouped_path  # (perf/, this script's folder)
 
 import moe_learn
@@ -60,15 +65,29 @@ def alone_us(fn, calls=200) -> float:
     return statistics.median(times)
 
 
-SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, MIN_BLOCK_N=bn, PROGRAMS_PER_SM=p, stages=s)
-         for bk1 in (64, 128) for bk2 in (128, 256) for bn in (8, 16) for p in (2, 4) for s in (3, 5)]
+SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, MIN_BLOCK_N=bn, PROGRAMS_PER_SM=p)
+         for bk1 in (64, 128) for bk2 in (128, 256) for bn in (8, 16) for p in (1, 2, 4)]
+
+
+def bench_us(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median") * 1e3
+
+
+def one_or_two(fn, one: bool):
+    """``fn()`` with the decode path's one launch (True) or two launches (False)."""
+    dec.ONE_LAUNCH = one
+    try:
+        return fn()
+    finally:
+        dec.ONE_LAUNCH = True
 
 
 def sweep(dev, dt) -> list[dict]:
-    """Graph times of the decode path's launch parameters (module constants) on two models at T = 1 and 8."""
+    """do_bench times of the one-launch decode path's launch parameters (module constants) on two models at
+    T = 1 and 8 (the plans are dropped at each change: they keep the block choice)."""
     out = []
     defaults = dict(BLOCK_K_GATE_UP=dec.BLOCK_K_GATE_UP, BLOCK_K_DOWN=dec.BLOCK_K_DOWN, MIN_BLOCK_N=dec.MIN_BLOCK_N,
-                    PROGRAMS_PER_SM=dec.PROGRAMS_PER_SM, stages=dec.OPTIONS["num_stages"])
+                    PROGRAMS_PER_SM=dec.PROGRAMS_PER_SM)
     for model in ("qwen3-30b-a3b", "gpt-oss-120b"):
         H, I, E, k = MODELS[model]  # noqa: E741
         w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02
@@ -78,18 +97,14 @@ def sweep(dev, dt) -> list[dict]:
             x = torch.randn(T, H, device=dev, dtype=dt)
             for params in [defaults, *SWEEP]:
                 for name, value in params.items():
-                    if name == "stages":
-                        dec.OPTIONS["num_stages"] = value
-                    else:
-                        setattr(dec, name, value)
-                us = graph_us(lambda: dec.run_decode_experts(x, ids, weights, w1, w2))  # noqa: B023
-                out.append({"model": model, "T": T, **params, "graph_us": us})
-                print(f"sweep {model:<14} T={T} {params} graph {us:6.1f} us", flush=True)
+                    setattr(dec, name, value)
+                dec._PLANS.clear()
+                us = bench_us(lambda: dec.decode_experts(x, ids, weights, w1, w2))  # noqa: B023
+                out.append({"model": model, "T": T, **params, "bench_us": us})
+                print(f"sweep {model:<14} T={T} {params} do_bench {us:6.1f} us", flush=True)
     for name, value in defaults.items():
-        if name == "stages":
-            dec.OPTIONS["num_stages"] = value
-        else:
-            setattr(dec, name, value)
+        setattr(dec, name, value)
+    dec._PLANS.clear()
     return out
 
 
@@ -111,7 +126,8 @@ def main():
                 weights, ids = route(T, E, k, seed=T, device=dev)
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
                 impls = {
-                    "decode": lambda: dec.run_decode_experts(x, ids, weights, w1, w2),  # noqa: B023
+                    "decode": lambda: dec.decode_experts(x, ids, weights, w1, w2),  # noqa: B023
+                    "decode2": lambda: one_or_two(lambda: dec.decode_experts(x, ids, weights, w1, w2), False),  # noqa: B023
                     "grouped": lambda: grouped_path(experts.moe_experts, x, ids, weights, w1, w2),  # noqa: B023
                     "default": lambda: default(x, ids, weights),  # noqa: B023
                 }
@@ -121,10 +137,12 @@ def main():
                     got = fn().float()  # compiles and tunes
                     row = {"model": model, "T": T, "slots": T * k, "impl": name,
                            "rel_diff_vs_default": (got - want).abs().max().item() / scale,
-                           "eager_us": eager_us(fn), "alone_us": alone_us(fn), "graph_us": graph_us(fn)}
+                           "eager_us": eager_us(fn), "alone_us": alone_us(fn), "bench_us": bench_us(fn),
+                           "graph_us": graph_us(fn)}
                     rows.append(row)
                     print(f"{model:<14} T={T:<3} slots={T * k:<4} {name:<8} eager {row['eager_us']:7.1f} "
-                          f"alone {row['alone_us']:7.1f} graph {row['graph_us']:7.1f} us   "
+                          f"alone {row['alone_us']:7.1f} do_bench {row['bench_us']:7.1f} "
+                          f"graph {row['graph_us']:7.1f} us   "
                           f"diff {row['rel_diff_vs_default']:.1e}", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "moe_learn_max_slots": dec.MAX_SLOTS, "command": "python3 perf/decode_experts.py " + " ".join(sys.argv[1:]),

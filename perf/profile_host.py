@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python3 perf/profile_host.py > $OUT/profile_host.txt
 
 Cases: the qwen3-30b-a3b gate_up GEMM at T=1 (gathered, what the decode bench's weakest
-case calls) and the fused experts at T=1 (the two-launch decode path; the grouped path with the
+case calls) and the fused experts at T=1 (the one-launch decode path; the grouped path with the
 one-launch routing of given ids, and with PyTorch's). For each: host microseconds per call in a
 back-to-back loop and the cProfile table of 2000 calls; then the bare pieces timed alone (the
 compiled kernel's own launcher with our last launch's arguments, our launch key, torch.empty, one PyTorch launch, and
@@ -21,6 +21,7 @@ import torch
 
 import moe_learn  # noqa: F401
 from moe_learn.bench.cases import route
+from moe_learn.kernels import decode_experts as dec
 from moe_learn.kernels import launcher
 
 gg = importlib.import_module("moe_learn.kernels.grouped_gemm")
@@ -72,6 +73,9 @@ def main():
         for name, fn in (("grouped_gemm gate_up gather", gate_up), ("grouped_gemm_trusted gate_up gather", trusted),
                          ("run_experts (routing given)", routed), ("moe_experts (ids in): the decode path", fused)):
             profile(name, fn)
+        dec.ONE_LAUNCH = False  # the decode path in two launches (what a CUDA graph captures)
+        profile("moe_experts (ids in): the decode path in two launches", fused)
+        dec.ONE_LAUNCH = True
         experts.DECODE_EXPERTS = False  # the grouped path: routing in one launch, two grouped GEMMs, the sum
         profile("moe_experts (ids in), grouped path", fused)
         experts.ROUTE_IDS_KERNEL = False  # the A/B: the routing of given ids as eight PyTorch ops
@@ -87,9 +91,9 @@ def main():
         seen = {}
         real_launch = launcher.FastLauncher.launch
 
-        def recording(self, entry, grid, args, device):
+        def recording(self, entry, grid, args, device, stream=None):
             seen["launch"] = (self, entry, grid, args)
-            return real_launch(self, entry, grid, args, device)
+            return real_launch(self, entry, grid, args, device, stream)
 
         launcher.FastLauncher.launch = recording
         gg.PLANS = False  # a planned call skips FastLauncher.launch: record one through the full path

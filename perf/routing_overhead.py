@@ -14,6 +14,7 @@ import triton.testing
 
 import moe_learn  # noqa: F401
 from moe_learn.kernels import fused_routing as fr
+from moe_learn.kernels import grid_sync
 
 
 def host_us(fn, n=300):
@@ -41,7 +42,7 @@ buf = torch.empty(2 * nb * E, dtype=torch.int32, device="cuda")
 bc, bp = buf[: nb * E], buf[nb * E:]
 programs = min(nb, fr.num_sms(logits.device))
 stream = torch._C._cuda_getCurrentRawStream(0)
-counters = fr._counters(logits.device, stream)
+counters = grid_sync.counters(logits.device, stream)
 consts = dict(TOP_K=k, TOP_K_PAD=8, BLOCK_T=block_t, BLOCK_E=128, BLOCK_B=512, USE_SIGMOID=False,
               RENORMALIZE=True, PRE_ACT=True, RANK_CHUNK=32, COOPERATIVE=True)
 args = (logits, w, ids, bc, bp, counts, gather, scatter, counters, T, E, logits.stride(0), nb)
@@ -66,7 +67,7 @@ for name, fn in [("whole call", lambda: fr.fused_routing(logits, k)),
                  ("whole call, cooperative=False", lambda: fr.fused_routing(logits, k, cooperative=False)),
                  ("Triton launch", launch), ("direct launch (cached kernel)", launch_direct),
                  ("allocations + split", allocate),
-                 ("counters lookup", lambda: fr._counters(logits.device, stream)),
+                 ("counters lookup", lambda: grid_sync.counters(logits.device, stream)),
                  ("calculate_topk (PyTorch)", lambda: moe_learn.calculate_topk(logits, k, False, True))]:
     print(f"{name:32s} {host_us(fn):6.1f} us host per call", flush=True)
 for per_sm in (1, 2, 3):

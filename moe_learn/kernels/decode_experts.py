@@ -1,18 +1,26 @@
-"""The experts of a decode step in two launches: no routing, no permutation, no sum afterwards.
+"""The experts of a decode step in one launch: no routing, no permutation, no sum afterwards.
 
 At decode a layer sees a handful of tokens: T*k (token, slot) pairs, most of them on different
 experts. The grouped path (``layers.experts``) first groups the pairs by expert (``route_ids``:
 one launch), runs two grouped GEMMs whose tiles are 16 rows of mostly padding, writes ``[T*k, H]``
-and sums its k slots (one more launch): four launches, each 10-40 us of host time on a VM
-(perf/NOTES.md item 22), for GPU work of a few microseconds.
+and sums its k slots (one more launch): four launches, each 7-40 us of host time on a VM
+(perf/NOTES.md items 22-23), for GPU work of a few microseconds.
 
 Here every slot is its own row, and the work is what it is at this size: streaming the chosen
 experts' weights past one vector (a matrix-vector product, which tensor cores would not speed up).
+``_decode_experts_kernel`` has two phases:
 
-- ``_gate_up_swiglu_kernel``, grid (T*k, I / BLOCK_N): slot s = (t, j) reads expert e = ids[t, j]'s
-  gate and up rows for its column block, dots them with x[t] and stores ``h[s] = silu(gate) * up``.
-- ``_down_sum_kernel``, grid (T, H / BLOCK_N): token t walks its k slots and adds
-  ``w[t, j] * W_down[e] @ h[s]`` for its column block in float32; out[t] is written once.
+1. (``_gate_up_block``) items (slot, I block): slot s = (t, j) reads expert e = ids[t, j]'s gate and
+   up rows for its column block, dots them with x[t] and stores ``h[s] = silu(gate) * up``.
+2. (``_down_block``) items (t, H block): token t walks its k slots and adds
+   ``w[t, j] * W_down[e] @ h[s]`` for its column block in float32; out[t] is written once.
+
+Phase 2 reads what every program wrote in phase 1. One launch runs both, its programs (no more than
+the GPU holds at once, cooperatively launched) waiting for each other at a grid barrier
+(``grid_sync``) in between; h is scratch kept per stream by the launch plan. Where the barrier
+cannot be used (a CUDA graph being captured, a GPU that refuses the cooperative launch, the A/B
+switch ``ONE_LAUNCH``) the same kernel runs as two launches, one phase each, with the same
+arithmetic and the same bits. Triton's interpreter runs the one launch as a single program.
 
 Nothing is sorted, so nothing waits for a routing pass, and no expert that got no slot is read.
 An expert that got several slots is read once per slot (from L2 when they run close together):
@@ -23,13 +31,16 @@ sentinels). Inference only: no autograd.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
-from moe_learn.device import check_kernel_device
+from moe_learn.device import INTERPRETER, check_kernel_device
 from moe_learn.kernels import launcher
 from moe_learn.kernels.autotune import num_sms
+from moe_learn.kernels.grid_sync import counters, grid_sync, grid_sync_done, most_programs
 from moe_learn.kernels.grouped_gemm import _layout as layout
 from moe_learn.kernels.launcher import FastLauncher, cdiv, direct_possible, next_power_of_2
 from moe_learn.validation import check_moe_args
@@ -49,11 +60,11 @@ BLOCK_K_GATE_UP, BLOCK_K_DOWN, MIN_BLOCK_N, PROGRAMS_PER_SM = 128, 256, 8, 2
 OPTIONS = dict(num_warps=4, num_stages=4)
 
 
-@triton.jit(do_not_specialize=["E", "TOP_K"])
-def _gate_up_swiglu_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, E, I, H, TOP_K,
-                           stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    slot = tl.program_id(0)
+@triton.jit
+def _gate_up_block(x_ptr, ids_ptr, w_ptr, h_ptr, slot, block, E, I, H, TOP_K,
+                   stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[slot, block's columns] = silu(gate) * up of slot = (t, j)'s expert."""
     t = slot // TOP_K
     e = tl.load(ids_ptr + t * stride_it + (slot - t * TOP_K) * stride_ik).to(tl.int64)
     # Another id contributes nothing: every load below is masked off (no traffic), h's row is 0 (bounds in
@@ -61,7 +72,7 @@ def _gate_up_swiglu_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, E, I, H, TOP_K,
     valid = (e >= 0) & (e < E)
     e = tl.where(valid, e, 0)
     k_end = tl.where(valid, H, 0)  # (bounds, not a scalar mask: the interpreter takes no scalar in a mask)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < tl.where(valid, I, 0)
     gate_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn  # W[e, n, :], n < I: the gate
     up_rows = w_ptr + e * stride_we + (offs_n + I).to(tl.int64)[:, None] * stride_wn  # W[e, I + n, :]: the up
@@ -81,12 +92,12 @@ def _gate_up_swiglu_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, E, I, H, TOP_K,
     tl.store(h_ptr + slot.to(tl.int64) * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=offs_n < I)
 
 
-@triton.jit(do_not_specialize=["E", "TOP_K"])
-def _down_sum_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, E, H, I, TOP_K,
-                     stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
-                     SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+@triton.jit
+def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, TOP_K,
+                stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
+                SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, block's columns] = sum over t's slots of weight * W_down[e] @ h[slot]."""
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     # The token's k ids and weights, loaded once: inside the loop a slot's expert then comes from registers,
@@ -109,7 +120,9 @@ def _down_sum_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, E, H, I, TOP_K
         offs_k = (step - j * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < tl.sum(tl.where(this, bounds, 0))
         weight = tl.sum(tl.where(this, weights, 0.0))
-        h = tl.load(h_ptr + (t * TOP_K + j).to(tl.int64) * I + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        # (".cg": h was written by other programs of this launch; read it from L2, never a stale L1 line)
+        h = tl.load(h_ptr + (t * TOP_K + j).to(tl.int64) * I + offs_k, mask=mask_k, other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
         w = tl.load(rows + tl.sum(tl.where(this, bases, 0)) + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * (weight * h)[None, :]
@@ -117,32 +130,90 @@ def _down_sum_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, E, H, I, TOP_K
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n * stride_oh, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-_GATE_UP = FastLauncher(_gate_up_swiglu_kernel)
-_DOWN = FastLauncher(_down_sum_kernel)
+# What a launch of _decode_experts_kernel runs (PART)
+BOTH, GATE_UP, DOWN = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["T", "E", "TOP_K"])
+def _decode_experts_kernel(x_ptr, ids_ptr, weights_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, counter_ptr, T, E, H, I, TOP_K,
+                           stride_xt, stride_xh, stride_it, stride_ik, stride_rt, stride_rk,
+                           stride_1e, stride_1n, stride_1k, stride_2e, stride_2n, stride_2k, stride_ot, stride_oh,
+                           PART: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N_GATE_UP: tl.constexpr,
+                           BLOCK_K_GATE_UP: tl.constexpr, BLOCK_N_DOWN: tl.constexpr, BLOCK_K_DOWN: tl.constexpr):
+    """Each program walks the (slot, I block) items of phase 1 (h), then the (token, H block) items of phase 2
+    (out), a grid-wide barrier between them (PART = BOTH: every program runs at once, see grid_sync);
+    PART = GATE_UP or DOWN runs one phase, for two launches where the barrier cannot be used."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    if PART != DOWN:
+        blocks = tl.cdiv(I, BLOCK_N_GATE_UP)
+        for item in range(program, T * TOP_K * blocks, programs):
+            slot = item // blocks
+            _gate_up_block(x_ptr, ids_ptr, w1_ptr, h_ptr, slot, item - slot * blocks, E, I, H, TOP_K,
+                           stride_xt, stride_xh, stride_it, stride_ik, stride_1e, stride_1n, stride_1k,
+                           BLOCK_N_GATE_UP, BLOCK_K_GATE_UP)
+    if PART == BOTH:
+        grid_sync(counter_ptr, programs)
+    if PART != GATE_UP:
+        blocks = tl.cdiv(H, BLOCK_N_DOWN)
+        for item in range(program, T * blocks, programs):
+            t = item // blocks
+            _down_block(h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, t, item - t * blocks, E, H, I, TOP_K,
+                        stride_it, stride_ik, stride_rt, stride_rk, stride_2e, stride_2n, stride_2k, stride_ot,
+                        stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN)
+    if PART == BOTH:
+        grid_sync_done(counter_ptr, programs)
+
+
+_KERNEL = FastLauncher(_decode_experts_kernel)
+# One launch with the grid barrier (a cooperative launch: the driver refuses a grid that would not fit at once),
+# or two launches (GATE_UP, then DOWN) where that cannot be used: while a CUDA graph is captured (the barrier's
+# counters and the plans' scratch belong to a stream, and a graph may be replayed on any), or once a GPU refused
+# the cooperative launch. A/B switch: ONE_LAUNCH = False takes two launches everywhere.
+ONE_LAUNCH = True
+_ONE_LAUNCH_OK = [True]
+ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
 # Launch plans, as grouped_gemm's: a repeated eager call with tensors of the same layout (shape, strides,
 # dtype, device, 16-byte alignment) skips the checks, the block choice and the launch keys. A/B switch.
 PLANS = True
 MAX_PLANS = 256
+MAX_STREAMS = 64  # streams whose scratch a one-launch plan keeps; past that it starts over
 _PLANS: dict[tuple, _Plan] = {}
+_MOST_PROGRAMS: dict[tuple, int] = {}  # a compiled one-launch kernel's key -> programs the GPU holds at once
 
 
 class _Plan:
-    """What a decode call with these layouts launches: both compiled kernels, their grids and their scalars."""
+    """What a decode call with these layouts launches: the compiled kernel(s), grid(s) and scalar arguments."""
 
-    __slots__ = ("device", "tokens", "hidden", "slots", "inter", "gate_up", "down", "layers_take_it")
+    __slots__ = ("device", "tokens", "hidden", "slots", "inter", "launches", "scratch", "layers_take_it")
 
-    def __init__(self, device, tokens, hidden, slots, inter, gate_up, down, layers_take_it):
+    def __init__(self, device, tokens, hidden, slots, inter, launches, layers_take_it):
         self.device, self.tokens, self.hidden, self.slots, self.inter = device, tokens, hidden, slots, inter
-        self.gate_up, self.down = gate_up, down  # (compiled kernel, grid, scalar arguments)
+        self.launches = launches  # ((compiled kernel, grid, scalar arguments),): BOTH; or GATE_UP, DOWN
+        self.scratch: dict[int, tuple] = {}  # stream -> (h, the barrier's counters), for the one launch
         self.layers_take_it = layers_take_it  # the layers' rule (layers_take) for these shapes
+
+    @property
+    def one_launch(self) -> bool:
+        return len(self.launches) == 1
 
     def __call__(self, x, ids, weights, w1, w2) -> torch.Tensor:
         out = x.new_empty(self.tokens, self.hidden)
+        if len(self.launches) == 1:
+            # h is scratch inside the one launch: kept per stream (launches on one stream run in order)
+            stream = launcher._current_stream(self.device)
+            scratch = self.scratch.get(stream)
+            if scratch is None:
+                if len(self.scratch) >= MAX_STREAMS:
+                    self.scratch.clear()
+                scratch = self.scratch[stream] = (x.new_empty(self.slots, self.inter), counters(x.device, stream))
+            h, pair = scratch
+            entry, grid, scalars = self.launches[0]
+            _KERNEL.launch(entry, grid, (x, ids, weights, w1, w2, h, out, pair, *scalars), self.device, stream)
+            return out
         h = x.new_empty(self.slots, self.inter)
-        entry, grid, scalars = self.gate_up
-        _GATE_UP.launch(entry, grid, (x, ids, w1, h, *scalars), self.device)
-        entry, grid, scalars = self.down
-        _DOWN.launch(entry, grid, (h, ids, weights, w2, out, *scalars), self.device)
+        for entry, grid, scalars in self.launches:  # (the counters' place holds h: a part without the barrier)
+            _KERNEL.launch(entry, grid, (x, ids, weights, w1, w2, h, out, h, *scalars), self.device)
         return out
 
 
@@ -170,7 +241,8 @@ def _plan_key(x, ids, weights, w1, w2, transpose) -> tuple:
 def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=True, *,
             layers=False) -> torch.Tensor | None:
     """The output of a call whose layouts ran (checked) before, from its plan; None where there is no plan
-    (a new layout, a gradient to record, a changed current device, torch.compile): then take the checked path.
+    (a new layout, a gradient to record, a changed current device, torch.compile, a one-launch plan while a
+    CUDA graph is captured): then take the checked path.
     layers: for the layers, which take this path only by their rule (``layers_take``)."""
     if not (PLANS and _PLANS) or torch.compiler.is_compiling():
         return None
@@ -181,7 +253,7 @@ def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, tran
     plan = _PLANS.get(key)
     if plan is None or not direct_possible() or plan.device != launcher._current_device():
         return None
-    if layers and (not plan.layers_take_it or _capturing()):
+    if (layers and not plan.layers_take_it) or ((layers or plan.one_launch) and _capturing()):
         return None
     if torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
                                     or gate_up_proj.requires_grad or down_proj.requires_grad):
@@ -217,7 +289,6 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     """
     tokens, hidden = hidden_states.shape
     top_k = topk_ids.shape[1]
-    num_experts = gate_up_proj.shape[0]
     inter = down_proj.shape[2] if transpose else down_proj.shape[1]
     out = hidden_states.new_empty(tokens, hidden)
     if tokens == 0 or top_k == 0:
@@ -225,39 +296,71 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     slots = tokens * top_k
     h = hidden_states.new_empty(slots, inter)  # slot-major [T*k, I]; invalid slots' rows stay unwritten
     sms = num_sms(hidden_states.device)
-    block = _block_n(slots, inter, sms)
-    gate_up = ((slots, cdiv(inter, block)),
-               (num_experts, inter, hidden, top_k, *hidden_states.stride(), *topk_ids.stride(),
-                *_nk_strides(gate_up_proj, transpose)), dict(BLOCK_N=block, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP)))
-    block = _block_n(tokens, hidden, sms)
-    down = ((tokens, cdiv(hidden, block)),
-            (num_experts, hidden, inter, top_k, *topk_ids.stride(), *topk_weights.stride(),
-             *_nk_strides(down_proj, transpose), *out.stride()),
-            dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block, BLOCK_K=_block_k(inter, BLOCK_K_DOWN)))
-    gate_up_args = (hidden_states, topk_ids, gate_up_proj, h, *gate_up[1])
-    down_args = (h, topk_ids, topk_weights, down_proj, out, *down[1])
-    if not direct_possible():
-        _GATE_UP(gate_up[0], gate_up_args, gate_up[2], OPTIONS)
-        _DOWN(down[0], down_args, down[2], OPTIONS)
-        return out
-    device = launcher._current_device()
-    launches = []
-    for launch, (grid, scalars, constexprs), args in ((_GATE_UP, gate_up, gate_up_args), (_DOWN, down, down_args)):
-        entry = launch.compiled(args, constexprs, OPTIONS, device)
-        launch.launch(entry, grid, args, device)
-        launches.append((entry, grid, scalars))
-    if remember and PLANS:
+    block_gate_up, block_down = _block_n(slots, inter, sms), _block_n(tokens, hidden, sms)
+    items = max(slots * cdiv(inter, block_gate_up), tokens * cdiv(hidden, block_down))
+    scalars = (tokens, gate_up_proj.shape[0], hidden, inter, top_k, *hidden_states.stride(), *topk_ids.stride(),
+               *topk_weights.stride(), *_nk_strides(gate_up_proj, transpose), *_nk_strides(down_proj, transpose),
+               *out.stride())
+    constexprs = dict(SLOTS=next_power_of_2(top_k), BLOCK_N_GATE_UP=block_gate_up,
+                      BLOCK_K_GATE_UP=_block_k(hidden, BLOCK_K_GATE_UP), BLOCK_N_DOWN=block_down,
+                      BLOCK_K_DOWN=_block_k(inter, BLOCK_K_DOWN))
+    device = launcher._current_device() if hidden_states.is_cuda else 0
+    stream = launcher._current_stream(device) if hidden_states.is_cuda else 0
+    launches = None
+    if ONE_LAUNCH and _ONE_LAUNCH_OK[0] and not _capturing():
+        args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out,
+                counters(hidden_states.device, stream), *scalars)
+        launches = _one_launch(args, dict(constexprs, PART=BOTH), items, device, stream)
+    if launches is None:  # two launches; the second reads h where the first wrote it (no barrier: the counters'
+        launches = []     # place holds h, unread)
+        for part, grid in ((GATE_UP, (slots * cdiv(inter, block_gate_up),)), (DOWN, (tokens * cdiv(hidden, block_down),))):
+            args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out, h, *scalars)
+            launches.append(_launch(args, dict(constexprs, PART=part), grid, OPTIONS, device))
+    if remember and PLANS and None not in launches and not _capturing():
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         key = _plan_key(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)
-        _PLANS[key] = _Plan(device, tokens, hidden, slots, inter, *launches,
+        _PLANS[key] = _Plan(device, tokens, hidden, slots, inter, tuple(launches),
                             layers_take(topk_ids, gate_up_proj, down_proj))
     return out
 
 
+def _launch(args, constexprs, grid, options, device):
+    """Launch; return what a plan repeats (compiled kernel, grid, scalars), None where no direct launch is possible."""
+    if not direct_possible():
+        _KERNEL(grid, args, constexprs, options)
+        return None
+    entry = _KERNEL.compiled(args, constexprs, options, device)
+    _KERNEL.launch(entry, grid, args, device)
+    return entry, grid, args[8:]
+
+
+def _one_launch(args, constexprs, items, device, stream):
+    """The launch with the grid barrier over as many programs as the GPU holds at once (one under the
+    interpreter, which runs programs one after another); None, launching nothing, once a cooperative launch
+    was refused (the caller takes two launches)."""
+    if INTERPRETER:
+        programs = 1
+    else:
+        entry = _KERNEL.compiled(args, constexprs, ONE_LAUNCH_OPTIONS, device)
+        programs = _MOST_PROGRAMS.get(entry.key)
+        if programs is None:
+            programs = _MOST_PROGRAMS[entry.key] = most_programs(entry.kernel, device, PROGRAMS_PER_SM)
+    grid = (min(items, programs),)
+    try:
+        return [_launch(args, constexprs, grid, ONE_LAUNCH_OPTIONS, device)]
+    except RuntimeError as exc:
+        if "cooperative" not in str(exc).lower():
+            raise
+        _ONE_LAUNCH_OK[0] = False  # e.g. a GPU shared with MPS limits: two launches from now on
+        warnings.warn(f"moe_learn: the one-launch decode experts' cooperative launch was refused ({exc}); they take "
+                      "two launches from now on", stacklevel=4)
+        return None
+
+
 def decode_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, transpose: bool = True) -> torch.Tensor:
-    """The expert half of an MoE MLP for a few tokens, in two launches; returns ``[T, H]``. Inference only.
+    """The expert half of an MoE MLP for a few tokens, in one launch; returns ``[T, H]``. Inference only.
 
     Arguments as ``layers.experts.moe_experts``: hidden_states ``[T, H]``, topk_ids / topk_weights
     ``[T, k]``, gate_up_proj ``[E, 2I, H]`` (gate rows first) and down_proj ``[E, H, I]``

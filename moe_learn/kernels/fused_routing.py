@@ -32,6 +32,7 @@ import triton.language as tl
 
 from moe_learn.device import INTERPRETER, check_kernel_device
 from moe_learn.kernels.autotune import num_sms
+from moe_learn.kernels.grid_sync import counters, grid_sync, grid_sync_done, most_programs
 from moe_learn.kernels.launcher import cdiv, next_power_of_2
 from moe_learn.validation import check_floating, check_positive_int, check_tensor
 
@@ -148,16 +149,6 @@ def _place_block(b, ids_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_p
     tl.store(scatter_ptr + offs_s, pos, mask=s_mask)
 
 
-@triton.jit
-def _grid_sync(counter_ptr, target):
-    """Wait until ``target`` arrivals: every program's earlier stores are then visible to all."""
-    tl.debug_barrier()  # all threads of this program have issued their stores
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")  # publish them, and arrive
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
-    tl.debug_barrier()  # no thread reads before the wait is over
-
-
 # Compiled once per key (dtypes, constexprs): the integers' values must not change the code
 @triton.jit(do_not_specialize=["T", "E", "stride_t", "num_blocks"])
 def _route(
@@ -174,17 +165,14 @@ def _route(
         _topk_block(b, logits_ptr, weights_ptr, ids_ptr, block_counts_ptr, T, E, stride_t, num_blocks,
                     TOP_K, TOP_K_PAD, BLOCK_T, BLOCK_E, USE_SIGMOID, RENORMALIZE, PRE_ACT)
     if COOPERATIVE:
-        _grid_sync(counter_ptr, programs)
+        grid_sync(counter_ptr, programs)
         for e in range(pid, E, programs):
             _scan_expert(e, block_counts_ptr, block_prefix_ptr, counts_ptr, num_blocks, BLOCK_B)
-        _grid_sync(counter_ptr, 2 * programs)
+        grid_sync(counter_ptr, 2 * programs)
         for b in range(pid, num_blocks, programs):
             _place_block(b, ids_ptr, block_prefix_ptr, counts_ptr, gather_ptr, scatter_ptr, num_slots, num_blocks,
                          E, BLOCK_T * TOP_K, BLOCK_T * TOP_K_PAD, BLOCK_E, RANK_CHUNK)
-        # the last program out resets the counters for the next launch (everyone has left the waits)
-        if tl.atomic_add(counter_ptr + 1, 1, sem="acq_rel", scope="gpu") == programs - 1:
-            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(counter_ptr + 1, 0, sem="relaxed", scope="gpu")
+        grid_sync_done(counter_ptr, programs)  # the last program out resets the counters for the next launch
     else:
         tl.debug_barrier()
         if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == programs - 1:
@@ -198,30 +186,6 @@ def _route(
             tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
-# One pair of counters per (device, stream): launches on one stream run in order and
-# each leaves its counters at zero; two streams never share a pair.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, stream: int) -> torch.Tensor:
-    key = (device, stream)
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        counters = _COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return counters
-
-
-def _programs_per_sm(kernel, device: torch.device) -> int:
-    """How many programs of ``kernel`` an SM holds at once (registers, threads, shared memory)."""
-    props = torch.cuda.get_device_properties(device)
-    warps = kernel.metadata.num_warps
-    regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256  # registers are handed out per warp, 256 at a time
-    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(regs_per_warp, 1) // warps
-    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
-    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (kernel.metadata.shared + 1024)
-    return max(1, min(by_regs, by_threads, by_smem, MAX_PROGRAMS_PER_SM))
-
-
 MAX_PROGRAMS_PER_SM = 2  # measured best at T=8192 (perf/NOTES.md), when the resources allow it
 # key -> (compiled kernel, most programs at once, constexprs in parameter order, direct launch?)
 _COMPILED: dict[tuple, tuple] = {}
@@ -232,14 +196,14 @@ def _compile(args, constexprs, options, device) -> tuple:
     """Compile without launching; size the grid from the compiled kernel's resources."""
     kernel = _route.warmup(*args, **constexprs, **options, grid=(1,))
     kernel._init_handles()
-    most_programs = _programs_per_sm(kernel, device) * num_sms(device)
+    programs = most_programs(kernel, device, MAX_PROGRAMS_PER_SM)
     # the launcher takes every parameter in the kernel's order, constexprs included
     ordered = [constexprs[name] for name in _route.arg_names[len(args):]]
     # Triton's launch hooks (profilers) only run on its own launch path: go direct only without any
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
     hooks = [getattr(runtime, name, None) for name in ("launch_enter_hook", "launch_exit_hook")]
     direct = runtime is not None and not any(getattr(h, "calls", h) for h in hooks)  # None, or an empty chain
-    return kernel, most_programs, ordered, direct
+    return kernel, programs, ordered, direct
 
 
 def _launch(key, num_blocks, args, constexprs, device, stream):
@@ -259,10 +223,10 @@ def _launch(key, num_blocks, args, constexprs, device, stream):
     entry = _COMPILED.get(key)
     if entry is None:
         entry = _COMPILED[key] = _compile(args, constexprs, options, device)
-    kernel, most_programs, ordered, direct = entry
+    kernel, programs_at_once, ordered, direct = entry
     # never more programs than run at once: the grid barrier waits for all of them
     # (the cooperative launch makes the driver refuse a grid that would not fit)
-    programs = min(num_blocks, most_programs)
+    programs = min(num_blocks, programs_at_once)
     if direct and _DIRECT_LAUNCH[0]:
         try:
             kernel.run(programs, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args,
@@ -348,7 +312,7 @@ def run_fused_routing(router_logits, top_k, *, use_sigmoid, renormalize, pre_act
     )
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     args = (router_logits, weights, ids, block_counts, block_prefix, counts, gather, scatter,
-            _counters(device, stream), T, E, router_logits.stride(0), num_blocks)
+            counters(device, stream), T, E, router_logits.stride(0), num_blocks)
     # what decides the pointers' 16-byte alignment, which the compiled code may assume
     alignment = (router_logits.data_ptr() % 16, slots % 4, E % 4)
     key = (device, router_logits.dtype, alignment, *constexprs.values())

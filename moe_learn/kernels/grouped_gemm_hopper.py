@@ -469,7 +469,7 @@ class LaunchPlan:
         self.device, self.rows, self.cols = device, rows, cols
         self.maps: dict[tuple, list] = {}
         raw = entry.raw
-        self.mappable = raw is not None and set(raw.positions) <= {X_DESC, W_DESC}
+        self.mappable = raw is not None and bool(raw.positions) and set(raw.positions) <= {X_DESC, W_DESC}
 
     def current(self, X) -> bool:
         tuned = autotune.TUNED.get(self.key)

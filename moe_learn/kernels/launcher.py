@@ -113,23 +113,30 @@ class RawLaunch:
 
     @classmethod
     def of(cls, kernel) -> RawLaunch | None:
-        """The raw launch for a compiled kernel with tensor descriptors, or None where it does not apply."""
+        """The raw launch for a compiled kernel, or None where it does not apply.
+
+        With tensor descriptors, the C launcher under Triton's wrapper, with the maps cached; without, the
+        C launcher itself (``run.launch``): that skips only ``run.__call__``'s Python (its scratch checks)."""
         run = getattr(kernel, "run", None)
         wrapper = getattr(run, "launch", None)
         code = getattr(wrapper, "__code__", None)
-        if code is None or set(code.co_freevars) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
-            return None  # no descriptors (the launcher itself), or another Triton's wrapper
-        cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in wrapper.__closure__), strict=True))
-        module = sys.modules.get(wrapper.__module__)
+        # the driver module: the wrapper's, or (a C function's module is the launcher's own) the CudaLauncher's
+        module = sys.modules.get(wrapper.__module__ if code is not None else type(run).__module__)
         base_len = getattr(module, "_BASE_ARGS_FORMAT_LEN", None)
-        make_arg = getattr(module, "make_tensordesc_arg", None)
-        metas = cells["tensordesc_meta"]
-        positions = sorted(cells["tensordesc_indices"])
-        if (base_len is None or make_arg is None or not metas or len(metas) != len(positions)
-                or any(meta is None for meta in metas)
+        if (base_len is None or wrapper is None
                 or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)):
-            return None  # scratch to allocate per launch, or descriptors passed as pointers: keep Triton's path
+            return None  # another Triton, or scratch to allocate per launch: keep Triton's path
         try:
+            if code is None:  # no descriptors: the compiled C launcher itself
+                return cls(kernel, wrapper, base_len, [], [], None) if callable(wrapper) else None
+            if set(code.co_freevars) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
+                return None  # another Triton's wrapper
+            cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in wrapper.__closure__), strict=True))
+            make_arg = getattr(module, "make_tensordesc_arg", None)
+            metas = cells["tensordesc_meta"]
+            positions = sorted(cells["tensordesc_indices"])
+            if make_arg is None or not metas or len(metas) != len(positions) or any(meta is None for meta in metas):
+                return None  # descriptors passed as pointers: keep Triton's path
             return cls(kernel, cells["launcher"], base_len, positions, list(metas), make_arg)
         except (TypeError, AttributeError):
             return None
@@ -214,14 +221,16 @@ class FastLauncher:
             entry = self.cache[key] = self._compile(key, args, constexprs, options)
         return entry
 
-    def launch(self, entry: Compiled, grid: tuple, args: tuple, device: int) -> None:
-        """Launch ``entry`` (from ``compiled`` with arguments of the same key) on ``device``'s current stream."""
+    def launch(self, entry: Compiled, grid: tuple, args: tuple, device: int, stream: int | None = None) -> None:
+        """Launch ``entry`` (from ``compiled`` with arguments of the same key) on ``device``'s current stream
+        (``stream``: that stream, where the caller has it already)."""
         if self.check:
             chosen = self.fn.warmup(*args, **entry.constexprs, **entry.options, grid=grid)
             if chosen is not entry.kernel:
                 raise AssertionError(f"{self._name()}: the launch key {entry.key} maps to another compiled kernel "
                                      "than Triton would pick; the key misses something Triton specializes on")
-        stream = _current_stream(device)
+        if stream is None:
+            stream = _current_stream(device)
         grid = (*grid, 1, 1)
         raw = entry.raw
         if raw is not None and RAW and RawLaunch._ok:

@@ -517,3 +517,110 @@ def test_moe_experts_names_a_hidden_states_that_is_no_tensor(bad):
     w1, w2 = torch.zeros(1, 2, 2, device=DEVICE), torch.zeros(1, 2, 1, device=DEVICE)
     with torch.no_grad(), pytest.raises(TypeError, match="hidden_states must be a torch.Tensor"):
         X.moe_experts(bad, ids, w, w1, w2)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. One launch: both phases with a grid barrier between them, or two launches where it cannot be used
+# ---------------------------------------------------------------------------------------
+
+
+def _counters_at_rest():
+    """Every barrier's counters are back at zero (each launch leaves them so for the next on its stream)."""
+    from moe_learn.kernels import grid_sync
+    if ON_GPU:
+        torch.cuda.synchronize()
+    return all(int(pair.abs().sum()) == 0 for pair in grid_sync._COUNTERS.values())
+
+
+# (the interpreter runs one program, which walks every item anyway: the large shapes only on a GPU)
+@pytest.mark.parametrize("T, k, E, H, inner", [(1, 1, 1, 8, 4), (3, 2, 5, 40, 24)]
+                         + ([(8, 8, 16, 520, 136), (16, 4, 9, 1040, 72)] if ON_GPU else []))
+@pytest.mark.parametrize("transpose", [True, False])
+def test_one_launch_and_two_launches_give_the_same_bits(T, k, E, H, inner, transpose, monkeypatch):
+    """The one launch computes what the two do, in the same order: equal bits, and the float64 answer. The larger
+    shapes have more (slot, block) items than a GPU holds programs, so each program walks several on each side
+    of the barrier (a missing or leaky barrier reads h before it is written)."""
+    x, ids, w, w1, w2 = _problem(T, k, E, H, inner, torch.bfloat16, transpose, seed=T + H)
+    with torch.no_grad():
+        monkeypatch.setattr(D, "ONE_LAUNCH", False)
+        two = decode_experts(x, ids, w, w1, w2, transpose=transpose)
+        monkeypatch.setattr(D, "ONE_LAUNCH", True)
+        for _ in range(3):  # the first call, then (on a GPU) its plan with the scratch kept per stream
+            one = decode_experts(x, ids, w, w1, w2, transpose=transpose)
+            assert torch.equal(one, two)
+    _assert_matches(one, x, ids, w, w1, w2, transpose)
+    assert _counters_at_rest()
+
+
+def test_repeated_one_launch_calls_read_only_their_own_inputs():
+    """A decode loop: one layout, new inputs each step (a plan's kept scratch must not leak a step's h into the
+    next), some steps with invalid ids (their rows of h are not written in that step)."""
+    for step in range(6):
+        x, ids, w, w1, w2 = _problem(2, 4, 6, 72, 40, torch.float16, seed=100 + step)
+        if step % 2:
+            ids[0, 1:] = -1
+        with torch.no_grad():
+            got = decode_experts(x, ids, w, w1, w2)
+        _assert_matches(got, x, ids, w, w1, w2)
+    assert _counters_at_rest()
+
+
+def test_a_refused_cooperative_launch_falls_back_to_two_launches(monkeypatch):
+    """A GPU that cannot hold the grid at once (MPS limits, a smaller partition) refuses the cooperative launch:
+    warned once, then two launches with the same answer; any other launch error is not swallowed."""
+    x, ids, w, w1, w2 = _problem(3, 2, 4, 24, 16, torch.float32, seed=5)
+    want = decode_experts(x, ids, w, w1, w2)
+    launch = D._launch
+
+    def refusing(args, constexprs, grid, options, device):
+        if options.get("launch_cooperative_grid"):
+            raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+        return launch(args, constexprs, grid, options, device)
+
+    monkeypatch.setattr(D, "_launch", refusing)
+    monkeypatch.setattr(D, "_ONE_LAUNCH_OK", [True])
+    monkeypatch.setattr(D, "_PLANS", {})
+    with pytest.warns(UserWarning, match="cooperative launch was refused"):
+        got = decode_experts(x, ids, w, w1, w2)
+    assert torch.equal(got, want) and D._ONE_LAUNCH_OK == [False]
+    assert torch.equal(decode_experts(x, ids, w, w1, w2), want)  # no second warning needed: two launches now
+
+    def failing(args, constexprs, grid, options, device):
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    monkeypatch.setattr(D, "_launch", failing)
+    monkeypatch.setattr(D, "_ONE_LAUNCH_OK", [True])
+    monkeypatch.setattr(D, "_PLANS", {})
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        decode_experts(x, ids, w, w1, w2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="streams and CUDA graphs need a GPU")
+def test_two_streams_and_a_cuda_graph():
+    """Each stream has its own counters and scratch: calls of one layout on two streams at once stay right; a
+    captured call takes two launches (a graph may be replayed on any stream) and its replays read new inputs."""
+    x, ids, w, w1, w2 = _problem(2, 8, 16, 1024, 256, torch.bfloat16, seed=3)
+    x2, ids2, w_2, _, _ = _problem(2, 8, 16, 1024, 256, torch.bfloat16, seed=4)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    outs = []
+    with torch.no_grad():
+        for _ in range(4):
+            for stream, args in zip(streams, ((x, ids, w), (x2, ids2, w_2)), strict=True):
+                with torch.cuda.stream(stream):
+                    outs.append((decode_experts(*args, w1, w2), args))
+        torch.cuda.synchronize()
+        for got, args in outs:
+            _assert_matches(got, *args, w1, w2)
+        static = [t.clone() for t in (x, ids, w)]
+        decode_experts(*static, w1, w2)  # (compiled and planned before the capture)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = decode_experts(*static, w1, w2)
+        for args in ((x2, ids2, w_2), (x, ids, w)):
+            for dst, src in zip(static, args, strict=True):
+                dst.copy_(src)
+            graph.replay()
+            torch.cuda.synchronize()
+            _assert_matches(captured, *args, w1, w2)
+    assert _counters_at_rest()

@@ -393,11 +393,10 @@ dec = importlib.import_module("moe_learn.kernels.decode_experts")
 
 @pytest.fixture
 def direct_decode(monkeypatch):
-    """Direct launches on the CPU for the two decode kernels, each compiled kernel the interpreter behind a log."""
+    """Direct launches on the CPU for the decode kernel, each compiled kernel the interpreter behind a log."""
     log = []
     _interpreted_direct_launches(monkeypatch, log, raw=False)
-    monkeypatch.setattr(dec, "_GATE_UP", launcher.FastLauncher(dec._gate_up_swiglu_kernel))
-    monkeypatch.setattr(dec, "_DOWN", launcher.FastLauncher(dec._down_sum_kernel))
+    monkeypatch.setattr(dec, "_KERNEL", launcher.FastLauncher(dec._decode_experts_kernel))
     monkeypatch.setattr(dec, "_PLANS", {})
     monkeypatch.setattr(dec, "PLANS", True)
     return log

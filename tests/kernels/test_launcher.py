@@ -5,6 +5,7 @@ stand-in for Triton's JIT function that records what Triton would be asked to do
 suite checks the keys against Triton's own choice (``MOE_LEARN_CHECK_LAUNCH=1``).
 """
 
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -239,8 +240,15 @@ def test_raw_launch_is_skipped_where_it_does_not_apply_and_falls_back_when_refus
 
     plain = FakeKernel(None)
     plain.run = FakeRun(triton_36, [], [])
-    plain.run.launch = plain.run.c_launch  # no descriptors: Triton calls the C launcher itself
-    assert launcher.RawLaunch.of(plain) is None
+    # no descriptors: Triton calls the C launcher itself (a C function: no __code__, as a partial has none)
+    plain.run.launch = functools.partial(FakeRun.c_launch, plain.run)
+    assert launcher.RawLaunch.of(plain) is None  # (FakeRun's module is not a driver: not Triton 3.6's)
+    monkeypatch.setattr(FakeRun, "__module__", triton_36.__name__)
+    raw = launcher.RawLaunch.of(plain)  # the C launcher itself, called as CudaLauncher.__call__ calls it
+    x = torch.zeros(4)
+    raw((3, 1, 1), 99, (x, 5))
+    plain.run(3, 1, 1, 99, plain.function, plain.packed_metadata, None, None, None, x, 5)
+    assert plain.run.c_launches[0] == plain.run.c_launches[1] and plain.run.c_launches[0][-2] is x
     scratch = FakeKernel(None)
     scratch.run = FakeRun(triton_36, [1], [{"swizzle": 128}])
     scratch.run.global_scratch_size = 64  # per-launch scratch to allocate: Triton's path
