@@ -130,8 +130,8 @@ def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, 
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n * stride_oh, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-# What a launch of _decode_experts_kernel runs (PART)
-BOTH, GATE_UP, DOWN = 0, 1, 2
+# What a launch of _decode_experts_kernel runs (PART; constexpr objects: a kernel reads no other globals)
+BOTH, GATE_UP, DOWN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit(do_not_specialize=["T", "E", "TOP_K"])
@@ -310,12 +310,12 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     if ONE_LAUNCH and _ONE_LAUNCH_OK[0] and not _capturing():
         args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out,
                 counters(hidden_states.device, stream), *scalars)
-        launches = _one_launch(args, dict(constexprs, PART=BOTH), items, device, stream)
+        launches = _one_launch(args, dict(constexprs, PART=BOTH.value), items, device, stream)
     if launches is None:  # two launches; the second reads h where the first wrote it (no barrier: the counters'
         launches = []     # place holds h, unread)
         for part, grid in ((GATE_UP, (slots * cdiv(inter, block_gate_up),)), (DOWN, (tokens * cdiv(hidden, block_down),))):
             args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out, h, *scalars)
-            launches.append(_launch(args, dict(constexprs, PART=part), grid, OPTIONS, device))
+            launches.append(_launch(args, dict(constexprs, PART=part.value), grid, OPTIONS, device))
     if remember and PLANS and None not in launches and not _capturing():
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
