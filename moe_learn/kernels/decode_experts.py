@@ -310,13 +310,17 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     if ONE_LAUNCH and _ONE_LAUNCH_OK[0] and not _capturing():
         args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out,
                 counters(hidden_states.device, stream), *scalars)
-        launches = _one_launch(args, dict(constexprs, PART=BOTH.value), items, device, stream)
+        launches = _one_launch(args, dict(constexprs, PART=BOTH.value), items, device, hidden_states.device)
     if launches is None:  # two launches; the second reads h where the first wrote it (no barrier: the counters'
         launches = []     # place holds h, unread)
         for part, grid in ((GATE_UP, (slots * cdiv(inter, block_gate_up),)), (DOWN, (tokens * cdiv(hidden, block_down),))):
             args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out, h, *scalars)
             launches.append(_launch(args, dict(constexprs, PART=part.value), grid, OPTIONS, device))
     if remember and PLANS and None not in launches and not _capturing():
+        if len(launches) == 1:  # compile the two-launch parts too: a CUDA graph captured later takes them
+            for part in (GATE_UP, DOWN):
+                args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out, h, *scalars)
+                _KERNEL.compiled(args, dict(constexprs, PART=part.value), OPTIONS, device)
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         key = _plan_key(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)
@@ -335,7 +339,7 @@ def _launch(args, constexprs, grid, options, device):
     return entry, grid, args[8:]
 
 
-def _one_launch(args, constexprs, items, device, stream):
+def _one_launch(args, constexprs, items, device: int, torch_device: torch.device):
     """The launch with the grid barrier over as many programs as the GPU holds at once (one under the
     interpreter, which runs programs one after another); None, launching nothing, once a cooperative launch
     was refused (the caller takes two launches)."""
@@ -345,7 +349,7 @@ def _one_launch(args, constexprs, items, device, stream):
         entry = _KERNEL.compiled(args, constexprs, ONE_LAUNCH_OPTIONS, device)
         programs = _MOST_PROGRAMS.get(entry.key)
         if programs is None:
-            programs = _MOST_PROGRAMS[entry.key] = most_programs(entry.kernel, device, PROGRAMS_PER_SM)
+            programs = _MOST_PROGRAMS[entry.key] = most_programs(entry.kernel, torch_device, PROGRAMS_PER_SM)
     grid = (min(items, programs),)
     try:
         return [_launch(args, constexprs, grid, ONE_LAUNCH_OPTIONS, device)]

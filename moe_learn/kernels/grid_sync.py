@@ -56,7 +56,7 @@ def counters(device: torch.device | int, stream: int) -> torch.Tensor:
     return pair
 
 
-def most_programs(kernel, device, per_sm: int) -> int:
+def most_programs(kernel, device: torch.device, per_sm: int) -> int:
     """How many programs of the compiled ``kernel`` the GPU holds at once (registers, threads, shared memory),
     at most ``per_sm`` per SM."""
     props = torch.cuda.get_device_properties(device)

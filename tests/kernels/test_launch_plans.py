@@ -545,3 +545,35 @@ def test_layers_take_a_decode_plan_only_within_their_rule(direct_decode, monkeyp
         monkeypatch.setattr(dec, "PLANS", True)
         monkeypatch.setattr(dec, "MAX_SLOTS", 1)  # other limits: no plan of the old ones is reused
         assert dec.planned(x[:1], ids[:1], weights[:1], w1, w2, layers=True) is None
+
+
+def test_the_one_launch_as_on_a_gpu(direct_decode, monkeypatch):
+    """The GPU's one-launch path on the CPU: not the interpreter's branch (a grid sized from the compiled kernel's
+    resources, ``grid_sync.most_programs``, with stand-in device properties and one SM so the interpreter's
+    programs never wait for a later one), then its plan with the scratch kept per stream; every launch logged."""
+    from types import SimpleNamespace
+
+    from moe_learn.kernels import grid_sync
+
+    log = direct_decode
+    monkeypatch.setattr(dec, "INTERPRETER", False)
+    monkeypatch.setattr(dec, "_MOST_PROGRAMS", {})
+    monkeypatch.setattr(grid_sync, "num_sms", lambda device: 1 if isinstance(device, torch.device) else None.type)
+    props = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                            shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(Interpreted, "n_regs", 255, raising=False)  # one program per SM
+    monkeypatch.setattr(Interpreted, "metadata", SimpleNamespace(num_warps=8, shared=0), raising=False)
+    for step in range(3):
+        x, ids, weights, w1, w2 = _decode_inputs(2, 3, 4, 24, 12, step, DECODE_PLAIN)
+        with torch.no_grad():
+            got = dec.decode_experts(x, ids, weights, w1, w2)
+        want = _decode_reference(x, ids, weights, w1, w2, True)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    launched = [(kernel.constexprs["PART"], grid) for kernel, grid, _ in log]
+    assert launched == [(dec.BOTH.value, (1, 1, 1))] * 3, launched  # first call, then two from its plan
+    (plan,) = dec._PLANS.values()
+    assert plan.one_launch and list(plan.scratch) == [0]  # the stand-in's stream
+    compiled = {entry.constexprs["PART"] for entry in dec._KERNEL.cache.values()}
+    assert compiled == {dec.BOTH.value, dec.GATE_UP.value, dec.DOWN.value}, "the parts a captured graph takes"
+    assert all(int(pair.abs().sum()) == 0 for pair in grid_sync._COUNTERS.values())
