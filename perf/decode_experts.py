@@ -4,9 +4,8 @@
 
 For each decode model (bench.cases.DECODE_MODELS) and T = 1..64 tokens, inference (no grad), bf16:
 - ``decode``: ``kernels.decode_experts.decode_experts`` as the layers call it (checked once, then from its
-  launch plan): one launch with a grid barrier between its two phases; also past ``MAX_SLOTS``, to see
-  where the grouped path starts to win;
-- ``decode2``: the same with ``ONE_LAUNCH = False``: two launches (what a CUDA graph captures);
+  launch plan): two launches; also past ``MAX_SLOTS``, to see where the grouped path starts to win;
+- ``decode1``: the same with ``ONE_LAUNCH = True``: one launch, a grid barrier between its two phases;
 - ``grouped``: ``moe_experts`` with ``DECODE_EXPERTS = False`` (routing of the ids in one launch, the two
   grouped GEMMs with the SwiGLU in GEMM1's epilogue, the sum over the k slots);
 - ``default``: transformers 5.x's default experts module (``experts_implementation="grouped_mm"``).
@@ -14,9 +13,9 @@ Four times per call, microseconds: ``eager`` = back-to-back eager calls, wall ti
 sync at the end (what an eager decode loop gets: max(host, GPU) per call); ``alone`` = one call timed
 with a sync before and after (median); ``bench`` = ``triton.testing.do_bench`` (median, L2 flushed
 between calls: GPU time, host hidden); ``graph`` = a CUDA-graph replay (``do_bench_cudagraph``; the decode
-path captures two launches, so ``decode`` and ``decode2`` share it). Outputs are compared with the
-default's (largest difference relative to its largest value). --sweep first times the decode kernel's
-launch parameters (``SWEEP``, one launch, ``do_bench``).
+path captures two launches, so ``decode`` and ``decode1`` share it). Outputs are compared with the
+default's (largest difference relative to its largest value). --sweep first times the decode kernels'
+launch parameters (``SWEEP``, ``do_bench``).
 """
 
 from __future__ import annotations
@@ -73,18 +72,18 @@ def bench_us(fn) -> float:
     return triton.testing.do_bench(fn, return_mode="median") * 1e3
 
 
-def one_or_two(fn, one: bool):
-    """``fn()`` with the decode path's one launch (True) or two launches (False)."""
-    dec.ONE_LAUNCH = one
+def one_launch(fn):
+    """``fn()`` with the decode path's one launch."""
+    default, dec.ONE_LAUNCH = dec.ONE_LAUNCH, True
     try:
         return fn()
     finally:
-        dec.ONE_LAUNCH = True
+        dec.ONE_LAUNCH = default
 
 
 def sweep(dev, dt) -> list[dict]:
-    """do_bench times of the one-launch decode path's launch parameters (module constants) on two models at
-    T = 1 and 8 (the plans are dropped at each change: they keep the block choice)."""
+    """do_bench times of the decode path's launch parameters (module constants) on two models at T = 1 and 8
+    (the plans are dropped at each change: they keep the block choice)."""
     out = []
     defaults = dict(BLOCK_K_GATE_UP=dec.BLOCK_K_GATE_UP, BLOCK_K_DOWN=dec.BLOCK_K_DOWN, MIN_BLOCK_N=dec.MIN_BLOCK_N,
                     PROGRAMS_PER_SM=dec.PROGRAMS_PER_SM)
@@ -127,7 +126,7 @@ def main():
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
                 impls = {
                     "decode": lambda: dec.decode_experts(x, ids, weights, w1, w2),  # noqa: B023
-                    "decode2": lambda: one_or_two(lambda: dec.decode_experts(x, ids, weights, w1, w2), False),  # noqa: B023
+                    "decode1": lambda: one_launch(lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
                     "grouped": lambda: grouped_path(experts.moe_experts, x, ids, weights, w1, w2),  # noqa: B023
                     "default": lambda: default(x, ids, weights),  # noqa: B023
                 }

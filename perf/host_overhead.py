@@ -9,7 +9,7 @@ gives the GPU time. An eager decode step costs max(host, GPU): the target (issue
 host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours as shipped (launch plans,
 the direct launch, cached tensor maps); without launch plans ("no plan": every call checks, chooses
 the kernel and computes the launch key; ``grouped_gemm.PLANS``); for ``moe_experts`` at these sizes
-the decode path (``kernels/decode_experts.py``, one launch) and, beside it, the grouped path; without
+the decode path (``kernels/decode_experts.py``) and, beside it, the grouped path; without
 the cached maps ("no raw": Triton's launcher wrapper makes the maps per call; ``launcher.RAW``);
 through Triton's own launch; ``torch._grouped_mm``.
 

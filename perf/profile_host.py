@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python3 perf/profile_host.py > $OUT/profile_host.txt
 
 Cases: the qwen3-30b-a3b gate_up GEMM at T=1 (gathered, what the decode bench's weakest
-case calls) and the fused experts at T=1 (the one-launch decode path; the grouped path with the
+case calls) and the fused experts at T=1 (the decode path in two launches, and in one; the grouped path with the
 one-launch routing of given ids, and with PyTorch's). For each: host microseconds per call in a
 back-to-back loop and the cProfile table of 2000 calls; then the bare pieces timed alone (the
 compiled kernel's own launcher with our last launch's arguments, our launch key, torch.empty, one PyTorch launch, and
@@ -73,9 +73,9 @@ def main():
         for name, fn in (("grouped_gemm gate_up gather", gate_up), ("grouped_gemm_trusted gate_up gather", trusted),
                          ("run_experts (routing given)", routed), ("moe_experts (ids in): the decode path", fused)):
             profile(name, fn)
-        dec.ONE_LAUNCH = False  # the decode path in two launches (what a CUDA graph captures)
-        profile("moe_experts (ids in): the decode path in two launches", fused)
-        dec.ONE_LAUNCH = True
+        dec.ONE_LAUNCH = True  # the decode path in one launch, with its grid barrier
+        profile("moe_experts (ids in): the decode path in one launch", fused)
+        dec.ONE_LAUNCH = False
         experts.DECODE_EXPERTS = False  # the grouped path: routing in one launch, two grouped GEMMs, the sum
         profile("moe_experts (ids in), grouped path", fused)
         experts.ROUTE_IDS_KERNEL = False  # the A/B: the routing of given ids as eight PyTorch ops

@@ -96,6 +96,7 @@ def main():
         # two, twice each (the second from its plan), in both weight layouts
         from moe_learn.kernels import decode_experts as dec
 
+        default = dec.ONE_LAUNCH
         for one in (True, False):
             dec.ONE_LAUNCH = one
             for tag, a, b, transpose in (("", w1, w2, True),
@@ -105,7 +106,7 @@ def main():
                     check(f"decode experts, {'one launch' if one else 'two launches'}{tag} ({call})",
                           moe_experts(x[:3], sentinels[:3], weights[:3], a, b, transpose=transpose),
                           moe_experts(x[:3], sentinels[:3], weights[:3], a, b, transpose=transpose, backend="torch"))
-        dec.ONE_LAUNCH = True
+        dec.ONE_LAUNCH = default
     from moe_learn.kernels import swiglu as swiglu_kernels
 
     ref_out = moe_experts(x, ids, weights, w1, w2, backend="torch")

@@ -1,4 +1,4 @@
-"""The experts of a decode step in one launch: no routing, no permutation, no sum afterwards.
+"""The experts of a decode step in two launches (or one): no routing, no permutation, no sum afterwards.
 
 At decode a layer sees a handful of tokens: T*k (token, slot) pairs, most of them on different
 experts. The grouped path (``layers.experts``) first groups the pairs by expert (``route_ids``:
@@ -8,19 +8,20 @@ and sums its k slots (one more launch): four launches, each 7-40 us of host time
 
 Here every slot is its own row, and the work is what it is at this size: streaming the chosen
 experts' weights past one vector (a matrix-vector product, which tensor cores would not speed up).
-``_decode_experts_kernel`` has two phases:
+Two phases:
 
-1. (``_gate_up_block``) items (slot, I block): slot s = (t, j) reads expert e = ids[t, j]'s gate and
+1. ``_gate_up_block``, items (slot, I block): slot s = (t, j) reads expert e = ids[t, j]'s gate and
    up rows for its column block, dots them with x[t] and stores ``h[s] = silu(gate) * up``.
-2. (``_down_block``) items (t, H block): token t walks its k slots and adds
+2. ``_down_block``, items (t, H block): token t walks its k slots and adds
    ``w[t, j] * W_down[e] @ h[s]`` for its column block in float32; out[t] is written once.
 
-Phase 2 reads what every program wrote in phase 1. One launch runs both, its programs (no more than
-the GPU holds at once, cooperatively launched) waiting for each other at a grid barrier
-(``grid_sync``) in between; h is scratch kept per stream by the launch plan. Where the barrier
-cannot be used (a CUDA graph being captured, a GPU that refuses the cooperative launch, the A/B
-switch ``ONE_LAUNCH``) the same kernel runs as two launches, one phase each, with the same
-arithmetic and the same bits. Triton's interpreter runs the one launch as a single program.
+Phase 2 reads what every program of phase 1 wrote. By default each phase is its own launch
+(``_gate_up_swiglu_kernel``, grid (T*k, I/BLOCK_N); ``_down_sum_kernel``, grid (T, H/BLOCK_N)).
+``ONE_LAUNCH`` runs both in ``_decode_experts_kernel``, whose programs (no more than the GPU holds at
+once, cooperatively launched) wait for each other at a grid barrier (``grid_sync``) in between, with
+h as scratch kept per stream by the launch plan: one launch and one allocation less of host time,
+the same arithmetic and bits, but measured slower on the GPU where the layers take this path
+(perf/NOTES.md item 23), so it is off. Triton's interpreter runs the one launch as a single program.
 
 Nothing is sorted, so nothing waits for a routing pass, and no expert that got no slot is read.
 An expert that got several slots is read once per slot (from L2 when they run close together):
@@ -95,7 +96,7 @@ def _gate_up_block(x_ptr, ids_ptr, w_ptr, h_ptr, slot, block, E, I, H, TOP_K,
 @triton.jit
 def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, TOP_K,
                 stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
-                SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, H_CACHE: tl.constexpr):
     """out[t, block's columns] = sum over t's slots of weight * W_down[e] @ h[slot]."""
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
@@ -120,9 +121,10 @@ def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, 
         offs_k = (step - j * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < tl.sum(tl.where(this, bounds, 0))
         weight = tl.sum(tl.where(this, weights, 0.0))
-        # (".cg": h was written by other programs of this launch; read it from L2, never a stale L1 line)
+        # (H_CACHE ".cg" in the one launch: h was written by other programs of that launch; read it from L2,
+        # never a stale L1 line)
         h = tl.load(h_ptr + (t * TOP_K + j).to(tl.int64) * I + offs_k, mask=mask_k, other=0.0,
-                    cache_modifier=".cg").to(tl.float32)
+                    cache_modifier=H_CACHE).to(tl.float32)
         w = tl.load(rows + tl.sum(tl.where(this, bases, 0)) + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * (weight * h)[None, :]
@@ -130,47 +132,64 @@ def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, 
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n * stride_oh, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-# What a launch of _decode_experts_kernel runs (PART; constexpr objects: a kernel reads no other globals)
-BOTH, GATE_UP, DOWN = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+@triton.jit(do_not_specialize=["E", "TOP_K"])
+def _gate_up_swiglu_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, E, I, H, TOP_K,
+                           stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase 1 alone, grid (T*k, I / BLOCK_N)."""
+    _gate_up_block(x_ptr, ids_ptr, w_ptr, h_ptr, tl.program_id(0), tl.program_id(1), E, I, H, TOP_K,
+                   stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["E", "TOP_K"])
+def _down_sum_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, E, H, I, TOP_K,
+                     stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
+                     SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Phase 2 alone, grid (T, H / BLOCK_N), after phase 1's launch."""
+    _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, tl.program_id(0), tl.program_id(1), E, H, I, TOP_K,
+                stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
+                SLOTS, BLOCK_N, BLOCK_K, "")
 
 
 @triton.jit(do_not_specialize=["T", "E", "TOP_K"])
 def _decode_experts_kernel(x_ptr, ids_ptr, weights_ptr, w1_ptr, w2_ptr, h_ptr, out_ptr, counter_ptr, T, E, H, I, TOP_K,
                            stride_xt, stride_xh, stride_it, stride_ik, stride_rt, stride_rk,
                            stride_1e, stride_1n, stride_1k, stride_2e, stride_2n, stride_2k, stride_ot, stride_oh,
-                           PART: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N_GATE_UP: tl.constexpr,
-                           BLOCK_K_GATE_UP: tl.constexpr, BLOCK_N_DOWN: tl.constexpr, BLOCK_K_DOWN: tl.constexpr):
-    """Each program walks the (slot, I block) items of phase 1 (h), then the (token, H block) items of phase 2
-    (out), a grid-wide barrier between them (PART = BOTH: every program runs at once, see grid_sync);
-    PART = GATE_UP or DOWN runs one phase, for two launches where the barrier cannot be used."""
+                           SLOTS: tl.constexpr, BLOCK_N_GATE_UP: tl.constexpr, BLOCK_K_GATE_UP: tl.constexpr,
+                           BLOCK_N_DOWN: tl.constexpr, BLOCK_K_DOWN: tl.constexpr):
+    """Both phases in one launch: each program walks the (slot, I block) items of phase 1, waits at the grid
+    barrier (every program runs at once, see grid_sync), then walks the (token, H block) items of phase 2."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    if PART != DOWN:
-        blocks = tl.cdiv(I, BLOCK_N_GATE_UP)
-        for item in range(program, T * TOP_K * blocks, programs):
-            slot = item // blocks
-            _gate_up_block(x_ptr, ids_ptr, w1_ptr, h_ptr, slot, item - slot * blocks, E, I, H, TOP_K,
-                           stride_xt, stride_xh, stride_it, stride_ik, stride_1e, stride_1n, stride_1k,
-                           BLOCK_N_GATE_UP, BLOCK_K_GATE_UP)
-    if PART == BOTH:
-        grid_sync(counter_ptr, programs)
-    if PART != GATE_UP:
-        blocks = tl.cdiv(H, BLOCK_N_DOWN)
-        for item in range(program, T * blocks, programs):
-            t = item // blocks
-            _down_block(h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, t, item - t * blocks, E, H, I, TOP_K,
-                        stride_it, stride_ik, stride_rt, stride_rk, stride_2e, stride_2n, stride_2k, stride_ot,
-                        stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN)
-    if PART == BOTH:
-        grid_sync_done(counter_ptr, programs)
+    blocks = tl.cdiv(I, BLOCK_N_GATE_UP)
+    for item in range(program, T * TOP_K * blocks, programs):
+        slot = item // blocks
+        _gate_up_block(x_ptr, ids_ptr, w1_ptr, h_ptr, slot, item - slot * blocks, E, I, H, TOP_K,
+                       stride_xt, stride_xh, stride_it, stride_ik, stride_1e, stride_1n, stride_1k,
+                       BLOCK_N_GATE_UP, BLOCK_K_GATE_UP)
+    grid_sync(counter_ptr, programs)
+    blocks = tl.cdiv(H, BLOCK_N_DOWN)
+    for item in range(program, T * blocks, programs):
+        t = item // blocks
+        _down_block(h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, t, item - t * blocks, E, H, I, TOP_K,
+                    stride_it, stride_ik, stride_rt, stride_rk, stride_2e, stride_2n, stride_2k, stride_ot,
+                    stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN, ".cg")
+    grid_sync_done(counter_ptr, programs)
 
 
+_GATE_UP = FastLauncher(_gate_up_swiglu_kernel)
+_DOWN = FastLauncher(_down_sum_kernel)
 _KERNEL = FastLauncher(_decode_experts_kernel)
-# One launch with the grid barrier (a cooperative launch: the driver refuses a grid that would not fit at once),
-# or two launches (GATE_UP, then DOWN) where that cannot be used: while a CUDA graph is captured (the barrier's
-# counters and the plans' scratch belong to a stream, and a graph may be replayed on any), or once a GPU refused
-# the cooperative launch. A/B switch: ONE_LAUNCH = False takes two launches everywhere.
-ONE_LAUNCH = True
+# Two launches (_gate_up_swiglu_kernel, then _down_sum_kernel), or, with ONE_LAUNCH, one launch of
+# _decode_experts_kernel with the grid barrier (a cooperative launch: the driver refuses a grid that would not
+# fit at once). The one launch costs one launch and one allocation less of host time, but on an H100 it ran
+# slower than the two launches had in an earlier run where the layers take this path (Qwen3-30B-A3B T=1 82 us
+# eager against 68, gpt-oss-120b T=1 178 against 122) and faster in cases they do not take (perf/NOTES.md
+# item 23; not yet compared in one run): off until it is. Two
+# launches also wherever the barrier cannot be used: while a CUDA graph is captured (the barrier's counters and
+# the plans' scratch belong to a stream, and a graph may be replayed on any), or once a GPU refused the
+# cooperative launch.
+ONE_LAUNCH = False
 _ONE_LAUNCH_OK = [True]
 ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
 # Launch plans, as grouped_gemm's: a repeated eager call with tensors of the same layout (shape, strides,
@@ -189,7 +208,7 @@ class _Plan:
 
     def __init__(self, device, tokens, hidden, slots, inter, launches, layers_take_it):
         self.device, self.tokens, self.hidden, self.slots, self.inter = device, tokens, hidden, slots, inter
-        self.launches = launches  # ((compiled kernel, grid, scalar arguments),): BOTH; or GATE_UP, DOWN
+        self.launches = launches  # (compiled kernel, grid, scalar arguments) of the one launch, or of the two
         self.scratch: dict[int, tuple] = {}  # stream -> (h, the barrier's counters), for the one launch
         self.layers_take_it = layers_take_it  # the layers' rule (layers_take) for these shapes
 
@@ -199,7 +218,7 @@ class _Plan:
 
     def __call__(self, x, ids, weights, w1, w2) -> torch.Tensor:
         out = x.new_empty(self.tokens, self.hidden)
-        if len(self.launches) == 1:
+        if len(self.launches) == 1:  # the one launch
             # h is scratch inside the one launch: kept per stream (launches on one stream run in order)
             stream = launcher._current_stream(self.device)
             scratch = self.scratch.get(stream)
@@ -212,8 +231,9 @@ class _Plan:
             _KERNEL.launch(entry, grid, (x, ids, weights, w1, w2, h, out, pair, *scalars), self.device, stream)
             return out
         h = x.new_empty(self.slots, self.inter)
-        for entry, grid, scalars in self.launches:  # (the counters' place holds h: a part without the barrier)
-            _KERNEL.launch(entry, grid, (x, ids, weights, w1, w2, h, out, h, *scalars), self.device)
+        (entry, grid, scalars), (down_entry, down_grid, down_scalars) = self.launches
+        _GATE_UP.launch(entry, grid, (x, ids, w1, h, *scalars), self.device)
+        _DOWN.launch(down_entry, down_grid, (h, ids, weights, w2, out, *down_scalars), self.device)
         return out
 
 
@@ -234,8 +254,9 @@ def layers_take(topk_ids: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
 
 
 def _plan_key(x, ids, weights, w1, w2, transpose) -> tuple:
-    # (the rule's limits too: a plan made under other limits is not reused)
-    return layout(x), layout(ids), layout(weights), layout(w1), layout(w2), transpose, MAX_SLOTS, MAX_WEIGHT_BYTES
+    # (the rule's limits and the switch too: a plan made under others is not reused)
+    return (layout(x), layout(ids), layout(weights), layout(w1), layout(w2), transpose, MAX_SLOTS, MAX_WEIGHT_BYTES,
+            ONE_LAUNCH)
 
 
 def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=True, *,
@@ -289,6 +310,7 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     """
     tokens, hidden = hidden_states.shape
     top_k = topk_ids.shape[1]
+    num_experts = gate_up_proj.shape[0]
     inter = down_proj.shape[2] if transpose else down_proj.shape[1]
     out = hidden_states.new_empty(tokens, hidden)
     if tokens == 0 or top_k == 0:
@@ -297,30 +319,44 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     h = hidden_states.new_empty(slots, inter)  # slot-major [T*k, I]; invalid slots' rows stay unwritten
     sms = num_sms(hidden_states.device)
     block_gate_up, block_down = _block_n(slots, inter, sms), _block_n(tokens, hidden, sms)
-    items = max(slots * cdiv(inter, block_gate_up), tokens * cdiv(hidden, block_down))
-    scalars = (tokens, gate_up_proj.shape[0], hidden, inter, top_k, *hidden_states.stride(), *topk_ids.stride(),
-               *topk_weights.stride(), *_nk_strides(gate_up_proj, transpose), *_nk_strides(down_proj, transpose),
-               *out.stride())
-    constexprs = dict(SLOTS=next_power_of_2(top_k), BLOCK_N_GATE_UP=block_gate_up,
-                      BLOCK_K_GATE_UP=_block_k(hidden, BLOCK_K_GATE_UP), BLOCK_N_DOWN=block_down,
-                      BLOCK_K_DOWN=_block_k(inter, BLOCK_K_DOWN))
-    device = launcher._current_device() if hidden_states.is_cuda else 0
-    stream = launcher._current_stream(device) if hidden_states.is_cuda else 0
+    gate_up = ((slots, cdiv(inter, block_gate_up)),
+               (num_experts, inter, hidden, top_k, *hidden_states.stride(), *topk_ids.stride(),
+                *_nk_strides(gate_up_proj, transpose)),
+               dict(BLOCK_N=block_gate_up, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP)))
+    down = ((tokens, cdiv(hidden, block_down)),
+            (num_experts, hidden, inter, top_k, *topk_ids.stride(), *topk_weights.stride(),
+             *_nk_strides(down_proj, transpose), *out.stride()),
+            dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block_down, BLOCK_K=_block_k(inter, BLOCK_K_DOWN)))
+    gate_up_args = (hidden_states, topk_ids, gate_up_proj, h, *gate_up[1])
+    down_args = (h, topk_ids, topk_weights, down_proj, out, *down[1])
+    direct = direct_possible()
+    device = launcher._current_device() if direct else None
     launches = None
     if ONE_LAUNCH and _ONE_LAUNCH_OK[0] and not _capturing():
+        stream = launcher._current_stream(launcher._current_device()) if hidden_states.is_cuda else 0
+        scalars = (tokens, num_experts, hidden, inter, top_k, *hidden_states.stride(), *topk_ids.stride(),
+                   *topk_weights.stride(), *_nk_strides(gate_up_proj, transpose), *_nk_strides(down_proj, transpose),
+                   *out.stride())
         args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out,
                 counters(hidden_states.device, stream), *scalars)
-        launches = _one_launch(args, dict(constexprs, PART=BOTH.value), items, device, hidden_states.device)
-    if launches is None:  # two launches; the second reads h where the first wrote it (no barrier: the counters'
-        launches = []     # place holds h, unread)
-        for part, grid in ((GATE_UP, (slots * cdiv(inter, block_gate_up),)), (DOWN, (tokens * cdiv(hidden, block_down),))):
-            args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out, h, *scalars)
-            launches.append(_launch(args, dict(constexprs, PART=part.value), grid, OPTIONS, device))
-    if remember and PLANS and None not in launches and not _capturing():
-        if len(launches) == 1:  # compile the two-launch parts too: a CUDA graph captured later takes them
-            for part in (GATE_UP, DOWN):
-                args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out, h, *scalars)
-                _KERNEL.compiled(args, dict(constexprs, PART=part.value), OPTIONS, device)
+        constexprs = dict(SLOTS=down[2]["SLOTS"], BLOCK_N_GATE_UP=block_gate_up, BLOCK_K_GATE_UP=gate_up[2]["BLOCK_K"],
+                          BLOCK_N_DOWN=block_down, BLOCK_K_DOWN=down[2]["BLOCK_K"])
+        items = max(slots * cdiv(inter, block_gate_up), tokens * cdiv(hidden, block_down))
+        launches = _one_launch(args, constexprs, items, device, hidden_states.device)
+    if launches is None:
+        if not direct:
+            _GATE_UP(gate_up[0], gate_up_args, gate_up[2], OPTIONS)
+            _DOWN(down[0], down_args, down[2], OPTIONS)
+            return out
+        launches = []
+        for launch, (grid, scalars, constexprs), args in ((_GATE_UP, gate_up, gate_up_args), (_DOWN, down, down_args)):
+            entry = launch.compiled(args, constexprs, OPTIONS, device)
+            launch.launch(entry, grid, args, device)
+            launches.append((entry, grid, scalars))
+    elif direct and remember and PLANS:  # compile the two launches too: a CUDA graph captured later takes them
+        for launch, (_, _, constexprs), args in ((_GATE_UP, gate_up, gate_up_args), (_DOWN, down, down_args)):
+            launch.compiled(args, constexprs, OPTIONS, device)
+    if remember and PLANS and direct and not _capturing():
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         key = _plan_key(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose)
@@ -329,30 +365,24 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     return out
 
 
-def _launch(args, constexprs, grid, options, device):
-    """Launch; return what a plan repeats (compiled kernel, grid, scalars), None where no direct launch is possible."""
-    if not direct_possible():
-        _KERNEL(grid, args, constexprs, options)
-        return None
-    entry = _KERNEL.compiled(args, constexprs, options, device)
-    _KERNEL.launch(entry, grid, args, device)
-    return entry, grid, args[8:]
-
-
-def _one_launch(args, constexprs, items, device: int, torch_device: torch.device):
+def _one_launch(args, constexprs, items, device: int | None, torch_device: torch.device):
     """The launch with the grid barrier over as many programs as the GPU holds at once (one under the
-    interpreter, which runs programs one after another); None, launching nothing, once a cooperative launch
-    was refused (the caller takes two launches)."""
+    interpreter, which runs programs one after another). Returns what a plan repeats ([(compiled kernel, grid,
+    scalars)]; an empty list where no direct launch is possible); None, launching nothing, once a cooperative
+    launch was refused (the caller takes two launches)."""
+    entry = None
+    if device is not None or not INTERPRETER:  # (compiled: its resources size the grid)
+        entry = _KERNEL.compiled(args, constexprs, ONE_LAUNCH_OPTIONS,
+                                 device if device is not None else launcher._current_device())
     if INTERPRETER:
         programs = 1
     else:
-        entry = _KERNEL.compiled(args, constexprs, ONE_LAUNCH_OPTIONS, device)
         programs = _MOST_PROGRAMS.get(entry.key)
         if programs is None:
             programs = _MOST_PROGRAMS[entry.key] = most_programs(entry.kernel, torch_device, PROGRAMS_PER_SM)
     grid = (min(items, programs),)
     try:
-        return [_launch(args, constexprs, grid, ONE_LAUNCH_OPTIONS, device)]
+        _launch_cooperative(entry, grid, args, constexprs, device)
     except RuntimeError as exc:
         if "cooperative" not in str(exc).lower():
             raise
@@ -360,11 +390,20 @@ def _one_launch(args, constexprs, items, device: int, torch_device: torch.device
         warnings.warn(f"moe_learn: the one-launch decode experts' cooperative launch was refused ({exc}); they take "
                       "two launches from now on", stacklevel=4)
         return None
+    return [(entry, grid, args[8:])] if device is not None else []
+
+
+def _launch_cooperative(entry, grid, args, constexprs, device: int | None) -> None:
+    if device is None:  # no direct launch (the interpreter, a profiler's hooks): Triton's own
+        _KERNEL(grid, args, constexprs, ONE_LAUNCH_OPTIONS)
+    else:
+        _KERNEL.launch(entry, grid, args, device)
 
 
 def decode_experts(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, *, transpose: bool = True) -> torch.Tensor:
-    """The expert half of an MoE MLP for a few tokens, in one launch; returns ``[T, H]``. Inference only.
+    """The expert half of an MoE MLP for a few tokens, in two launches (``ONE_LAUNCH``: one); returns ``[T, H]``.
+    Inference only.
 
     Arguments as ``layers.experts.moe_experts``: hidden_states ``[T, H]``, topk_ids / topk_weights
     ``[T, k]``, gate_up_proj ``[E, 2I, H]`` (gate rows first) and down_proj ``[E, H, I]``

@@ -112,7 +112,7 @@ def _one_launch_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, back
     return (topk_ids.is_cuda or (topk_ids.is_cpu and device.INTERPRETER)) and topk_ids.numel() <= MAX_SLOTS
 
 
-# Decode-sized inference in one launch with no routing pass (kernels/decode_experts.py): each (token,
+# Decode-sized inference in two launches with no routing pass (kernels/decode_experts.py): each (token,
 # slot) pair reads its expert's weights itself; taken where that measured faster (its layers_take). An A/B
 # switch (perf/decode_experts.py).
 DECODE_EXPERTS = True

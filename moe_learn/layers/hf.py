@@ -113,7 +113,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     ids = top_k_index
     if w1.dtype != x.dtype:  # autocast may hand over fp32 activations with bf16 weights, as in grouped_mm
         x = x.to(w1.dtype)
-    if layout.fused:  # a few tokens, inference: the one-launch decode path where the layers take it
+    if layout.fused:  # a few tokens, inference: the decode path (two launches) where the layers take it
         out = planned_decode(x, ids, weights, w1, w2, layout.transpose, backend, None)
         if out is None and decode_path(x, ids, weights, w1, w2, backend, None):
             from moe_learn.kernels.decode_experts import decode_experts

@@ -520,7 +520,7 @@ def test_moe_experts_names_a_hidden_states_that_is_no_tensor(bad):
 
 
 # ---------------------------------------------------------------------------------------
-# 6. One launch: both phases with a grid barrier between them, or two launches where it cannot be used
+# 6. One launch (ONE_LAUNCH): both phases with a grid barrier between them; two where it cannot be used
 # ---------------------------------------------------------------------------------------
 
 
@@ -552,7 +552,13 @@ def test_one_launch_and_two_launches_give_the_same_bits(T, k, E, H, inner, trans
     assert _counters_at_rest()
 
 
-def test_repeated_one_launch_calls_read_only_their_own_inputs():
+@pytest.fixture
+def one_launch(monkeypatch):
+    monkeypatch.setattr(D, "ONE_LAUNCH", True)
+    monkeypatch.setattr(D, "_ONE_LAUNCH_OK", [True])
+
+
+def test_repeated_one_launch_calls_read_only_their_own_inputs(one_launch):
     """A decode loop: one layout, new inputs each step (a plan's kept scratch must not leak a step's h into the
     next), some steps with invalid ids (their rows of h are not written in that step)."""
     for step in range(6):
@@ -565,30 +571,27 @@ def test_repeated_one_launch_calls_read_only_their_own_inputs():
     assert _counters_at_rest()
 
 
-def test_a_refused_cooperative_launch_falls_back_to_two_launches(monkeypatch):
+def test_a_refused_cooperative_launch_falls_back_to_two_launches(one_launch, monkeypatch):
     """A GPU that cannot hold the grid at once (MPS limits, a smaller partition) refuses the cooperative launch:
     warned once, then two launches with the same answer; any other launch error is not swallowed."""
     x, ids, w, w1, w2 = _problem(3, 2, 4, 24, 16, torch.float32, seed=5)
     want = decode_experts(x, ids, w, w1, w2)
-    launch = D._launch
+    monkeypatch.setattr(D, "_PLANS", {})  # (on a GPU that call kept a one-launch plan)
 
-    def refusing(args, constexprs, grid, options, device):
-        if options.get("launch_cooperative_grid"):
-            raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
-        return launch(args, constexprs, grid, options, device)
+    def refusing(*args):
+        raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
 
-    monkeypatch.setattr(D, "_launch", refusing)
-    monkeypatch.setattr(D, "_ONE_LAUNCH_OK", [True])
+    monkeypatch.setattr(D, "_launch_cooperative", refusing)
     monkeypatch.setattr(D, "_PLANS", {})
     with pytest.warns(UserWarning, match="cooperative launch was refused"):
         got = decode_experts(x, ids, w, w1, w2)
     assert torch.equal(got, want) and D._ONE_LAUNCH_OK == [False]
     assert torch.equal(decode_experts(x, ids, w, w1, w2), want)  # no second warning needed: two launches now
 
-    def failing(args, constexprs, grid, options, device):
+    def failing(*args):
         raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
 
-    monkeypatch.setattr(D, "_launch", failing)
+    monkeypatch.setattr(D, "_launch_cooperative", failing)
     monkeypatch.setattr(D, "_ONE_LAUNCH_OK", [True])
     monkeypatch.setattr(D, "_PLANS", {})
     with pytest.raises(RuntimeError, match="illegal memory access"):
@@ -596,7 +599,7 @@ def test_a_refused_cooperative_launch_falls_back_to_two_launches(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="streams and CUDA graphs need a GPU")
-def test_two_streams_and_a_cuda_graph():
+def test_two_streams_and_a_cuda_graph(one_launch):
     """Each stream has its own counters and scratch: calls of one layout on two streams at once stay right; a
     captured call takes two launches (a graph may be replayed on any stream) and its replays read new inputs."""
     x, ids, w, w1, w2 = _problem(2, 8, 16, 1024, 256, torch.bfloat16, seed=3)

@@ -393,9 +393,11 @@ dec = importlib.import_module("moe_learn.kernels.decode_experts")
 
 @pytest.fixture
 def direct_decode(monkeypatch):
-    """Direct launches on the CPU for the decode kernel, each compiled kernel the interpreter behind a log."""
+    """Direct launches on the CPU for the decode kernels, each compiled kernel the interpreter behind a log."""
     log = []
     _interpreted_direct_launches(monkeypatch, log, raw=False)
+    monkeypatch.setattr(dec, "_GATE_UP", launcher.FastLauncher(dec._gate_up_swiglu_kernel))
+    monkeypatch.setattr(dec, "_DOWN", launcher.FastLauncher(dec._down_sum_kernel))
     monkeypatch.setattr(dec, "_KERNEL", launcher.FastLauncher(dec._decode_experts_kernel))
     monkeypatch.setattr(dec, "_PLANS", {})
     monkeypatch.setattr(dec, "PLANS", True)
@@ -556,6 +558,7 @@ def test_the_one_launch_as_on_a_gpu(direct_decode, monkeypatch):
     from moe_learn.kernels import grid_sync
 
     log = direct_decode
+    monkeypatch.setattr(dec, "ONE_LAUNCH", True)
     monkeypatch.setattr(dec, "INTERPRETER", False)
     monkeypatch.setattr(dec, "_MOST_PROGRAMS", {})
     monkeypatch.setattr(grid_sync, "num_sms", lambda device: 1 if isinstance(device, torch.device) else None.type)
@@ -570,10 +573,9 @@ def test_the_one_launch_as_on_a_gpu(direct_decode, monkeypatch):
             got = dec.decode_experts(x, ids, weights, w1, w2)
         want = _decode_reference(x, ids, weights, w1, w2, True)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    launched = [(kernel.constexprs["PART"], grid) for kernel, grid, _ in log]
-    assert launched == [(dec.BOTH.value, (1, 1, 1))] * 3, launched  # first call, then two from its plan
+    launched = [(kernel.fn, grid) for kernel, grid, _ in log]
+    assert launched == [(dec._decode_experts_kernel, (1, 1, 1))] * 3, launched  # first call, then two from its plan
     (plan,) = dec._PLANS.values()
     assert plan.one_launch and list(plan.scratch) == [0]  # the stand-in's stream
-    compiled = {entry.constexprs["PART"] for entry in dec._KERNEL.cache.values()}
-    assert compiled == {dec.BOTH.value, dec.GATE_UP.value, dec.DOWN.value}, "the parts a captured graph takes"
+    assert len(dec._GATE_UP.cache) == len(dec._DOWN.cache) == 1, "the two launches a captured graph takes: compiled"
     assert all(int(pair.abs().sum()) == 0 for pair in grid_sync._COUNTERS.values())
