@@ -161,17 +161,17 @@ def _decode_experts_kernel(x_ptr, ids_ptr, weights_ptr, w1_ptr, w2_ptr, h_ptr, o
     barrier (every program runs at once, see grid_sync), then walks the (token, H block) items of phase 2."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    blocks = tl.cdiv(I, BLOCK_N_GATE_UP)
-    for item in range(program, T * TOP_K * blocks, programs):
-        slot = item // blocks
-        _gate_up_block(x_ptr, ids_ptr, w1_ptr, h_ptr, slot, item - slot * blocks, E, I, H, TOP_K,
+    # items in the two launches' order (their grids' first axis varies fastest): slot (token) first, then block
+    slots = T * TOP_K
+    for item in range(program, slots * tl.cdiv(I, BLOCK_N_GATE_UP), programs):
+        block = item // slots
+        _gate_up_block(x_ptr, ids_ptr, w1_ptr, h_ptr, item - block * slots, block, E, I, H, TOP_K,
                        stride_xt, stride_xh, stride_it, stride_ik, stride_1e, stride_1n, stride_1k,
                        BLOCK_N_GATE_UP, BLOCK_K_GATE_UP)
     grid_sync(counter_ptr, programs)
-    blocks = tl.cdiv(H, BLOCK_N_DOWN)
-    for item in range(program, T * blocks, programs):
-        t = item // blocks
-        _down_block(h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, t, item - t * blocks, E, H, I, TOP_K,
+    for item in range(program, T * tl.cdiv(H, BLOCK_N_DOWN), programs):
+        block = item // T
+        _down_block(h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, item - block * T, block, E, H, I, TOP_K,
                     stride_it, stride_ik, stride_rt, stride_rk, stride_2e, stride_2n, stride_2k, stride_ot,
                     stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN, ".cg")
     grid_sync_done(counter_ptr, programs)
@@ -197,6 +197,7 @@ ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
 PLANS = True
 MAX_PLANS = 256
 MAX_STREAMS = 64  # streams whose scratch a one-launch plan keeps; past that it starts over
+MAX_PROGRAMS_PER_SM = 8  # the one launch's grid: what the kernel's resources allow, at most this (all spin on one counter)
 _PLANS: dict[tuple, _Plan] = {}
 _MOST_PROGRAMS: dict[tuple, int] = {}  # a compiled one-launch kernel's key -> programs the GPU holds at once
 
@@ -379,7 +380,8 @@ def _one_launch(args, constexprs, items, device: int | None, torch_device: torch
     else:
         programs = _MOST_PROGRAMS.get(entry.key)
         if programs is None:
-            programs = _MOST_PROGRAMS[entry.key] = most_programs(entry.kernel, torch_device, PROGRAMS_PER_SM)
+            # as many as fit (the two launches' grids run one program per item where they fit)
+            programs = _MOST_PROGRAMS[entry.key] = most_programs(entry.kernel, torch_device, MAX_PROGRAMS_PER_SM)
     grid = (min(items, programs),)
     try:
         _launch_cooperative(entry, grid, args, constexprs, device)
