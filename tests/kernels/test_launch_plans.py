@@ -579,3 +579,21 @@ def test_the_one_launch_as_on_a_gpu(direct_decode, monkeypatch):
     assert plan.one_launch and list(plan.scratch) == [0]  # the stand-in's stream
     assert len(dec._GATE_UP.cache) == len(dec._DOWN.cache) == 1, "the two launches a captured graph takes: compiled"
     assert all(int(pair.abs().sum()) == 0 for pair in grid_sync._COUNTERS.values())
+
+
+def test_the_one_launch_switch_reaches_calls_that_have_a_plan(direct_decode, monkeypatch):
+    """``ONE_LAUNCH`` flipped between calls of one layout: each call launches what the switch says, not what the
+    layout's first call made a plan of (an A/B run compares the two on the same tensors)."""
+    log = direct_decode
+    x, ids, weights, w1, w2 = _decode_inputs(2, 2, 3, 16, 8, 0, DECODE_PLAIN)
+    want = _decode_reference(x, ids, weights, w1, w2, True)
+    kernels = []
+    with torch.no_grad():
+        for one in (True, True, False, False, True):
+            monkeypatch.setattr(dec, "ONE_LAUNCH", one)
+            log.clear()
+            got = dec.decode_experts(x, ids, weights, w1, w2)
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+            kernels.append(tuple(kernel.fn.__name__ for kernel, _, _ in log))
+    one, two = ("_decode_experts_kernel",), ("_gate_up_swiglu_kernel", "_down_sum_kernel")
+    assert kernels == [one, one, two, two, one], kernels
