@@ -109,8 +109,8 @@ def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, 
     valid = (ids >= 0) & (ids < E)
     weights = tl.load(weights_ptr + t * stride_rt + offs_s * stride_rk, mask=offs_s < TOP_K, other=0.0)
     weights = tl.where(valid, weights.to(tl.float32), 0.0)
-    bases = tl.where(valid, ids, 0) * stride_we
-    bounds = tl.where(valid, I, 0)
+    experts = tl.where(valid, ids, 0)
+    valid = valid.to(tl.int32)
     # one flat loop over (slot, K block), so that loads run ahead across slots too (a decode step has few K
     # blocks per slot); each step adds W_down[e] tile * (weight * h) per lane, reduced once at the end
     chunks = tl.cdiv(I, BLOCK_K)
@@ -119,13 +119,17 @@ def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, 
         j = step // chunks
         this = offs_s == j
         offs_k = (step - j * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < tl.sum(tl.where(this, bounds, 0))
+        # The slot's expert, and its bound (I, or 0: nothing read), picked out of registers. Written as an
+        # unknown integer times a stride (times I), so that the compiler still knows W's address and the mask
+        # move in steps of 16 and loads 8 elements at once; a sum over the picked products would hide that
+        # and cost one 2-byte load per element.
+        mask_k = offs_k < tl.sum(tl.where(this, valid, 0)) * I
         weight = tl.sum(tl.where(this, weights, 0.0))
         # (H_CACHE ".cg" in the one launch: h was written by other programs of that launch; read it from L2,
         # never a stale L1 line)
         h = tl.load(h_ptr + (t * TOP_K + j).to(tl.int64) * I + offs_k, mask=mask_k, other=0.0,
                     cache_modifier=H_CACHE).to(tl.float32)
-        w = tl.load(rows + tl.sum(tl.where(this, bases, 0)) + offs_k[None, :] * stride_wk,
+        w = tl.load(rows + tl.sum(tl.where(this, experts, 0)) * stride_we + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * (weight * h)[None, :]
     out = tl.sum(acc, axis=1)

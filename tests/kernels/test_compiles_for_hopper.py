@@ -45,3 +45,58 @@ def test_decode_experts_kernels_compile_for_sm90():
     done = json.loads(result.stdout.strip().splitlines()[-1])
     # the one launch has its grid barrier (atomics); the two phases alone have none
     assert done == [False, False, True]
+
+
+VECTOR_CHILD = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moe_learn.kernels import decode_experts as dec
+
+# Qwen3-30B-A3B at T = 1, contiguous bf16, specialized as Triton specializes a launch: pointers and integers
+# that are multiples of 16 marked so, integers equal to 1 made constants (the do_not_specialize ones excepted)
+common = dict(E=128, H=2048, I=768, TOP_K=8, stride_xt=2048, stride_xh=1, stride_it=8, stride_ik=1, stride_rt=8,
+              stride_rk=1, stride_wk=1, stride_ot=2048, stride_oh=1)
+weight_strides = {"gate_up": dict(stride_we=1536 * 2048, stride_wn=2048), "down": dict(stride_we=2048 * 768,
+                                                                                       stride_wn=768)}
+pointers = {"x_ptr": "*bf16", "ids_ptr": "*i64", "weights_ptr": "*fp32", "w_ptr": "*bf16", "h_ptr": "*bf16",
+            "out_ptr": "*bf16"}
+loads = {}
+for fn, which, constexprs in ((dec._gate_up_swiglu_kernel, "gate_up", dict(BLOCK_N=16, BLOCK_K=128)),
+                              (dec._down_sum_kernel, "down", dict(SLOTS=8, BLOCK_N=8, BLOCK_K=256))):
+    values = dict(common, **weight_strides[which])
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name], attrs[(i,)] = pointers[name], [["tt.divisibility", 16]]
+        elif values[name] == 1 and name not in ("E", "TOP_K"):
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0 and name not in ("E", "TOP_K"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
+                       attrs=attrs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(dec.OPTIONS)).asm["ptx"]
+    loads[which] = sorted(set(re.findall(r"ld\.global[.\w]*", ptx)))
+print(json.dumps(loads))
+"""
+
+
+def test_decode_kernels_load_weights_eight_elements_at_a_time():
+    """Both phases stream weights with 16-byte loads (``ld.global.v4``), not one 2-byte load per element: the
+    compiler vectorizes only where it can prove the address and the mask move in steps of 8 elements, which an
+    expert's offset picked out of registers by a sum hid in the down kernel (8x the load instructions)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", VECTOR_CHILD], capture_output=True, text=True, env=env,
+                            timeout=600)
+    if result.returncode and ("ptxas" in result.stderr or "GPUTarget" in result.stderr
+                              or "No module named 'triton.backends" in result.stderr):
+        pytest.skip(f"this Triton cannot compile for sm_90 here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    loads = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, kinds in loads.items():
+        assert "ld.global.v4.b32" in kinds, (name, kinds)
