@@ -188,11 +188,10 @@ _KERNEL = FastLauncher(_decode_experts_kernel)
 # _decode_experts_kernel with the grid barrier (a cooperative launch: the driver refuses a grid that would not
 # fit at once). The one launch costs one launch and one allocation less of host time, but on an H100 it ran
 # slower than the two launches had in an earlier run where the layers take this path (Qwen3-30B-A3B T=1 82 us
-# eager against 68, gpt-oss-120b T=1 178 against 122) and faster in cases they do not take (perf/NOTES.md
-# item 23; not yet compared in one run): off until it is. Two
-# launches also wherever the barrier cannot be used: while a CUDA graph is captured (the barrier's counters and
-# the plans' scratch belong to a stream, and a graph may be replayed on any), or once a GPU refused the
-# cooperative launch.
+# eager against 68, gpt-oss-120b T=1 178 against 122) and faster where they do not (perf/NOTES.md item 23;
+# not yet compared in one run): off until it is. Two launches also wherever the barrier cannot be used: while a
+# CUDA graph is captured (the barrier's counters and the plans' scratch belong to a stream, and a graph may be
+# replayed on any), or once a GPU refused the cooperative launch.
 ONE_LAUNCH = False
 _ONE_LAUNCH_OK = [True]
 ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
@@ -201,7 +200,7 @@ ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
 PLANS = True
 MAX_PLANS = 256
 MAX_STREAMS = 64  # streams whose scratch a one-launch plan keeps; past that it starts over
-MAX_PROGRAMS_PER_SM = 8  # the one launch's grid: what the kernel's resources allow, at most this (all spin on one counter)
+MAX_PROGRAMS_PER_SM = 8  # the one launch's grid: as many as the resources allow, at most this (all wait on one counter)
 _PLANS: dict[tuple, _Plan] = {}
 _MOST_PROGRAMS: dict[tuple, int] = {}  # a compiled one-launch kernel's key -> programs the GPU holds at once
 
