@@ -536,11 +536,15 @@ def _counters_at_rest():
 @pytest.mark.parametrize("T, k, E, H, inner", [(1, 1, 1, 8, 4), (3, 2, 5, 40, 24)]
                          + ([(8, 8, 16, 520, 136), (16, 4, 9, 1040, 72)] if ON_GPU else []))
 @pytest.mark.parametrize("transpose", [True, False])
-def test_one_launch_and_two_launches_give_the_same_bits(T, k, E, H, inner, transpose, monkeypatch):
-    """The one launch computes what the two do, in the same order: equal bits, and the float64 answer. The larger
-    shapes have more (slot, block) items than a GPU holds programs, so each program walks several on each side
-    of the barrier (a missing or leaky barrier reads h before it is written)."""
+@pytest.mark.parametrize("per_sm", [1, 8])
+def test_one_launch_and_two_launches_give_the_same_bits(T, k, E, H, inner, transpose, per_sm, monkeypatch):
+    """The one launch computes what the two do, in the same order: equal bits, and the float64 answer. With one
+    program per SM the larger shapes have more (slot, block) items than programs, so each program walks several
+    on each side of the barrier (a missing or leaky barrier reads h before it is written)."""
     x, ids, w, w1, w2 = _problem(T, k, E, H, inner, torch.bfloat16, transpose, seed=T + H)
+    monkeypatch.setattr(D, "MAX_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(D, "_MOST_PROGRAMS", {})
+    monkeypatch.setattr(D, "_PLANS", {})  # (a plan keeps its grid)
     with torch.no_grad():
         monkeypatch.setattr(D, "ONE_LAUNCH", False)
         two = decode_experts(x, ids, w, w1, w2, transpose=transpose)
