@@ -1,6 +1,7 @@
 """A decode step's experts: the decode path (one launch, or two) against the grouped path and transformers' default.
 
     PYTHONPATH=$PWD python3 perf/decode_experts.py [$OUT/decode_experts.json] [--sweep]     # on a GPU
+        [--models qwen3-30b-a3b,gpt-oss-120b] [--tokens 1,2,4]      # a part of the table (default: all)
 
 For each decode model (bench.cases.DECODE_MODELS) and T = 1..64 tokens, inference (no grad), bf16:
 - ``decode``: ``kernels.decode_experts.decode_experts`` as the layers call it (checked once, then from its
@@ -107,13 +108,30 @@ def sweep(dev, dt) -> list[dict]:
     return out
 
 
+def _listed(flag: str, default, kind=str) -> list:
+    """``--flag a,b,c`` from the command line, else ``default``."""
+    if flag not in sys.argv:
+        return list(default)
+    position = sys.argv.index(flag)
+    if position + 1 >= len(sys.argv):
+        raise SystemExit(f"{flag} needs a comma-separated list, e.g. {flag} {','.join(map(str, default))}")
+    return [kind(item) for item in sys.argv[position + 1].split(",")]
+
+
 def main():
-    path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+    args = sys.argv[1:]
+    listed = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--models", "--tokens")}
+    path = next((a for a in args if not a.startswith("--") and a not in listed), None)
+    models = _listed("--models", DECODE_MODELS)
+    tokens = _listed("--tokens", TOKENS, int)
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; known: {', '.join(sorted(MODELS))}")
     dev, dt = "cuda", torch.bfloat16
     rows = []
     with torch.no_grad():
         swept = sweep(dev, dt) if "--sweep" in sys.argv else []
-        for model in DECODE_MODELS:
+        for model in models:
             H, I, E, k = MODELS[model]  # noqa: E741
             gen = torch.Generator(device=dev).manual_seed(0)
             w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=gen) * 0.02
@@ -121,7 +139,7 @@ def main():
             default = _transformers_module(ExpertsCase(model, 1, H, I, E, k), "grouped_mm",
                                            torch.nn.Parameter(w1, requires_grad=False),
                                            torch.nn.Parameter(w2, requires_grad=False))
-            for T in TOKENS:
+            for T in tokens:
                 weights, ids = route(T, E, k, seed=T, device=dev)
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
                 impls = {

@@ -10,8 +10,9 @@
 #   ab        perf/ab_kernels.py, the kernel variants side by side (AB_ARGS, e.g. "--sections swiglu"),
 #             into $OUT/logs/ab.json
 #   host      perf/host_overhead.py (host time per decode call) and perf/profile_host.py (its cProfile)
-#   decode    perf/decode_experts.py: the decode experts' two-launch path vs the grouped path vs transformers'
-#             default, T = 1..64, into $OUT/logs/decode_experts.json (DECODE_ARGS="--sweep": launch parameters first)
+#   decode    perf/decode_experts.py: the decode experts' path (two launches, and one) vs the grouped path vs
+#             transformers' default, T = 1..64, into $OUT/logs/decode_experts.json (DECODE_ARGS="--sweep": launch
+#             parameters first; "--models qwen3-30b-a3b,gpt-oss-120b --tokens 1,2,4": a part of the table)
 #   abdw      perf/ab_dw.py, the dW configs, in-kernel gather vs copy first, vs torch._grouped_mm
 #   profile   perf/profile_training.py --only ours (kernel table of the experts' forward+backward)
 # On a machine whose Python has torch and triton but not pytest/jupyter/nbval/liger, put their
