@@ -40,6 +40,13 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def rows_bucket(rows: int, num_experts: int) -> int:
+    """Rows per expert, rounded up to a power of two (at least 1): routings differ call to call, this does not,
+    so the tuning keys hold it instead of the rows."""
+    per_expert = -(-rows // max(num_experts, 1))  # the power of two above rows / E is the one above its ceiling
+    return 1 << max(per_expert - 1, 0).bit_length()
+
+
 TUNED: dict[tuple, dict] = {}  # tuning key -> the config that won
 
 

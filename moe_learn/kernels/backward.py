@@ -227,7 +227,7 @@ def gather_rows(X: torch.Tensor, gather_indices: torch.Tensor, topk: int) -> tor
     out = X.new_empty(M, K)
     if M and K:
         _gather_rows_kernel[(cdiv(M, 16),)](X, gather_indices, out, M, K, X.stride(0), TOP_K=topk, BLOCK_R=16,
-                                                   BLOCK_K=min(256, next_power_of_2(K)))
+                                            BLOCK_K=min(256, next_power_of_2(K)))
     return out
 
 
@@ -434,9 +434,7 @@ def dw_candidates(rows: int, num_experts: int) -> tuple[dict, ...]:
 
 
 def dw_tuning_key(rows, N, K, E, dtype, permute_x, transpose, x_tma, dy_tma) -> tuple:
-    per_expert = -(-rows // max(E, 1))
-    bucket = 1 << max(per_expert - 1, 0).bit_length()
-    return ("dw", N, K, E, bucket, str(dtype), permute_x, transpose, x_tma, dy_tma)
+    return ("dw", N, K, E, autotune.rows_bucket(rows, E), str(dtype), permute_x, transpose, x_tma, dy_tma)
 
 
 def choose_dw_kernel(kernel: str, config: dict | None, X: torch.Tensor) -> str:
@@ -495,7 +493,7 @@ def _launch_dw(cfg, *, X, dY, m_sizes, gather_indices, topk, permute_x, out, str
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     x_desc = tensor_descriptor(X, (X.shape[0], K), (X.stride(0), 1), [bm, bk]) if x_tma else None
     dy_desc = tensor_descriptor(dY, (M, N), (dY.stride(0), 1), [bm, bn]) if dy_tma else None
-    tiles = E * -(-N // bn) * -(-K // bk)
+    tiles = E * cdiv(N, bn) * cdiv(K, bk)
     programs = min(cfg["PROGRAMS_PER_SM"] * num_sms(X.device), tiles)
     args = (X, x_desc, dY, dy_desc, out, m_sizes, gather_indices if gather_indices is not None else m_sizes,
             M, N, K, E, X.stride(0), dY.stride(0), *strides)

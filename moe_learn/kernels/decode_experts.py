@@ -222,7 +222,7 @@ class _Plan:
 
     def __call__(self, x, ids, weights, w1, w2) -> torch.Tensor:
         out = x.new_empty(self.tokens, self.hidden)
-        if len(self.launches) == 1:  # the one launch
+        if self.one_launch:
             # h is scratch inside the one launch: kept per stream (launches on one stream run in order)
             stream = launcher._current_stream(self.device)
             scratch = self.scratch.get(stream)
@@ -337,7 +337,8 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     device = launcher._current_device() if direct else None
     launches = None
     if ONE_LAUNCH and _ONE_LAUNCH_OK[0] and not _capturing():
-        stream = launcher._current_stream(launcher._current_device()) if hidden_states.is_cuda else 0
+        current = device if device is not None else (launcher._current_device() if hidden_states.is_cuda else None)
+        stream = launcher._current_stream(current) if current is not None else 0
         scalars = (tokens, num_experts, hidden, inter, top_k, *hidden_states.stride(), *topk_ids.stride(),
                    *topk_weights.stride(), *_nk_strides(gate_up_proj, transpose), *_nk_strides(down_proj, transpose),
                    *out.stride())
@@ -345,7 +346,7 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
                 counters(hidden_states.device, stream), *scalars)
         constexprs = dict(SLOTS=down[2]["SLOTS"], BLOCK_N_GATE_UP=block_gate_up, BLOCK_K_GATE_UP=gate_up[2]["BLOCK_K"],
                           BLOCK_N_DOWN=block_down, BLOCK_K_DOWN=down[2]["BLOCK_K"])
-        items = max(slots * cdiv(inter, block_gate_up), tokens * cdiv(hidden, block_down))
+        items = max(gate_up[0][0] * gate_up[0][1], down[0][0] * down[0][1])  # the two launches' grids
         launches = _one_launch(args, constexprs, items, device, hidden_states.device)
     if launches is None:
         if not direct:

@@ -226,9 +226,7 @@ def pick_config(rows: int, num_experts: int) -> dict:
 
 def tuning_key(rows, N, K, E, dtype, permute_x, permute_y, weighted, biased=False, w_kn=False, swiglu=False) -> tuple:
     """Routings differ call to call; rows per expert, rounded up to a power of two, do not."""
-    per_expert = -(-rows // max(E, 1))  # the power of two above rows / E is the one above its ceiling
-    bucket = 1 << max(per_expert - 1, 0).bit_length()
-    return (N, K, E, bucket, str(dtype), permute_x, permute_y, weighted, biased, w_kn, swiglu)
+    return (N, K, E, autotune.rows_bucket(rows, E), str(dtype), permute_x, permute_y, weighted, biased, w_kn, swiglu)
 
 
 def swiglu_candidates(configs) -> tuple[dict, ...]:
@@ -439,7 +437,7 @@ def _launch(cfg, *, X, W, m_sizes, out, gather_indices, topk, permute_x, permute
     backward = swiglu == "backward"
     # the backward's d_weights, one partial row per column block (written where a row is valid, else 0)
     M, N = out.shape
-    partials = torch.zeros(-(-N // cfg["BLOCK_N"]), M, dtype=torch.float32, device=out.device) if backward else None
+    partials = torch.zeros(cdiv(N, cfg["BLOCK_N"]), M, dtype=torch.float32, device=out.device) if backward else None
     _LAUNCH((geometry.programs,), _arguments(geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias, gate_up,
                                             d_gate_up, partials), geometry.constexprs, geometry.options)
     if backward:

@@ -118,11 +118,17 @@ def _one_launch_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, back
 DECODE_EXPERTS = True
 
 
+def _decode_allowed(backend: str, config) -> bool:
+    """The decode path is on, Triton is there and asked for, and no launch ``config`` (that is for the grouped
+    GEMMs) was given."""
+    return DECODE_EXPERTS and device.HAS_TRITON and backend == "triton" and config is None
+
+
 def decode_path(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, backend: str, config) -> bool:
-    """Whether the experts take ``kernels.decode_experts``: Triton, eager, no gradient, no launch ``config``
-    (that is for the grouped GEMMs), and its rule (``decode_experts.layers_take``: few slots and bytes, where
-    it measured faster, and no CUDA graph being captured)."""
-    if not (DECODE_EXPERTS and device.HAS_TRITON) or backend != "triton" or config is not None:
+    """Whether the experts take ``kernels.decode_experts``: allowed (``_decode_allowed``), eager, no gradient,
+    and its rule (``decode_experts.layers_take``: few slots and bytes, where it measured faster, and no CUDA
+    graph being captured)."""
+    if not _decode_allowed(backend, config):
         return False
     if hidden_states.dtype not in TRITON_DTYPES or torch.compiler.is_compiling():
         return False
@@ -140,7 +146,7 @@ def planned_decode(hidden_states, topk_ids, topk_weights, gate_up_proj, down_pro
                    config):
     """A decode step repeating the layouts of an earlier checked call that took ``kernels.decode_experts``: the
     output from that call's launch plan (no checks, no rule, no launch keys again); None otherwise."""
-    if not (DECODE_EXPERTS and device.HAS_TRITON) or backend != "triton" or config is not None:
+    if not _decode_allowed(backend, config):
         return None
     from moe_learn.kernels.decode_experts import planned
 
