@@ -35,14 +35,20 @@ print(json.dumps(done))
 """
 
 
-def test_decode_experts_kernels_compile_for_sm90():
+def _in_child(code: str):
+    """Run ``code`` with the interpreter off; the JSON of its last line (skipped where Triton cannot compile
+    for sm_90 here)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     if result.returncode and ("ptxas" in result.stderr or "GPUTarget" in result.stderr
                               or "No module named 'triton.backends" in result.stderr):
         pytest.skip(f"this Triton cannot compile for sm_90 here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
-    done = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_decode_experts_kernels_compile_for_sm90():
+    done = _in_child(CHILD)
     # the one launch has its grid barrier (atomics); the two phases alone have none
     assert done == [False, False, True]
 
@@ -90,13 +96,6 @@ def test_decode_kernels_load_weights_eight_elements_at_a_time():
     """Both phases stream weights with 16-byte loads (``ld.global.v4``), not one 2-byte load per element: the
     compiler vectorizes only where it can prove the address and the mask move in steps of 8 elements, which an
     expert's offset picked out of registers by a sum hid in the down kernel (8x the load instructions)."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-c", VECTOR_CHILD], capture_output=True, text=True, env=env,
-                            timeout=600)
-    if result.returncode and ("ptxas" in result.stderr or "GPUTarget" in result.stderr
-                              or "No module named 'triton.backends" in result.stderr):
-        pytest.skip(f"this Triton cannot compile for sm_90 here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    loads = json.loads(result.stdout.strip().splitlines()[-1])
+    loads = _in_child(VECTOR_CHILD)
     for name, kinds in loads.items():
         assert "ld.global.v4.b32" in kinds, (name, kinds)
