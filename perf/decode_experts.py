@@ -7,6 +7,7 @@ For each decode model (bench.cases.DECODE_MODELS) and T = 1..64 tokens, inferenc
 - ``decode``: ``kernels.decode_experts.decode_experts`` as the layers call it (checked once, then from its
   launch plan): two launches; also past ``MAX_SLOTS``, to see where the grouped path starts to win;
 - ``decode1``: the same with ``ONE_LAUNCH = True``: one launch, a grid barrier between its two phases;
+- ``decodeP``: two launches with ``PREFETCH`` flipped (the next K step's tiles loaded ahead, or not);
 - ``grouped``: ``moe_experts`` with ``DECODE_EXPERTS = False`` (routing of the ids in one launch, the two
   grouped GEMMs with the SwiGLU in GEMM1's epilogue, the sum over the k slots);
 - ``default``: transformers 5.x's default experts module (``experts_implementation="grouped_mm"``).
@@ -16,7 +17,7 @@ with a sync before and after (median); ``bench`` = ``triton.testing.do_bench`` (
 between calls: GPU time, host hidden); ``graph`` = a CUDA-graph replay (``do_bench_cudagraph``; the decode
 path captures two launches, so ``decode`` and ``decode1`` share it). Outputs are compared with the
 default's (largest difference relative to its largest value). --sweep first times the decode kernels'
-launch parameters (``SWEEP``, ``do_bench``).
+launch parameters (``SWEEP`` on ``SWEEP_CASES``, ``do_bench``).
 """
 
 from __future__ import annotations
@@ -65,34 +66,37 @@ def alone_us(fn, calls=200) -> float:
     return statistics.median(times)
 
 
-SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, MIN_BLOCK_N=bn, PROGRAMS_PER_SM=p)
-         for bk1 in (64, 128) for bk2 in (128, 256) for bn in (8, 16) for p in (1, 2, 4)]
+# (session 10 swept K blocks 64/128 and 128/256, column blocks 8/16 and 1/2/4 programs per SM: 128/256, 8, 2-4 won;
+# this sweeps the prefetch against wider K blocks, which also put more bytes in flight per program)
+SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, MIN_BLOCK_N=8, PROGRAMS_PER_SM=p, PREFETCH=prefetch)
+         for prefetch in (False, True) for bk1 in (128, 256) for bk2 in (256, 512) for p in (2, 4)]
+SWEEP_CASES = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("gpt-oss-120b", 1), ("mixtral-8x7b", 1))
 
 
 def bench_us(fn) -> float:
     return triton.testing.do_bench(fn, return_mode="median") * 1e3
 
 
-def one_launch(fn):
-    """``fn()`` with the decode path's one launch."""
-    default, dec.ONE_LAUNCH = dec.ONE_LAUNCH, True
+def switched(name: str, value, fn):
+    """``fn()`` with the decode module's switch ``name`` (ONE_LAUNCH, PREFETCH) set to ``value``."""
+    default = getattr(dec, name)
+    setattr(dec, name, value)
     try:
         return fn()
     finally:
-        dec.ONE_LAUNCH = default
+        setattr(dec, name, default)
 
 
 def sweep(dev, dt) -> list[dict]:
-    """do_bench times of the decode path's launch parameters (module constants) on two models at T = 1 and 8
-    (the plans are dropped at each change: they keep the block choice)."""
+    """do_bench times of the decode path's launch parameters (module constants) on SWEEP_CASES (the plans are
+    dropped at each change: they keep the block choice)."""
     out = []
-    defaults = dict(BLOCK_K_GATE_UP=dec.BLOCK_K_GATE_UP, BLOCK_K_DOWN=dec.BLOCK_K_DOWN, MIN_BLOCK_N=dec.MIN_BLOCK_N,
-                    PROGRAMS_PER_SM=dec.PROGRAMS_PER_SM)
-    for model in ("qwen3-30b-a3b", "gpt-oss-120b"):
+    defaults = {name: getattr(dec, name) for name in SWEEP[0]}
+    for model in dict.fromkeys(model for model, _ in SWEEP_CASES):
         H, I, E, k = MODELS[model]  # noqa: E741
         w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02
         w2 = torch.randn(E, H, I, device=dev, dtype=dt) * 0.02
-        for T in (1, 8):
+        for T in [T for name, T in SWEEP_CASES if name == model]:
             weights, ids = route(T, E, k, seed=T, device=dev)
             x = torch.randn(T, H, device=dev, dtype=dt)
             for params in [defaults, *SWEEP]:
@@ -144,7 +148,10 @@ def main():
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
                 impls = {
                     "decode": lambda: dec.decode_experts(x, ids, weights, w1, w2),  # noqa: B023
-                    "decode1": lambda: one_launch(lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
+                    "decode1": lambda: switched("ONE_LAUNCH", True,  # noqa: B023
+                                                lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
+                    "decodeP": lambda: switched("PREFETCH", not dec.PREFETCH,  # noqa: B023
+                                                lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
                     "grouped": lambda: grouped_path(experts.moe_experts, x, ids, weights, w1, w2),  # noqa: B023
                     "default": lambda: default(x, ids, weights),  # noqa: B023
                 }

@@ -3,13 +3,13 @@
     PYTHONPATH=$PWD python3 perf/host_overhead.py [$OUT/host.json]     # on a GPU
     PYTHONPATH=$PWD python3 perf/host_overhead.py --stub               # on a CPU: our Python alone
 
-GPU: each row times back-to-back eager calls (no sync in between) with a host clock, so
-``host us/call`` is what the CPU spends per call, and a CUDA graph replay of the same call
-gives the GPU time. An eager decode step costs max(host, GPU): the target (issue #15) is
-host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours as shipped (launch plans,
+GPU: each row times back-to-back eager calls (batches of 50 with no sync in between, each batch
+started on an idle GPU) with a host clock, so ``host us/call`` is what the CPU spends per call, and a
+CUDA graph replay of the same call gives the GPU time. An eager decode step costs max(host, GPU): the
+target (issue #15) is host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours as shipped (launch plans,
 the direct launch, cached tensor maps); without launch plans ("no plan": every call checks, chooses
 the kernel and computes the launch key; ``grouped_gemm.PLANS``); for ``moe_experts`` at these sizes
-the decode path (``kernels/decode_experts.py``) and, beside it, the grouped path; without
+the decode path (``kernels/decode_experts.py``; two launches, and one) and, beside it, the grouped path; without
 the cached maps ("no raw": Triton's launcher wrapper makes the maps per call; ``launcher.RAW``);
 through Triton's own launch; ``torch._grouped_mm``.
 
@@ -31,7 +31,7 @@ import time
 import torch
 
 import moe_learn  # noqa: F401  (interpreter on CPU)
-from moe_learn.kernels import autotune, launcher
+from moe_learn.kernels import autotune, decode_experts, launcher
 
 gg = importlib.import_module("moe_learn.kernels.grouped_gemm")  # the module (the package exports the function)
 hopper = importlib.import_module("moe_learn.kernels.grouped_gemm_hopper")
@@ -43,13 +43,17 @@ CASES = [("gpt-oss-120b", 128, 2880, 2880, 4, 1), ("gpt-oss-120b", 128, 2880, 28
          ("qwen3-30b-a3b", 128, 2048, 768, 8, 1)]
 
 
-def host_us(fn, calls=CALLS, batches=20) -> float:
-    """Median over ``batches`` of the mean host time per call in back-to-back calls (robust to a busy host)."""
+def host_us(fn, calls=CALLS, batches=40) -> float:
+    """Median over ``batches`` of the mean host time per call in back-to-back calls (robust to a busy host).
+    Each batch starts on an idle GPU (a sync, not timed) and queues 50 calls, up to a few hundred launches:
+    fewer than the GPU's launch queue holds, so no call waits for the GPU and a call that is faster on the GPU
+    than on the host is not timed at its GPU time (before, 2000 calls without a sync filled the queue)."""
     for _ in range(50):
         fn()
     sync()
     per_call = []
     for _ in range(batches):
+        sync()
         start = time.perf_counter()
         for _ in range(calls // batches):
             fn()
@@ -125,6 +129,15 @@ def pytorch_routing(fn, *args):
         experts.ROUTE_IDS_KERNEL = True
 
 
+def one_launch(fn, *args):
+    """``fn(*args)`` with the decode path in one launch (``decode_experts.ONE_LAUNCH``)."""
+    decode_experts.ONE_LAUNCH = True
+    try:
+        return fn(*args)
+    finally:
+        decode_experts.ONE_LAUNCH = False
+
+
 def grouped_path(fn, *args):
     """``fn(*args)`` on the grouped path (routing, two grouped GEMMs, sum) instead of the decode path."""
     experts.DECODE_EXPERTS = False
@@ -147,6 +160,8 @@ def calls(c, kernel):
         "experts (routing given)": lambda: experts.run_experts(c["x"], c["counts"], c["gather"], c["weights"],
                                                                c["w1"], c["w2"]),
         "moe_experts (ids in)": lambda: experts.moe_experts(c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
+        "moe_experts (ids in), one launch": lambda: one_launch(
+            experts.moe_experts, c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
         "moe_experts (ids in), grouped path": lambda: grouped_path(
             experts.moe_experts, c["x"], c["ids"], c["weights"], c["w1"], c["w2"]),
         "moe_experts (ids in), PyTorch routing": lambda: pytorch_routing(

@@ -93,20 +93,24 @@ def main():
         check("experts inference", moe_experts(x, sentinels, weights, w1, w2),
               moe_experts(x, sentinels, weights, w1, w2, backend="torch"))
         # decode-sized: the decode path (kernels/decode_experts.py), in one launch with its grid barrier and in
-        # two, twice each (the second from its plan), in both weight layouts
+        # two, with the next step's loads ahead and without, twice each (the second from its plan), in both weight
+        # layouts
         from moe_learn.kernels import decode_experts as dec
 
-        default = dec.ONE_LAUNCH
+        defaults = dec.ONE_LAUNCH, dec.PREFETCH
         for one in (True, False):
-            dec.ONE_LAUNCH = one
-            for tag, a, b, transpose in (("", w1, w2, True),
-                                         (" transpose=False", w1.transpose(1, 2).contiguous(),
-                                          w2.transpose(1, 2).contiguous(), False)):
-                for call in ("first call", "planned"):
-                    check(f"decode experts, {'one launch' if one else 'two launches'}{tag} ({call})",
-                          moe_experts(x[:3], sentinels[:3], weights[:3], a, b, transpose=transpose),
-                          moe_experts(x[:3], sentinels[:3], weights[:3], a, b, transpose=transpose, backend="torch"))
-        dec.ONE_LAUNCH = default
+            for prefetch in (True, False):
+                dec.ONE_LAUNCH, dec.PREFETCH = one, prefetch
+                for tag, a, b, transpose in (("", w1, w2, True),
+                                             (" transpose=False", w1.transpose(1, 2).contiguous(),
+                                              w2.transpose(1, 2).contiguous(), False)):
+                    for call in ("first call", "planned"):
+                        check(f"decode experts, {'one launch' if one else 'two launches'}, prefetch {prefetch}{tag} "
+                              f"({call})",
+                              moe_experts(x[:3], sentinels[:3], weights[:3], a, b, transpose=transpose),
+                              moe_experts(x[:3], sentinels[:3], weights[:3], a, b, transpose=transpose,
+                                          backend="torch"))
+        dec.ONE_LAUNCH, dec.PREFETCH = defaults
     from moe_learn.kernels import swiglu as swiglu_kernels
 
     ref_out = moe_experts(x, ids, weights, w1, w2, backend="torch")

@@ -18,10 +18,10 @@ Two phases:
 Phase 2 reads what every program of phase 1 wrote. By default each phase is its own launch
 (``_gate_up_swiglu_kernel``, grid (T*k, I/BLOCK_N); ``_down_sum_kernel``, grid (T, H/BLOCK_N)).
 ``ONE_LAUNCH`` runs both in ``_decode_experts_kernel``, whose programs (no more than the GPU holds at
-once, cooperatively launched) wait for each other at a grid barrier (``grid_sync``) in between, with
-h as scratch kept per stream by the launch plan: one launch and one allocation less of host time,
-the same arithmetic and bits, but measured slower on the GPU where the layers take this path
-(perf/NOTES.md item 23), so it is off. Triton's interpreter runs the one launch as a single program.
+once, cooperatively launched) wait for each other at a grid barrier (``grid_sync``) in between: one
+launch less of host time, the same arithmetic and bits, but no faster where the layers take this path
+(perf/NOTES.md items 23-24), so it is off. Triton's interpreter runs the one launch as a single program.
+Either way a launch plan keeps h per stream, so a repeated call allocates only its output.
 
 Nothing is sorted, so nothing waits for a routing pass, and no expert that got no slot is read.
 An expert that got several slots is read once per slot (from L2 when they run close together):
@@ -58,13 +58,27 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch parameters (perf/decode_experts.py --sweep compares others): the K block of each kernel (the gate_up
 # kernel streams two tiles a step), the narrowest column block and the programs per SM to aim for.
 BLOCK_K_GATE_UP, BLOCK_K_DOWN, MIN_BLOCK_N, PROGRAMS_PER_SM = 128, 256, 8, 2
+# Load each K step's tiles one step ahead (two steps of weights in flight per program): not measured yet
+PREFETCH = False
 OPTIONS = dict(num_warps=4, num_stages=4)
+
+
+@triton.jit
+def _gate_up_loads(x_row, gate_rows, up_rows, k0, k_end, mask_n, stride_xh, stride_wk, BLOCK_K: tl.constexpr):
+    """One K step's x, gate tile and up tile (nothing read past k_end)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_end
+    x = tl.load(x_row + offs_k * stride_xh, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    mask = mask_n[:, None] & mask_k[None, :]
+    gate = tl.load(gate_rows + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+    up = tl.load(up_rows + offs_k[None, :] * stride_wk, mask=mask, other=0.0)
+    return x, gate, up
 
 
 @triton.jit
 def _gate_up_block(x_ptr, ids_ptr, w_ptr, h_ptr, slot, block, E, I, H, TOP_K,
                    stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """h[slot, block's columns] = silu(gate) * up of slot = (t, j)'s expert."""
     t = slot // TOP_K
     e = tl.load(ids_ptr + t * stride_it + (slot - t * TOP_K) * stride_ik).to(tl.int64)
@@ -81,22 +95,55 @@ def _gate_up_block(x_ptr, ids_ptr, w_ptr, h_ptr, slot, block, E, I, H, TOP_K,
     # products summed per lane, reduced once after the loop (one reduction, not one per step)
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(x_row + offs_k * stride_xh, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        mask = mask_n[:, None] & mask_k[None, :]
-        acc_gate += tl.load(gate_rows + offs_k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32) * x
-        acc_up += tl.load(up_rows + offs_k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32) * x
+    if PREFETCH:
+        # The next step's tiles are loaded before this step's products: two steps of weights in flight per
+        # program instead of one (Triton pipelines loads that feed a tl.dot, not these). The last load is past
+        # H: masked off, no traffic. The same products in the same order: the same bits.
+        x, gate, up = _gate_up_loads(x_row, gate_rows, up_rows, 0, k_end, mask_n, stride_xh, stride_wk, BLOCK_K)
+        for k0 in range(BLOCK_K, H + BLOCK_K, BLOCK_K):
+            x_next, gate_next, up_next = _gate_up_loads(x_row, gate_rows, up_rows, k0, k_end, mask_n, stride_xh,
+                                                        stride_wk, BLOCK_K)
+            acc_gate += gate.to(tl.float32) * x
+            acc_up += up.to(tl.float32) * x
+            x, gate, up = x_next, gate_next, up_next
+    else:
+        for k0 in range(0, H, BLOCK_K):
+            x, gate, up = _gate_up_loads(x_row, gate_rows, up_rows, k0, k_end, mask_n, stride_xh, stride_wk, BLOCK_K)
+            acc_gate += gate.to(tl.float32) * x
+            acc_up += up.to(tl.float32) * x
     gate = tl.sum(acc_gate, axis=1)
     h = gate * tl.sigmoid(gate) * tl.sum(acc_up, axis=1)  # in fp32, rounded once: as the grouped GEMM's epilogue
     tl.store(h_ptr + slot.to(tl.int64) * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=offs_n < I)
 
 
 @triton.jit
+def _down_loads(rows, h_ptr, step, chunks, t, I, TOP_K, offs_s, valid, weights, experts, mask_n, stride_we, stride_wk,
+                BLOCK_K: tl.constexpr, H_CACHE: tl.constexpr):
+    """Step ``step`` of the flat (slot, K block) loop: slot j's W_down tile and weight * h (nothing read for an
+    invalid slot, or for j = TOP_K, one step past the end)."""
+    j = step // chunks
+    this = offs_s == j
+    offs_k = (step - j * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    # The slot's expert, and its bound (I, or 0: nothing read), picked out of registers. Written as an unknown
+    # integer times a stride (times I), so that the compiler still knows W's address and the mask move in steps
+    # of 16 and loads 8 elements at once; a sum over the picked products would hide that and cost one 2-byte
+    # load per element.
+    mask_k = offs_k < tl.sum(tl.where(this, valid, 0)) * I
+    weight = tl.sum(tl.where(this, weights, 0.0))
+    # (H_CACHE ".cg" in the one launch: h was written by other programs of that launch; read it from L2, never
+    # a stale L1 line)
+    h = tl.load(h_ptr + (t * TOP_K + j).to(tl.int64) * I + offs_k, mask=mask_k, other=0.0,
+                cache_modifier=H_CACHE).to(tl.float32)
+    w = tl.load(rows + tl.sum(tl.where(this, experts, 0)) * stride_we + offs_k[None, :] * stride_wk,
+                mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    return w, weight * h
+
+
+@triton.jit
 def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, TOP_K,
                 stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
-                SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, H_CACHE: tl.constexpr):
+                SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, H_CACHE: tl.constexpr,
+                PREFETCH: tl.constexpr):
     """out[t, block's columns] = sum over t's slots of weight * W_down[e] @ h[slot]."""
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
@@ -115,23 +162,19 @@ def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, 
     # blocks per slot); each step adds W_down[e] tile * (weight * h) per lane, reduced once at the end
     chunks = tl.cdiv(I, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for step in range(0, TOP_K * chunks):
-        j = step // chunks
-        this = offs_s == j
-        offs_k = (step - j * chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        # The slot's expert, and its bound (I, or 0: nothing read), picked out of registers. Written as an
-        # unknown integer times a stride (times I), so that the compiler still knows W's address and the mask
-        # move in steps of 16 and loads 8 elements at once; a sum over the picked products would hide that
-        # and cost one 2-byte load per element.
-        mask_k = offs_k < tl.sum(tl.where(this, valid, 0)) * I
-        weight = tl.sum(tl.where(this, weights, 0.0))
-        # (H_CACHE ".cg" in the one launch: h was written by other programs of that launch; read it from L2,
-        # never a stale L1 line)
-        h = tl.load(h_ptr + (t * TOP_K + j).to(tl.int64) * I + offs_k, mask=mask_k, other=0.0,
-                    cache_modifier=H_CACHE).to(tl.float32)
-        w = tl.load(rows + tl.sum(tl.where(this, experts, 0)) * stride_we + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc += w.to(tl.float32) * (weight * h)[None, :]
+    if PREFETCH:  # (as in _gate_up_block: the next step's loads before this step's products)
+        w, wh = _down_loads(rows, h_ptr, 0, chunks, t, I, TOP_K, offs_s, valid, weights, experts, mask_n,
+                            stride_we, stride_wk, BLOCK_K, H_CACHE)
+        for step in range(1, TOP_K * chunks + 1):
+            w_next, wh_next = _down_loads(rows, h_ptr, step, chunks, t, I, TOP_K, offs_s, valid, weights, experts,
+                                          mask_n, stride_we, stride_wk, BLOCK_K, H_CACHE)
+            acc += w.to(tl.float32) * wh[None, :]
+            w, wh = w_next, wh_next
+    else:
+        for step in range(0, TOP_K * chunks):
+            w, wh = _down_loads(rows, h_ptr, step, chunks, t, I, TOP_K, offs_s, valid, weights, experts, mask_n,
+                                stride_we, stride_wk, BLOCK_K, H_CACHE)
+            acc += w.to(tl.float32) * wh[None, :]
     out = tl.sum(acc, axis=1)
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n * stride_oh, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
@@ -139,20 +182,21 @@ def _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, t, block, E, H, I, 
 @triton.jit(do_not_specialize=["E", "TOP_K"])
 def _gate_up_swiglu_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, E, I, H, TOP_K,
                            stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """Phase 1 alone, grid (T*k, I / BLOCK_N)."""
     _gate_up_block(x_ptr, ids_ptr, w_ptr, h_ptr, tl.program_id(0), tl.program_id(1), E, I, H, TOP_K,
-                   stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
+                   stride_xt, stride_xh, stride_it, stride_ik, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K,
+                   PREFETCH)
 
 
 @triton.jit(do_not_specialize=["E", "TOP_K"])
 def _down_sum_kernel(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, E, H, I, TOP_K,
                      stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
-                     SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """Phase 2 alone, grid (T, H / BLOCK_N), after phase 1's launch."""
     _down_block(h_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, tl.program_id(0), tl.program_id(1), E, H, I, TOP_K,
                 stride_it, stride_ik, stride_rt, stride_rk, stride_we, stride_wn, stride_wk, stride_ot, stride_oh,
-                SLOTS, BLOCK_N, BLOCK_K, "")
+                SLOTS, BLOCK_N, BLOCK_K, "", PREFETCH)
 
 
 @triton.jit(do_not_specialize=["T", "E", "TOP_K"])
@@ -160,7 +204,7 @@ def _decode_experts_kernel(x_ptr, ids_ptr, weights_ptr, w1_ptr, w2_ptr, h_ptr, o
                            stride_xt, stride_xh, stride_it, stride_ik, stride_rt, stride_rk,
                            stride_1e, stride_1n, stride_1k, stride_2e, stride_2n, stride_2k, stride_ot, stride_oh,
                            SLOTS: tl.constexpr, BLOCK_N_GATE_UP: tl.constexpr, BLOCK_K_GATE_UP: tl.constexpr,
-                           BLOCK_N_DOWN: tl.constexpr, BLOCK_K_DOWN: tl.constexpr):
+                           BLOCK_N_DOWN: tl.constexpr, BLOCK_K_DOWN: tl.constexpr, PREFETCH: tl.constexpr):
     """Both phases in one launch: each program walks the (slot, I block) items of phase 1, waits at the grid
     barrier (every program runs at once, see grid_sync), then walks the (token, H block) items of phase 2."""
     program = tl.program_id(0)
@@ -171,13 +215,13 @@ def _decode_experts_kernel(x_ptr, ids_ptr, weights_ptr, w1_ptr, w2_ptr, h_ptr, o
         block = item // slots
         _gate_up_block(x_ptr, ids_ptr, w1_ptr, h_ptr, item - block * slots, block, E, I, H, TOP_K,
                        stride_xt, stride_xh, stride_it, stride_ik, stride_1e, stride_1n, stride_1k,
-                       BLOCK_N_GATE_UP, BLOCK_K_GATE_UP)
+                       BLOCK_N_GATE_UP, BLOCK_K_GATE_UP, PREFETCH)
     grid_sync(counter_ptr, programs)
     for item in range(program, T * tl.cdiv(H, BLOCK_N_DOWN), programs):
         block = item // T
         _down_block(h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, item - block * T, block, E, H, I, TOP_K,
                     stride_it, stride_ik, stride_rt, stride_rk, stride_2e, stride_2n, stride_2k, stride_ot,
-                    stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN, ".cg")
+                    stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN, ".cg", PREFETCH)
     grid_sync_done(counter_ptr, programs)
 
 
@@ -186,7 +230,7 @@ _DOWN = FastLauncher(_down_sum_kernel)
 _KERNEL = FastLauncher(_decode_experts_kernel)
 # Two launches (_gate_up_swiglu_kernel, then _down_sum_kernel), or, with ONE_LAUNCH, one launch of
 # _decode_experts_kernel with the grid barrier (a cooperative launch: the driver refuses a grid that would not
-# fit at once). The one launch costs one launch and one allocation less of host time, but on an H100 it ran
+# fit at once). The one launch costs one launch less of host time, but on an H100 it ran
 # slower than the two launches had in an earlier run where the layers take this path (Qwen3-30B-A3B T=1 82 us
 # eager against 68, gpt-oss-120b T=1 178 against 122) and faster where they do not (perf/NOTES.md item 23;
 # not yet compared in one run): off until it is. Two launches also wherever the barrier cannot be used: while a
@@ -199,7 +243,7 @@ ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
 # dtype, device, 16-byte alignment) skips the checks, the block choice and the launch keys. A/B switch.
 PLANS = True
 MAX_PLANS = 256
-MAX_STREAMS = 64  # streams whose scratch a one-launch plan keeps; past that it starts over
+MAX_STREAMS = 64  # streams whose scratch a plan keeps; past that it starts over
 MAX_PROGRAMS_PER_SM = 8  # the one launch's grid: as many as the resources allow, at most this (all wait on one counter)
 _PLANS: dict[tuple, _Plan] = {}
 _MOST_PROGRAMS: dict[tuple, int] = {}  # a compiled one-launch kernel's key -> programs the GPU holds at once
@@ -213,31 +257,36 @@ class _Plan:
     def __init__(self, device, tokens, hidden, slots, inter, launches, layers_take_it):
         self.device, self.tokens, self.hidden, self.slots, self.inter = device, tokens, hidden, slots, inter
         self.launches = launches  # (compiled kernel, grid, scalar arguments) of the one launch, or of the two
-        self.scratch: dict[int, tuple] = {}  # stream -> (h, the barrier's counters), for the one launch
+        # stream -> (h, the one launch's barrier counters or None): h kept per stream, as launches on one stream
+        # run in order (a call's down phase reads its h before the next call's gate_up phase writes it); one
+        # allocation less per call (3.9 us of host on the H200 VM of perf/NOTES.md item 24), slots * I elements held
+        self.scratch: dict[int, tuple] = {}
         self.layers_take_it = layers_take_it  # the layers' rule (layers_take) for these shapes
 
     @property
     def one_launch(self) -> bool:
         return len(self.launches) == 1
 
-    def __call__(self, x, ids, weights, w1, w2) -> torch.Tensor:
+    def __call__(self, x, ids, weights, w1, w2, capturing: bool) -> torch.Tensor:
         out = x.new_empty(self.tokens, self.hidden)
-        if self.one_launch:
-            # h is scratch inside the one launch: kept per stream (launches on one stream run in order)
-            stream = launcher._current_stream(self.device)
+        stream = launcher._current_stream(self.device)
+        if capturing:  # (two launches: a graph may be replayed on any stream, so its h is its own)
+            h = x.new_empty(self.slots, self.inter)
+        else:
             scratch = self.scratch.get(stream)
             if scratch is None:
                 if len(self.scratch) >= MAX_STREAMS:
                     self.scratch.clear()
-                scratch = self.scratch[stream] = (x.new_empty(self.slots, self.inter), counters(x.device, stream))
+                scratch = self.scratch[stream] = (x.new_empty(self.slots, self.inter),
+                                                  counters(x.device, stream) if self.one_launch else None)
             h, pair = scratch
+        if self.one_launch:
             entry, grid, scalars = self.launches[0]
             _KERNEL.launch(entry, grid, (x, ids, weights, w1, w2, h, out, pair, *scalars), self.device, stream)
             return out
-        h = x.new_empty(self.slots, self.inter)
         (entry, grid, scalars), (down_entry, down_grid, down_scalars) = self.launches
-        _GATE_UP.launch(entry, grid, (x, ids, w1, h, *scalars), self.device)
-        _DOWN.launch(down_entry, down_grid, (h, ids, weights, w2, out, *down_scalars), self.device)
+        _GATE_UP.launch(entry, grid, (x, ids, w1, h, *scalars), self.device, stream)
+        _DOWN.launch(down_entry, down_grid, (h, ids, weights, w2, out, *down_scalars), self.device, stream)
         return out
 
 
@@ -260,7 +309,7 @@ def layers_take(topk_ids: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
 def _plan_key(x, ids, weights, w1, w2, transpose) -> tuple:
     # (the rule's limits and the switch too: a plan made under others is not reused)
     return (layout(x), layout(ids), layout(weights), layout(w1), layout(w2), transpose, MAX_SLOTS, MAX_WEIGHT_BYTES,
-            ONE_LAUNCH)
+            ONE_LAUNCH, PREFETCH)
 
 
 def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=True, *,
@@ -278,12 +327,15 @@ def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, tran
     plan = _PLANS.get(key)
     if plan is None or not direct_possible() or plan.device != launcher._current_device():
         return None
-    if (layers and not plan.layers_take_it) or ((layers or plan.one_launch) and _capturing()):
+    if layers and not plan.layers_take_it:
+        return None
+    capturing = _capturing()
+    if capturing and (layers or plan.one_launch):
         return None
     if torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
                                     or gate_up_proj.requires_grad or down_proj.requires_grad):
         return None
-    return plan(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj)
+    return plan(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, capturing)
 
 
 def _block_n(rows: int, columns: int, sms: int) -> int:
@@ -326,11 +378,12 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     gate_up = ((slots, cdiv(inter, block_gate_up)),
                (num_experts, inter, hidden, top_k, *hidden_states.stride(), *topk_ids.stride(),
                 *_nk_strides(gate_up_proj, transpose)),
-               dict(BLOCK_N=block_gate_up, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP)))
+               dict(BLOCK_N=block_gate_up, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP), PREFETCH=PREFETCH))
     down = ((tokens, cdiv(hidden, block_down)),
             (num_experts, hidden, inter, top_k, *topk_ids.stride(), *topk_weights.stride(),
              *_nk_strides(down_proj, transpose), *out.stride()),
-            dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block_down, BLOCK_K=_block_k(inter, BLOCK_K_DOWN)))
+            dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block_down, BLOCK_K=_block_k(inter, BLOCK_K_DOWN),
+                 PREFETCH=PREFETCH))
     gate_up_args = (hidden_states, topk_ids, gate_up_proj, h, *gate_up[1])
     down_args = (h, topk_ids, topk_weights, down_proj, out, *down[1])
     direct = direct_possible()
@@ -345,7 +398,7 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
         args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out,
                 counters(hidden_states.device, stream), *scalars)
         constexprs = dict(SLOTS=down[2]["SLOTS"], BLOCK_N_GATE_UP=block_gate_up, BLOCK_K_GATE_UP=gate_up[2]["BLOCK_K"],
-                          BLOCK_N_DOWN=block_down, BLOCK_K_DOWN=down[2]["BLOCK_K"])
+                          BLOCK_N_DOWN=block_down, BLOCK_K_DOWN=down[2]["BLOCK_K"], PREFETCH=PREFETCH)
         items = max(gate_up[0][0] * gate_up[0][1], down[0][0] * down[0][1])  # the two launches' grids
         launches = _one_launch(args, constexprs, items, device, hidden_states.device)
     if launches is None:

@@ -26,7 +26,8 @@ kernels = [(dec._gate_up_swiglu_kernel, dict(BLOCK_N=8, BLOCK_K=128), dec.OPTION
            (dec._decode_experts_kernel, dict(SLOTS=8, BLOCK_N_GATE_UP=8, BLOCK_K_GATE_UP=128, BLOCK_N_DOWN=8,
                                              BLOCK_K_DOWN=256), dec.ONE_LAUNCH_OPTIONS)]
 done = []
-for fn, constexprs, options in kernels:
+for (fn, constexprs, options), prefetch in [(kernel, prefetch) for prefetch in (False, True) for kernel in kernels]:
+    constexprs = dict(constexprs, PREFETCH=prefetch)
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(options))
@@ -49,8 +50,9 @@ def _in_child(code: str):
 
 def test_decode_experts_kernels_compile_for_sm90():
     done = _in_child(CHILD)
-    # the one launch has its grid barrier (atomics); the two phases alone have none
-    assert done == [False, False, True]
+    # the one launch has its grid barrier (atomics); the two phases alone have none (each without and with the
+    # prefetch)
+    assert done == [False, False, True] * 2
 
 
 VECTOR_CHILD = r"""
@@ -69,8 +71,11 @@ weight_strides = {"gate_up": dict(stride_we=1536 * 2048, stride_wn=2048), "down"
 pointers = {"x_ptr": "*bf16", "ids_ptr": "*i64", "weights_ptr": "*fp32", "w_ptr": "*bf16", "h_ptr": "*bf16",
             "out_ptr": "*bf16"}
 loads = {}
-for fn, which, constexprs in ((dec._gate_up_swiglu_kernel, "gate_up", dict(BLOCK_N=16, BLOCK_K=128)),
-                              (dec._down_sum_kernel, "down", dict(SLOTS=8, BLOCK_N=8, BLOCK_K=256))):
+for (fn, which, constexprs), prefetch in [
+        (kernel, prefetch) for prefetch in (False, True)
+        for kernel in ((dec._gate_up_swiglu_kernel, "gate_up", dict(BLOCK_N=16, BLOCK_K=128)),
+                       (dec._down_sum_kernel, "down", dict(SLOTS=8, BLOCK_N=8, BLOCK_K=256)))]:
+    constexprs = dict(constexprs, PREFETCH=prefetch)
     values = dict(common, **weight_strides[which])
     signature, constants, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(fn.arg_names):
@@ -87,7 +92,7 @@ for fn, which, constexprs in ((dec._gate_up_swiglu_kernel, "gate_up", dict(BLOCK
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
                        attrs=attrs)
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(dec.OPTIONS)).asm["ptx"]
-    loads[which] = sorted(set(re.findall(r"ld\.global[.\w]*", ptx)))
+    loads[f"{which}, prefetch {prefetch}"] = sorted(set(re.findall(r"ld\.global[.\w]*", ptx)))
 print(json.dumps(loads))
 """
 

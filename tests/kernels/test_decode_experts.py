@@ -556,6 +556,28 @@ def test_one_launch_and_two_launches_give_the_same_bits(T, k, E, H, inner, trans
     assert _counters_at_rest()
 
 
+# (K steps: H and I past one block of 128 / 256 and not multiples of it, so the prefetch's last, masked step and
+# a partial block are both run; k from 1 to 6 with SLOTS padded past k)
+@pytest.mark.parametrize("T, k, E, H, inner", [(1, 1, 2, 8, 4), (2, 3, 5, 300, 520), (3, 6, 7, 130, 260)])
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("one", [False, True])
+def test_the_prefetch_gives_the_same_bits(T, k, E, H, inner, transpose, one, monkeypatch):
+    """Loading the next K step's tiles ahead (PREFETCH) changes when bytes arrive, not what is summed in which
+    order: equal bits with it and without, in two launches and in one, invalid and duplicate ids included."""
+    x, ids, w, w1, w2 = _problem(T, k, E, H, inner, torch.bfloat16, transpose, seed=T * k + H)
+    ids[0, 0] = -2  # an invalid slot: nothing read for it, on either side of the step
+    if k > 1:
+        ids[-1, 1] = ids[-1, 0] = E - 1  # a duplicate
+    monkeypatch.setattr(D, "ONE_LAUNCH", one)
+    outs = []
+    with torch.no_grad():
+        for prefetch in (False, True, False, True):  # (the second pair from the plans)
+            monkeypatch.setattr(D, "PREFETCH", prefetch)
+            outs.append(decode_experts(x, ids, w, w1, w2, transpose=transpose))
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+    _assert_matches(outs[1], x, ids, w, w1, w2, transpose)
+
+
 @pytest.fixture
 def one_launch(monkeypatch):
     monkeypatch.setattr(D, "ONE_LAUNCH", True)

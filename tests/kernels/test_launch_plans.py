@@ -597,3 +597,32 @@ def test_the_one_launch_switch_reaches_calls_that_have_a_plan(direct_decode, mon
             kernels.append(tuple(kernel.fn.__name__ for kernel, _, _ in log))
     one, two = ("_decode_experts_kernel",), ("_gate_up_swiglu_kernel", "_down_sum_kernel")
     assert kernels == [one, one, two, two, one], kernels
+
+
+def test_two_launch_plans_keep_h_per_stream_but_not_in_a_graph(direct_decode, monkeypatch):
+    """The two launches' plan keeps h per stream (one allocation less a call): steps of one layout with new inputs
+    and dropped slots stay right and share one h; another stream gets its own; a call while a CUDA graph is
+    captured gets a fresh h (a graph may be replayed on any stream, beside eager calls on this one)."""
+    log = direct_decode
+    monkeypatch.setattr(dec, "ONE_LAUNCH", False)
+    stream = [0]
+    monkeypatch.setattr(launcher, "_current_stream", lambda device: stream[0])
+    hs = []
+    for step, (on, capturing) in enumerate([(0, False), (0, False), (0, False), (7, False), (7, True), (0, False)]):
+        stream[0] = on
+        monkeypatch.setattr(dec, "_capturing", lambda capturing=capturing: capturing)
+        x, ids, weights, w1, w2 = _decode_inputs(2, 3, 4, 24, 12, step, DECODE_PLAIN)
+        log.clear()
+        with torch.no_grad():
+            got = dec.decode_experts(x, ids, weights, w1, w2)
+        torch.testing.assert_close(got.double(), _decode_reference(x, ids, weights, w1, w2, True), rtol=1e-4,
+                                   atol=1e-5)
+        (gate_up, _, args), (down, _, down_args) = log
+        assert (gate_up.fn, down.fn) == (dec._gate_up_swiglu_kernel, dec._down_sum_kernel)
+        assert args[3] is down_args[0]  # gate_up writes the h that down reads
+        hs.append(args[3].data_ptr())
+    (plan,) = dec._PLANS.values()
+    assert sorted(plan.scratch) == [0, 7]
+    kept = {on: h.data_ptr() for on, (h, _) in plan.scratch.items()}
+    # the first call (checked, no plan yet) allocates; then stream 0's kept h, stream 7's, a fresh one in the graph
+    assert hs[1] == hs[2] == hs[5] == kept[0] and hs[3] == kept[7] and hs[4] not in kept.values()
