@@ -7,7 +7,7 @@ For each decode model (bench.cases.DECODE_MODELS) and T = 1..64 tokens, inferenc
 - ``decode``: ``kernels.decode_experts.decode_experts`` as the layers call it (checked once, then from its
   launch plan): two launches; also past ``MAX_SLOTS``, to see where the grouped path starts to win;
 - ``decode1``: the same with ``ONE_LAUNCH = True``: one launch, a grid barrier between its two phases;
-- ``decodeP``: two launches with ``PREFETCH`` flipped (the next K step's tiles loaded ahead, or not);
+- ``decodeP``: two launches with ``PREFETCH = False`` (no K step's tiles loaded ahead: the kernels before it);
 - ``grouped``: ``moe_experts`` with ``DECODE_EXPERTS = False`` (routing of the ids in one launch, the two
   grouped GEMMs with the SwiGLU in GEMM1's epilogue, the sum over the k slots);
 - ``default``: transformers 5.x's default experts module (``experts_implementation="grouped_mm"``).
@@ -68,7 +68,8 @@ def alone_us(fn, calls=200) -> float:
 
 # (session 10 swept K blocks 64/128 and 128/256, column blocks 8/16 and 1/2/4 programs per SM: 128/256, 8, 2-4 won;
 # this sweeps the prefetch against wider K blocks, which also put more bytes in flight per program)
-SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, MIN_BLOCK_N=8, PROGRAMS_PER_SM=p, PREFETCH=prefetch)
+SWEEP = [dict(BLOCK_K_GATE_UP=bk1, BLOCK_K_DOWN=bk2, BLOCK_K_DOWN_NARROW=bk2, MIN_BLOCK_N=8, PROGRAMS_PER_SM=p,
+              PREFETCH=prefetch)
          for prefetch in (False, True) for bk1 in (128, 256) for bk2 in (256, 512) for p in (2, 4)]
 SWEEP_CASES = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("gpt-oss-120b", 1), ("mixtral-8x7b", 1))
 
@@ -150,7 +151,7 @@ def main():
                     "decode": lambda: dec.decode_experts(x, ids, weights, w1, w2),  # noqa: B023
                     "decode1": lambda: switched("ONE_LAUNCH", True,  # noqa: B023
                                                 lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
-                    "decodeP": lambda: switched("PREFETCH", not dec.PREFETCH,  # noqa: B023
+                    "decodeP": lambda: switched("PREFETCH", False,  # noqa: B023
                                                 lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
                     "grouped": lambda: grouped_path(experts.moe_experts, x, ids, weights, w1, w2),  # noqa: B023
                     "default": lambda: default(x, ids, weights),  # noqa: B023

@@ -58,8 +58,15 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch parameters (perf/decode_experts.py --sweep compares others): the K block of each kernel (the gate_up
 # kernel streams two tiles a step), the narrowest column block and the programs per SM to aim for.
 BLOCK_K_GATE_UP, BLOCK_K_DOWN, MIN_BLOCK_N, PROGRAMS_PER_SM = 128, 256, 8, 2
-# Load each K step's tiles one step ahead (two steps of weights in flight per program): not measured yet
-PREFETCH = False
+# The down kernel's K block where its column block is the narrowest (MIN_BLOCK_N): wider, more bytes in flight
+# (a sweep on an H100, perf/NOTES.md item 24: 512 beat 256 in all four T = 1 cases, by 4-16%)
+BLOCK_K_DOWN_NARROW = 512
+# Each K step's tiles loaded one step ahead (two steps of weights in flight per program): None = where the
+# accumulators leave registers for the extra tiles (``_prefetch``), True / False = everywhere / nowhere (A/B).
+# On an H100 the prefetch made Qwen3-30B-A3B T=1 38% faster (graph 63 -> 38 us) and cases with wide column blocks
+# slower (Qwen3 T=8 +8%, Mixtral T=8 +25%), where the extra tiles cannot stay in registers (perf/NOTES.md item 24).
+PREFETCH: bool | None = None
+PREFETCH_MAX_ACCUMULATOR = 64  # fp32 accumulator elements per thread (4 warps) up to which a kernel prefetches
 OPTIONS = dict(num_warps=4, num_stages=4)
 
 
@@ -204,7 +211,8 @@ def _decode_experts_kernel(x_ptr, ids_ptr, weights_ptr, w1_ptr, w2_ptr, h_ptr, o
                            stride_xt, stride_xh, stride_it, stride_ik, stride_rt, stride_rk,
                            stride_1e, stride_1n, stride_1k, stride_2e, stride_2n, stride_2k, stride_ot, stride_oh,
                            SLOTS: tl.constexpr, BLOCK_N_GATE_UP: tl.constexpr, BLOCK_K_GATE_UP: tl.constexpr,
-                           BLOCK_N_DOWN: tl.constexpr, BLOCK_K_DOWN: tl.constexpr, PREFETCH: tl.constexpr):
+                           BLOCK_N_DOWN: tl.constexpr, BLOCK_K_DOWN: tl.constexpr, PREFETCH_GATE_UP: tl.constexpr,
+                           PREFETCH_DOWN: tl.constexpr):
     """Both phases in one launch: each program walks the (slot, I block) items of phase 1, waits at the grid
     barrier (every program runs at once, see grid_sync), then walks the (token, H block) items of phase 2."""
     program = tl.program_id(0)
@@ -215,13 +223,13 @@ def _decode_experts_kernel(x_ptr, ids_ptr, weights_ptr, w1_ptr, w2_ptr, h_ptr, o
         block = item // slots
         _gate_up_block(x_ptr, ids_ptr, w1_ptr, h_ptr, item - block * slots, block, E, I, H, TOP_K,
                        stride_xt, stride_xh, stride_it, stride_ik, stride_1e, stride_1n, stride_1k,
-                       BLOCK_N_GATE_UP, BLOCK_K_GATE_UP, PREFETCH)
+                       BLOCK_N_GATE_UP, BLOCK_K_GATE_UP, PREFETCH_GATE_UP)
     grid_sync(counter_ptr, programs)
     for item in range(program, T * tl.cdiv(H, BLOCK_N_DOWN), programs):
         block = item // T
         _down_block(h_ptr, ids_ptr, weights_ptr, w2_ptr, out_ptr, item - block * T, block, E, H, I, TOP_K,
                     stride_it, stride_ik, stride_rt, stride_rk, stride_2e, stride_2n, stride_2k, stride_ot,
-                    stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN, ".cg", PREFETCH)
+                    stride_oh, SLOTS, BLOCK_N_DOWN, BLOCK_K_DOWN, ".cg", PREFETCH_DOWN)
     grid_sync_done(counter_ptr, programs)
 
 
@@ -347,6 +355,15 @@ def _block_n(rows: int, columns: int, sms: int) -> int:
     return MIN_BLOCK_N
 
 
+def _prefetch(accumulators: int, block_n: int, block_k: int) -> bool:
+    """Whether a kernel with ``accumulators`` [BLOCK_N, BLOCK_K] fp32 accumulators loads one step ahead: where they
+    take at most PREFETCH_MAX_ACCUMULATOR registers a thread, leaving room for a second step's tiles (past that
+    the tiles spill or the occupancy drops, and it measured slower)."""
+    if PREFETCH is not None:
+        return PREFETCH
+    return accumulators * block_n * block_k <= PREFETCH_MAX_ACCUMULATOR * 32 * OPTIONS["num_warps"]
+
+
 def _block_k(depth: int, widest: int) -> int:
     return max(16, min(widest, next_power_of_2(depth)))
 
@@ -378,12 +395,14 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     gate_up = ((slots, cdiv(inter, block_gate_up)),
                (num_experts, inter, hidden, top_k, *hidden_states.stride(), *topk_ids.stride(),
                 *_nk_strides(gate_up_proj, transpose)),
-               dict(BLOCK_N=block_gate_up, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP), PREFETCH=PREFETCH))
+               dict(BLOCK_N=block_gate_up, BLOCK_K=_block_k(hidden, BLOCK_K_GATE_UP)))
     down = ((tokens, cdiv(hidden, block_down)),
             (num_experts, hidden, inter, top_k, *topk_ids.stride(), *topk_weights.stride(),
              *_nk_strides(down_proj, transpose), *out.stride()),
-            dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block_down, BLOCK_K=_block_k(inter, BLOCK_K_DOWN),
-                 PREFETCH=PREFETCH))
+            dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block_down,
+                 BLOCK_K=_block_k(inter, BLOCK_K_DOWN_NARROW if block_down == MIN_BLOCK_N else BLOCK_K_DOWN)))
+    gate_up[2]["PREFETCH"] = _prefetch(2, block_gate_up, gate_up[2]["BLOCK_K"])  # (gate and up)
+    down[2]["PREFETCH"] = _prefetch(1, block_down, down[2]["BLOCK_K"])
     gate_up_args = (hidden_states, topk_ids, gate_up_proj, h, *gate_up[1])
     down_args = (h, topk_ids, topk_weights, down_proj, out, *down[1])
     direct = direct_possible()
@@ -398,7 +417,8 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
         args = (hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, h, out,
                 counters(hidden_states.device, stream), *scalars)
         constexprs = dict(SLOTS=down[2]["SLOTS"], BLOCK_N_GATE_UP=block_gate_up, BLOCK_K_GATE_UP=gate_up[2]["BLOCK_K"],
-                          BLOCK_N_DOWN=block_down, BLOCK_K_DOWN=down[2]["BLOCK_K"], PREFETCH=PREFETCH)
+                          BLOCK_N_DOWN=block_down, BLOCK_K_DOWN=down[2]["BLOCK_K"],
+                          PREFETCH_GATE_UP=gate_up[2]["PREFETCH"], PREFETCH_DOWN=down[2]["PREFETCH"])
         items = max(gate_up[0][0] * gate_up[0][1], down[0][0] * down[0][1])  # the two launches' grids
         launches = _one_launch(args, constexprs, items, device, hidden_states.device)
     if launches is None:
