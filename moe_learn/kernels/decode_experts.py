@@ -15,12 +15,18 @@ Two phases:
 2. ``_down_block``, items (t, H block): token t walks its k slots and adds
    ``w[t, j] * W_down[e] @ h[s]`` for its column block in float32; out[t] is written once.
 
+Streaming is bound by the bytes in flight: a program that waits for each K step's loads before it
+issues the next keeps one step per program in flight, and at T = 1 there are only a few programs per
+SM. Triton pipelines loads that feed a ``tl.dot``, not these, so each phase loads the next step's
+tiles before it multiplies this step's (``PREFETCH``, where the registers allow: ``_prefetch``).
+
 Phase 2 reads what every program of phase 1 wrote. By default each phase is its own launch
 (``_gate_up_swiglu_kernel``, grid (T*k, I/BLOCK_N); ``_down_sum_kernel``, grid (T, H/BLOCK_N)).
 ``ONE_LAUNCH`` runs both in ``_decode_experts_kernel``, whose programs (no more than the GPU holds at
 once, cooperatively launched) wait for each other at a grid barrier (``grid_sync``) in between: one
-launch less of host time, the same arithmetic and bits, but no faster where the layers take this path
-(perf/NOTES.md items 23-24), so it is off. Triton's interpreter runs the one launch as a single program.
+launch less of host time, the same arithmetic and bits, but no faster in eager calls where the layers
+take this path (perf/NOTES.md items 23-24), so it is off. Triton's interpreter runs the one launch as a
+single program.
 Either way a launch plan keeps h per stream, so a repeated call allocates only its output.
 
 Nothing is sorted, so nothing waits for a routing pass, and no expert that got no slot is read.
@@ -48,12 +54,13 @@ from moe_learn.validation import check_moe_args
 
 # When the layers (moe_experts, transformers' experts) take this path in inference: at most MAX_SLOTS (token,
 # slot) pairs whose experts' weights come to at most MAX_WEIGHT_BYTES (counted once per slot, as read), and not
-# while a CUDA graph is captured. Its kernels stream weights at 0.6-0.8 of what the grouped GEMMs reach, so it
-# wins only where the grouped path's four launches cost more host time than that: on an H100 VM, Qwen3-30B-A3B
-# at T = 1-2 (75-150 MB) and gpt-oss-120b at T = 1 (200 MB) won, everything from 300 MB up lost
-# (perf/decode_experts.py, perf/NOTES.md item 22). In a CUDA graph host time is free: the grouped path wins.
+# while a CUDA graph is captured. Its kernels read an expert once per slot, the grouped GEMMs once per expert, so
+# past a few hundred MB it loses. With the prefetch (perf/NOTES.md item 24, eager on an H100 and an H200): Qwen3-30B-A3B
+# at T = 1-4 (75-300 MB) and gpt-oss-120b at T = 1-2 (200-400 MB) won, by 3-70%; DeepSeek-V3 and Mixtral at T = 1
+# (700 MB) were within 4% of the grouped path; gpt-oss T = 4 (800 MB) and Mixtral T = 2 (1.4 GB) lost. In a CUDA
+# graph host time is free and the grouped path's GPU time is about the same or lower: it takes the grouped path.
 MAX_SLOTS = 64
-MAX_WEIGHT_BYTES = 224 * 2**20
+MAX_WEIGHT_BYTES = 400 * 2**20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch parameters (perf/decode_experts.py --sweep compares others): the K block of each kernel (the gate_up
 # kernel streams two tiles a step), the narrowest column block and the programs per SM to aim for.
@@ -62,11 +69,14 @@ BLOCK_K_GATE_UP, BLOCK_K_DOWN, MIN_BLOCK_N, PROGRAMS_PER_SM = 128, 256, 8, 2
 # (a sweep on an H100, perf/NOTES.md item 24: 512 beat 256 in all four T = 1 cases, by 4-16%)
 BLOCK_K_DOWN_NARROW = 512
 # Each K step's tiles loaded one step ahead (two steps of weights in flight per program): None = where the
-# accumulators leave registers for the extra tiles (``_prefetch``), True / False = everywhere / nowhere (A/B).
-# On an H100 the prefetch made Qwen3-30B-A3B T=1 38% faster (graph 63 -> 38 us) and cases with wide column blocks
-# slower (Qwen3 T=8 +8%, Mixtral T=8 +25%), where the extra tiles cannot stay in registers (perf/NOTES.md item 24).
+# accumulators leave room in registers (``_prefetch``), True / False = everywhere / nowhere (A/B runs).
+# Prefetched everywhere on an H100, Qwen3-30B-A3B T=1 ran 38% faster (CUDA graph 63 -> 38 us) but the 64-column
+# gate/up tiles spilled registers and ran slower (Qwen3 T=8 +8%, Mixtral T=8 +25%); the down kernel's 32 x 256
+# tiles did not spill and still ran 2-6% slower (gpt-oss-120b and Mixtral at T=4, both GPUs) (perf/NOTES.md item 24).
 PREFETCH: bool | None = None
-PREFETCH_MAX_ACCUMULATOR = 64  # fp32 accumulator elements per thread (4 warps) up to which a kernel prefetches
+# fp32 accumulator elements per thread (4 warps) up to which each kernel prefetches: gate/up up to 2 x 32 x 128,
+# down up to 16 x 256 (or 8 x 512)
+PREFETCH_MAX_ACCUMULATOR = {"gate_up": 64, "down": 32}
 OPTIONS = dict(num_warps=4, num_stages=4)
 
 
@@ -238,12 +248,12 @@ _DOWN = FastLauncher(_down_sum_kernel)
 _KERNEL = FastLauncher(_decode_experts_kernel)
 # Two launches (_gate_up_swiglu_kernel, then _down_sum_kernel), or, with ONE_LAUNCH, one launch of
 # _decode_experts_kernel with the grid barrier (a cooperative launch: the driver refuses a grid that would not
-# fit at once). The one launch costs one launch less of host time, but on an H100 it ran
-# slower than the two launches had in an earlier run where the layers take this path (Qwen3-30B-A3B T=1 82 us
-# eager against 68, gpt-oss-120b T=1 178 against 122) and faster where they do not (perf/NOTES.md item 23;
-# not yet compared in one run): off until it is. Two launches also wherever the barrier cannot be used: while a
-# CUDA graph is captured (the barrier's counters and the plans' scratch belong to a stream, and a graph may be
-# replayed on any), or once a GPU refused the cooperative launch.
+# fit at once). The one launch costs one launch less of host time (9 us on the H100 VM), but timed in one run
+# against the two its eager calls were no faster where the layers take this path, and mostly slower (H100:
+# Qwen3-30B-A3B T=1 39.5 us against 38.7, T=2 70.8 against 61.1, gpt-oss-120b T=1 99.6 against 86.7; H200 the
+# same way except Qwen3 T=1, 33.8 against 41.7; perf/NOTES.md item 24): off. Two launches also wherever the
+# barrier cannot be used: while a CUDA graph is captured (the barrier's counters and the plans' scratch belong
+# to a stream, and a graph may be replayed on any), or once a GPU refused the cooperative launch.
 ONE_LAUNCH = False
 _ONE_LAUNCH_OK = [True]
 ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
@@ -355,13 +365,14 @@ def _block_n(rows: int, columns: int, sms: int) -> int:
     return MIN_BLOCK_N
 
 
-def _prefetch(accumulators: int, block_n: int, block_k: int) -> bool:
-    """Whether a kernel with ``accumulators`` [BLOCK_N, BLOCK_K] fp32 accumulators loads one step ahead: where they
-    take at most PREFETCH_MAX_ACCUMULATOR registers a thread, leaving room for a second step's tiles (past that
-    the tiles spill or the occupancy drops, and it measured slower)."""
+def _prefetch(kernel: str, block_n: int, block_k: int) -> bool:
+    """Whether ``kernel`` ("gate_up": two [BLOCK_N, BLOCK_K] fp32 accumulators, "down": one) loads one step ahead:
+    where they take at most PREFETCH_MAX_ACCUMULATOR[kernel] registers a thread, leaving room for a second step's
+    tiles (past that the tiles spill or the occupancy drops, and it measured slower)."""
     if PREFETCH is not None:
         return PREFETCH
-    return accumulators * block_n * block_k <= PREFETCH_MAX_ACCUMULATOR * 32 * OPTIONS["num_warps"]
+    accumulators = 2 if kernel == "gate_up" else 1
+    return accumulators * block_n * block_k <= PREFETCH_MAX_ACCUMULATOR[kernel] * 32 * OPTIONS["num_warps"]
 
 
 def _block_k(depth: int, widest: int) -> int:
@@ -401,8 +412,8 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
              *_nk_strides(down_proj, transpose), *out.stride()),
             dict(SLOTS=next_power_of_2(top_k), BLOCK_N=block_down,
                  BLOCK_K=_block_k(inter, BLOCK_K_DOWN_NARROW if block_down == MIN_BLOCK_N else BLOCK_K_DOWN)))
-    gate_up[2]["PREFETCH"] = _prefetch(2, block_gate_up, gate_up[2]["BLOCK_K"])  # (gate and up)
-    down[2]["PREFETCH"] = _prefetch(1, block_down, down[2]["BLOCK_K"])
+    gate_up[2]["PREFETCH"] = _prefetch("gate_up", block_gate_up, gate_up[2]["BLOCK_K"])
+    down[2]["PREFETCH"] = _prefetch("down", block_down, down[2]["BLOCK_K"])
     gate_up_args = (hidden_states, topk_ids, gate_up_proj, h, *gate_up[1])
     down_args = (h, topk_ids, topk_weights, down_proj, out, *down[1])
     direct = direct_possible()
