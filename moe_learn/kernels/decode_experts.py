@@ -53,14 +53,16 @@ from moe_learn.kernels.launcher import FastLauncher, cdiv, direct_possible, next
 from moe_learn.validation import check_moe_args
 
 # When the layers (moe_experts, transformers' experts) take this path in inference: at most MAX_SLOTS (token,
-# slot) pairs whose experts' weights come to at most MAX_WEIGHT_BYTES (counted once per slot, as read), and not
-# while a CUDA graph is captured. Its kernels read an expert once per slot, the grouped GEMMs once per expert, so
-# past a few hundred MB it loses. With the prefetch (perf/NOTES.md item 24, eager on an H100 and an H200): Qwen3-30B-A3B
-# at T = 1-4 (75-300 MB) and gpt-oss-120b at T = 1-2 (200-400 MB) won, by 3-70%; DeepSeek-V3 and Mixtral at T = 1
-# (700 MB) were within 4% of the grouped path; gpt-oss T = 4 (800 MB) and Mixtral T = 2 (1.4 GB) lost. In a CUDA
-# graph host time is free and the grouped path's GPU time is about the same or lower: it takes the grouped path.
+# slot) pairs whose experts' weights come to at most MAX_WEIGHT_BYTES (counted once per slot, as read), or
+# MAX_WEIGHT_BYTES_IN_GRAPH while a CUDA graph is captured. Its kernels read an expert once per slot, the grouped
+# GEMMs once per expert, so past a few hundred MB it loses. With the prefetch (perf/NOTES.md item 24, an H100 and
+# an H200), eager: Qwen3-30B-A3B at T = 1-4 (75-300 MB) and gpt-oss-120b at T = 1-2 (200-400 MB) won, by 3-70%;
+# DeepSeek-V3 and Mixtral at T = 1 (700 MB) were within 4% of the grouped path; gpt-oss T = 4 (800 MB) and
+# Mixtral T = 2 (1.4 GB) lost. From a CUDA graph (host time free): Qwen3 T = 1-4 and gpt-oss T = 1 won on both
+# GPUs (by 8-38%), gpt-oss T = 2 lost on the H200 by 7%.
 MAX_SLOTS = 64
 MAX_WEIGHT_BYTES = 400 * 2**20
+MAX_WEIGHT_BYTES_IN_GRAPH = 300 * 2**20
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Launch parameters (perf/decode_experts.py --sweep compares others): the K block of each kernel (the gate_up
 # kernel streams two tiles a step), the narrowest column block and the programs per SM to aim for.
@@ -316,12 +318,14 @@ def _capturing() -> bool:
 
 
 def layers_take(topk_ids: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
-    """The layers' rule (see MAX_WEIGHT_BYTES): few slots, few bytes of weights, no CUDA graph being captured."""
+    """The layers' rule (see MAX_WEIGHT_BYTES): few slots, few bytes of weights (fewer while a CUDA graph is
+    captured)."""
     slots = topk_ids.numel()
-    if slots > MAX_SLOTS or _capturing():
+    if slots > MAX_SLOTS:
         return False
     per_expert = (gate_up_proj.numel() + down_proj.numel()) // max(gate_up_proj.shape[0], 1)
-    return slots * per_expert * gate_up_proj.element_size() <= MAX_WEIGHT_BYTES
+    limit = MAX_WEIGHT_BYTES_IN_GRAPH if _capturing() else MAX_WEIGHT_BYTES
+    return slots * per_expert * gate_up_proj.element_size() <= limit
 
 
 def _plan_key(x, ids, weights, w1, w2, transpose) -> tuple:

@@ -126,8 +126,8 @@ def _decode_allowed(backend: str, config) -> bool:
 
 def decode_path(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, backend: str, config) -> bool:
     """Whether the experts take ``kernels.decode_experts``: allowed (``_decode_allowed``), eager, no gradient,
-    and its rule (``decode_experts.layers_take``: few slots and bytes, where it measured faster, and no CUDA
-    graph being captured)."""
+    and its rule (``decode_experts.layers_take``: few slots and bytes, where it measured faster; fewer bytes
+    while a CUDA graph is captured)."""
     if not _decode_allowed(backend, config):
         return False
     if hidden_states.dtype not in TRITON_DTYPES or torch.compiler.is_compiling():

@@ -379,6 +379,50 @@ def test_moe_experts_takes_the_decode_path_for_inference_only(transpose, decode_
         decode_calls.clear()
 
 
+def test_the_layers_rule_reads_fewer_bytes_while_a_graph_is_captured(decode_calls, monkeypatch):
+    """``layers_take``: up to MAX_WEIGHT_BYTES of weights read in eager calls, MAX_WEIGHT_BYTES_IN_GRAPH while a
+    CUDA graph is captured (host time is free there); moe_experts follows it either way, with the same answer."""
+    x, ids, w, w1, w2 = _problem(2, 2, 4, 24, 10, torch.float32, seed=11)
+    read = ids.numel() * (w1.numel() + w2.numel()) // w1.shape[0] * w1.element_size()
+    with torch.no_grad():
+        ref = X.moe_experts(x, ids, w, w1, w2, backend="torch")
+        cases = [(False, read, read - 1, True), (False, read - 1, read, False), (True, read - 1, read, True),
+                 (True, read, read - 1, False)]
+        for capturing, eager_limit, graph_limit, takes in cases:
+            monkeypatch.setattr(D, "_capturing", lambda capturing=capturing: capturing)
+            monkeypatch.setattr(D, "MAX_WEIGHT_BYTES", eager_limit)
+            monkeypatch.setattr(D, "MAX_WEIGHT_BYTES_IN_GRAPH", graph_limit)
+            assert D.layers_take(ids, w1, w2) == takes
+            decode_calls.clear()
+            out = X.moe_experts(x, ids, w, w1, w2)
+            assert (len(decode_calls) > 0) == takes, (capturing, eager_limit, graph_limit)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_moe_experts_in_a_captured_graph_takes_the_decode_path_and_replays_new_inputs(decode_calls):
+    """A decode step captured in a CUDA graph (after eager warm-up calls, as servers capture): within the graph
+    limit the layers take the decode path there too, and each replay reads the inputs copied in."""
+    x, ids, w, w1, w2 = _problem(2, 8, 16, 1024, 256, torch.bfloat16, seed=12)
+    x2, ids2, w_2, _, _ = _problem(2, 8, 16, 1024, 256, torch.bfloat16, seed=13)
+    static = [t.clone() for t in (x, ids, w)]
+    with torch.no_grad():
+        for _ in range(2):
+            X.moe_experts(*static, w1, w2)
+        torch.cuda.synchronize()
+        decode_calls.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = X.moe_experts(*static, w1, w2)
+        assert len(decode_calls) == 1
+        for args in ((x2, ids2, w_2), (x, ids, w)):
+            for dst, src in zip(static, args, strict=True):
+                dst.copy_(src)
+            graph.replay()
+            torch.cuda.synchronize()
+            _assert_matches(captured, *args, w1, w2)
+
+
 def test_float64_moe_experts_does_not_take_the_triton_decode_path(decode_calls):
     x, ids, w, w1, w2 = _problem(3, 2, 3, 8, 4, torch.float64, seed=9, w_dtype=torch.float64)
     with torch.no_grad():
