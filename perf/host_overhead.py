@@ -131,11 +131,11 @@ def pytorch_routing(fn, *args):
 
 def one_launch(fn, *args):
     """``fn(*args)`` with the decode path in one launch (``decode_experts.ONE_LAUNCH``)."""
-    decode_experts.ONE_LAUNCH = True
+    default, decode_experts.ONE_LAUNCH = decode_experts.ONE_LAUNCH, True
     try:
         return fn(*args)
     finally:
-        decode_experts.ONE_LAUNCH = False
+        decode_experts.ONE_LAUNCH = default
 
 
 def grouped_path(fn, *args):
