@@ -38,6 +38,7 @@ sentinels). Inference only: no autograd.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -263,7 +264,7 @@ ONE_LAUNCH_OPTIONS = dict(OPTIONS, launch_cooperative_grid=True)
 # dtype, device, 16-byte alignment) skips the checks, the block choice and the launch keys. A/B switch.
 PLANS = True
 MAX_PLANS = 256
-MAX_STREAMS = 64  # streams whose scratch a plan keeps; past that it starts over
+MAX_STREAMS = 64  # (stream, thread) pairs whose scratch a plan keeps; past that it starts over
 MAX_PROGRAMS_PER_SM = 8  # the one launch's grid: as many as the resources allow, at most this (all wait on one counter)
 _PLANS: dict[tuple, _Plan] = {}
 _MOST_PROGRAMS: dict[tuple, int] = {}  # a compiled one-launch kernel's key -> programs the GPU holds at once
@@ -277,10 +278,11 @@ class _Plan:
     def __init__(self, device, tokens, hidden, slots, inter, launches, layers_take_it):
         self.device, self.tokens, self.hidden, self.slots, self.inter = device, tokens, hidden, slots, inter
         self.launches = launches  # (compiled kernel, grid, scalar arguments) of the one launch, or of the two
-        # stream -> (h, the one launch's barrier counters or None): h kept per stream, as launches on one stream
-        # run in order (a call's down phase reads its h before the next call's gate_up phase writes it); one
-        # allocation less per call (3.9 us of host on the H200 VM of perf/NOTES.md item 24), slots * I elements held
-        self.scratch: dict[int, tuple] = {}
+        # (stream, thread) -> (h, the one launch's barrier counters or None): h kept per stream, as launches on
+        # one stream run in order (a call's down phase reads its h before the next call's gate_up phase writes
+        # it), and per thread (two threads on one stream could interleave their two launches); one allocation
+        # less per call (3.9 us of host on the H200 VM of perf/NOTES.md item 24), slots * I elements held
+        self.scratch: dict[tuple, tuple] = {}
         self.layers_take_it = layers_take_it  # the layers' rule (layers_take) for these shapes
 
     @property
@@ -293,12 +295,13 @@ class _Plan:
         if capturing:  # (two launches: a graph may be replayed on any stream, so its h is its own)
             h = x.new_empty(self.slots, self.inter)
         else:
-            scratch = self.scratch.get(stream)
+            owner = (stream, threading.get_ident())
+            scratch = self.scratch.get(owner)
             if scratch is None:
                 if len(self.scratch) >= MAX_STREAMS:
                     self.scratch.clear()
-                scratch = self.scratch[stream] = (x.new_empty(self.slots, self.inter),
-                                                  counters(x.device, stream) if self.one_launch else None)
+                scratch = self.scratch[owner] = (x.new_empty(self.slots, self.inter),
+                                                 counters(x.device, stream) if self.one_launch else None)
             h, pair = scratch
         if self.one_launch:
             entry, grid, scalars = self.launches[0]

@@ -576,7 +576,7 @@ def test_the_one_launch_as_on_a_gpu(direct_decode, monkeypatch):
     launched = [(kernel.fn, grid) for kernel, grid, _ in log]
     assert launched == [(dec._decode_experts_kernel, (1, 1, 1))] * 3, launched  # first call, then two from its plan
     (plan,) = dec._PLANS.values()
-    assert plan.one_launch and list(plan.scratch) == [0]  # the stand-in's stream
+    assert plan.one_launch and [stream for stream, _ in plan.scratch] == [0]  # the stand-in's stream
     assert len(dec._GATE_UP.cache) == len(dec._DOWN.cache) == 1, "the two launches a captured graph takes: compiled"
     assert all(int(pair.abs().sum()) == 0 for pair in grid_sync._COUNTERS.values())
 
@@ -622,7 +622,36 @@ def test_two_launch_plans_keep_h_per_stream_but_not_in_a_graph(direct_decode, mo
         assert args[3] is down_args[0]  # gate_up writes the h that down reads
         hs.append(args[3].data_ptr())
     (plan,) = dec._PLANS.values()
-    assert sorted(plan.scratch) == [0, 7]
-    kept = {on: h.data_ptr() for on, (h, _) in plan.scratch.items()}
+    assert sorted(stream for stream, _ in plan.scratch) == [0, 7]
+    kept = {on: h.data_ptr() for (on, _), (h, _) in plan.scratch.items()}
     # the first call (checked, no plan yet) allocates; then stream 0's kept h, stream 7's, a fresh one in the graph
     assert hs[1] == hs[2] == hs[5] == kept[0] and hs[3] == kept[7] and hs[4] not in kept.values()
+
+
+def test_plans_keep_h_per_thread_too(direct_decode, monkeypatch):
+    """Two threads on one stream (the default stream is every thread's) could interleave their two launches
+    (gate_up of A, gate_up of B, down of A): each thread has its own h, and each gets its own answer."""
+    import threading
+
+    monkeypatch.setattr(dec, "ONE_LAUNCH", False)
+    x, ids, weights, w1, w2 = _decode_inputs(2, 3, 4, 24, 12, 0, DECODE_PLAIN)
+    with torch.no_grad():
+        dec.decode_experts(x, ids, weights, w1, w2)  # the plan
+    results, one_at_a_time, both_alive = {}, threading.Lock(), threading.Barrier(2)
+
+    def step(name, seed):
+        x, ids, weights, _, _ = _decode_inputs(2, 3, 4, 24, 12, seed, DECODE_PLAIN)
+        with one_at_a_time, torch.no_grad():  # (the interpreter's launches in turn: the point is the keys)
+            results[name] = (dec.decode_experts(x, ids, weights, w1, w2), (x, ids, weights))
+        both_alive.wait(timeout=60)  # (a thread that ended could hand its id to the next)
+
+    threads = [threading.Thread(target=step, args=(name, seed)) for name, seed in (("a", 1), ("b", 2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (plan,) = dec._PLANS.values()
+    hs = [h.data_ptr() for h, _ in plan.scratch.values()]
+    assert len({thread for _, thread in plan.scratch}) == 2 and len(set(hs)) == 2
+    for got, inputs in results.values():
+        torch.testing.assert_close(got.double(), _decode_reference(*inputs, w1, w2, True), rtol=1e-4, atol=1e-5)
