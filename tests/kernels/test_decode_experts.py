@@ -399,6 +399,20 @@ def test_the_layers_rule_reads_fewer_bytes_while_a_graph_is_captured(decode_call
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def _capture_and_replay(call, static, inputs, w1, w2):
+    """Capture ``call(*static, w1, w2)`` in a CUDA graph, then for each of ``inputs`` copy it into ``static``,
+    replay and check the captured output against the float64 loop on those inputs."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(*static, w1, w2)
+    for args in inputs:
+        for dst, src in zip(static, args, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_matches(captured, *args, w1, w2)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_moe_experts_in_a_captured_graph_takes_the_decode_path_and_replays_new_inputs(decode_calls):
     """A decode step captured in a CUDA graph (after eager warm-up calls, as servers capture): within the graph
@@ -411,16 +425,8 @@ def test_moe_experts_in_a_captured_graph_takes_the_decode_path_and_replays_new_i
             X.moe_experts(*static, w1, w2)
         torch.cuda.synchronize()
         decode_calls.clear()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = X.moe_experts(*static, w1, w2)
+        _capture_and_replay(X.moe_experts, static, [(x2, ids2, w_2), (x, ids, w)], w1, w2)
         assert len(decode_calls) == 1
-        for args in ((x2, ids2, w_2), (x, ids, w)):
-            for dst, src in zip(static, args, strict=True):
-                dst.copy_(src)
-            graph.replay()
-            torch.cuda.synchronize()
-            _assert_matches(captured, *args, w1, w2)
 
 
 def test_float64_moe_experts_does_not_take_the_triton_decode_path(decode_calls):
@@ -687,13 +693,5 @@ def test_two_streams_and_a_cuda_graph(one_launch):
             _assert_matches(got, *args, w1, w2)
         static = [t.clone() for t in (x, ids, w)]
         decode_experts(*static, w1, w2)  # (compiled and planned before the capture)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = decode_experts(*static, w1, w2)
-        for args in ((x2, ids2, w_2), (x, ids, w)):
-            for dst, src in zip(static, args, strict=True):
-                dst.copy_(src)
-            graph.replay()
-            torch.cuda.synchronize()
-            _assert_matches(captured, *args, w1, w2)
+        _capture_and_replay(decode_experts, static, [(x2, ids2, w_2), (x, ids, w)], w1, w2)
     assert _counters_at_rest()
