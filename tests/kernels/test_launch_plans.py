@@ -650,6 +650,7 @@ def test_plans_keep_h_per_thread_too(direct_decode, monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
+    assert sorted(results) == ["a", "b"]  # (a thread that raised would leave its entry out)
     (plan,) = dec._PLANS.values()
     hs = [h.data_ptr() for h, _ in plan.scratch.values()]
     assert len({thread for _, thread in plan.scratch}) == 2 and len(set(hs)) == 2
