@@ -69,7 +69,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # kernel streams two tiles a step), the narrowest column block and the programs per SM to aim for.
 BLOCK_K_GATE_UP, BLOCK_K_DOWN, MIN_BLOCK_N, PROGRAMS_PER_SM = 128, 256, 8, 2
 # The down kernel's K block where its column block is the narrowest (MIN_BLOCK_N): wider, more bytes in flight
-# (a sweep on an H100, perf/NOTES.md item 24: 512 beat 256 in all four T = 1 cases, by 4-16%)
+# (a sweep on an H100, perf/NOTES.md item 24: 512 beat 256 in the three T = 1 cases, by 4-17%)
 BLOCK_K_DOWN_NARROW = 512
 # Each K step's tiles loaded one step ahead (two steps of weights in flight per program): None = where the
 # accumulators leave room in registers (``_prefetch``), True / False = everywhere / nowhere (A/B runs).
