@@ -22,6 +22,7 @@ launch parameters (``SWEEP`` on ``SWEEP_CASES``, ``do_bench``).
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -30,7 +31,7 @@ import time
 import torch
 import triton
 import triton.testing
-from host_overhead import graph_us, grouped_path  # (perf/, this script's folder)
+from host_overhead import graph_us, grouped_path, switched  # (perf/, this script's folder)
 
 import moe_learn
 from moe_learn.bench.cases import DECODE_MODELS, MODELS, ExpertsCase, route
@@ -76,16 +77,6 @@ SWEEP_CASES = (("qwen3-30b-a3b", 1), ("qwen3-30b-a3b", 8), ("gpt-oss-120b", 1), 
 
 def bench_us(fn) -> float:
     return triton.testing.do_bench(fn, return_mode="median") * 1e3
-
-
-def switched(name: str, value, fn):
-    """``fn()`` with the decode module's switch ``name`` (ONE_LAUNCH, PREFETCH) set to ``value``."""
-    default = getattr(dec, name)
-    setattr(dec, name, value)
-    try:
-        return fn()
-    finally:
-        setattr(dec, name, default)
 
 
 def sweep(dev, dt) -> list[dict]:
@@ -147,12 +138,11 @@ def main():
             for T in tokens:
                 weights, ids = route(T, E, k, seed=T, device=dev)
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
+                decode = functools.partial(dec.decode_experts, x, ids, weights, w1, w2)
                 impls = {
-                    "decode": lambda: dec.decode_experts(x, ids, weights, w1, w2),  # noqa: B023
-                    "decode1": lambda: switched("ONE_LAUNCH", True,  # noqa: B023
-                                                lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
-                    "decodeP": lambda: switched("PREFETCH", False,  # noqa: B023
-                                                lambda: dec.decode_experts(x, ids, weights, w1, w2)),  # noqa: B023
+                    "decode": decode,
+                    "decode1": functools.partial(switched, dec, "ONE_LAUNCH", True, decode),
+                    "decodeP": functools.partial(switched, dec, "PREFETCH", False, decode),
                     "grouped": lambda: grouped_path(experts.moe_experts, x, ids, weights, w1, w2),  # noqa: B023
                     "default": lambda: default(x, ids, weights),  # noqa: B023
                 }

@@ -129,13 +129,19 @@ def pytorch_routing(fn, *args):
         experts.ROUTE_IDS_KERNEL = True
 
 
-def one_launch(fn, *args):
-    """``fn(*args)`` with the decode path in one launch (``decode_experts.ONE_LAUNCH``)."""
-    default, decode_experts.ONE_LAUNCH = decode_experts.ONE_LAUNCH, True
+def switched(module, name: str, value, fn, *args):
+    """``fn(*args)`` with ``module.name`` (an A/B switch) set to ``value``, restored after."""
+    default = getattr(module, name)
+    setattr(module, name, value)
     try:
         return fn(*args)
     finally:
-        decode_experts.ONE_LAUNCH = default
+        setattr(module, name, default)
+
+
+def one_launch(fn, *args):
+    """``fn(*args)`` with the decode path in one launch (``decode_experts.ONE_LAUNCH``)."""
+    return switched(decode_experts, "ONE_LAUNCH", True, fn, *args)
 
 
 def grouped_path(fn, *args):

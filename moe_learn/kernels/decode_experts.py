@@ -407,7 +407,7 @@ def run_decode_experts(hidden_states, topk_ids, topk_weights, gate_up_proj, down
     if tokens == 0 or top_k == 0:
         return out.zero_()
     slots = tokens * top_k
-    h = hidden_states.new_empty(slots, inter)  # slot-major [T*k, I]; invalid slots' rows stay unwritten
+    h = hidden_states.new_empty(slots, inter)  # slot-major [T*k, I]; an invalid slot's row is written as 0, never read
     sms = num_sms(hidden_states.device)
     block_gate_up, block_down = _block_n(slots, inter, sms), _block_n(tokens, hidden, sms)
     gate_up = ((slots, cdiv(inter, block_gate_up)),
