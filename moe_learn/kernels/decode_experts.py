@@ -340,8 +340,8 @@ def _plan_key(x, ids, weights, w1, w2, transpose) -> tuple:
 def planned(hidden_states, topk_ids, topk_weights, gate_up_proj, down_proj, transpose=True, *,
             layers=False) -> torch.Tensor | None:
     """The output of a call whose layouts ran (checked) before, from its plan; None where there is no plan
-    (a new layout, a gradient to record, a changed current device, torch.compile, a one-launch plan while a
-    CUDA graph is captured): then take the checked path.
+    (a new layout, a gradient to record, a changed current device, torch.compile, a one-launch plan or the
+    layers' call while a CUDA graph is captured): then take the checked path.
     layers: for the layers, which take this path only by their rule (``layers_take``)."""
     if not (PLANS and _PLANS) or torch.compiler.is_compiling():
         return None
