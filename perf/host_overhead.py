@@ -10,12 +10,14 @@ target (issue #15) is host <= 15 us for ``grouped_gemm`` and the fused experts. 
 the direct launch, cached tensor maps); without launch plans ("no plan": every call checks, chooses
 the kernel and computes the launch key; ``grouped_gemm.PLANS``); for ``moe_experts`` at these sizes
 the decode path (``kernels/decode_experts.py``; two launches, and one) and, beside it, the grouped path; without
-the cached maps ("no raw": Triton's launcher wrapper makes the maps per call; ``launcher.RAW``);
+the cached maps ("no raw": Triton's launcher wrapper makes the maps per call; ``launcher.RAW``); with the
+plans passing tensors instead of addresses ("tensors": the C launcher asks the driver about each pointer;
+``launcher.POINTER_INTS``);
 through Triton's own launch; ``torch._grouped_mm``.
 
---stub (no GPU): the compiled kernel's launcher is replaced by a no-op and the direct path
-is forced on, so the time is our wrapper's Python (checks, key, descriptors, allocation)
-without the launcher itself (Triton's C launcher adds a few us on a GPU). The experts rows
+--stub (no GPU): the compiled kernel's C launcher is replaced by a no-op and the direct path
+(with cached tensor maps) is forced on, so the time is our wrapper's Python (checks, key, descriptors,
+allocation) without the launcher itself (Triton's C launcher adds a few us on a GPU). The experts rows
 then also include the CPU doing the SwiGLU and the sum over the k slots for real.
 """
 
@@ -95,8 +97,25 @@ def stub_the_launch():
     launcher.FastLauncher.key = key_every_argument
     launcher._current_device = lambda: 0
     launcher._current_stream = lambda device: 0
+    class NoRawLaunch:
+        """The raw launch (launcher.RawLaunch) with a no-op for the C launcher: plans take the GPU's path."""
+
+        def __init__(self, args):
+            self.positions = [i for i, arg in enumerate(args) if isinstance(arg, launcher.TensorDescriptor)]
+            self.metas = [None] * len(self.positions)
+
+        def make_arg(self, desc, meta):
+            return [desc.base.data_ptr(), *desc.shape, *desc.strides]
+
+        def __call__(self, grid, stream, args):
+            pass
+
+        def call_with_maps(self, grid, stream, args, maps):
+            pass
+
     launcher.FastLauncher._compile = lambda self, key, args, constexprs, options: launcher.Compiled(
-        key, NoKernel(), [constexprs[n] for n in self.fn.arg_names[len(args):]], None, constexprs, options)
+        key, NoKernel(), [constexprs[n] for n in self.fn.arg_names[len(args):]], NoRawLaunch(args), constexprs,
+        options, tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)))
     # on a GPU the bucket is tuned on the first call; here: the first candidate, cached the same way
     hopper.autotune_enabled = lambda X: True
     hopper.choose_config = lambda key, configs, run: autotune.TUNED.setdefault(key, dict(configs[0]))
@@ -203,19 +222,22 @@ def main():
                     launcher.RAW = False  # direct, but through Triton's launcher wrapper (tensor maps made per call)
                     row["host_us_no_raw"] = host_us(fn)
                     launcher.RAW = True
+                    launcher.POINTER_INTS = False  # plans pass tensors: the C launcher checks each pointer
+                    row["host_us_tensors"] = host_us(fn)
+                    launcher.POINTER_INTS = True
                     row["graph_us"] = graph_us(fn)
                 rows.append(row)
             if on_gpu:
                 gmm = functools.partial(torch._grouped_mm, c["h"], w2t, offs=offs)
                 rows.append({"case": case, "call": "torch._grouped_mm down", "host_us": host_us(gmm),
                              "graph_us": graph_us(gmm)})
-    print(f"{'case':<26} {'call':<38} {'host us':>8} {'no plan':>8} {'no raw':>7} {'triton launch':>14} "
-          f"{'graph us':>9}")
+    print(f"{'case':<26} {'call':<38} {'host us':>8} {'no plan':>8} {'tensors':>8} {'no raw':>7} "
+          f"{'triton launch':>14} {'graph us':>9}")
     for r in rows:
-        cells = [f"{r[name]:.1f}" if name in r else "-"
-                 for name in ("host_us_no_plan", "host_us_no_raw", "host_us_triton_launch", "graph_us")]
-        print(f"{r['case']:<26} {r['call']:<38} {r['host_us']:8.1f} {cells[0]:>8} {cells[1]:>7} {cells[2]:>14} "
-              f"{cells[3]:>9}")
+        cells = [f"{r[name]:.1f}" if name in r else "-" for name in (
+            "host_us_no_plan", "host_us_tensors", "host_us_no_raw", "host_us_triton_launch", "graph_us")]
+        print(f"{r['case']:<26} {r['call']:<38} {r['host_us']:8.1f} {cells[0]:>8} {cells[1]:>8} {cells[2]:>7} "
+              f"{cells[3]:>14} {cells[4]:>9}")
     if paths:
         with open(paths[0], "w") as f:
             json.dump({"stub": stub, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "rows": rows}, f,

@@ -6,7 +6,8 @@ Cases: the qwen3-30b-a3b gate_up GEMM at T=1 (gathered, what the decode bench's 
 case calls) and the fused experts at T=1 (the decode path in two launches, and in one; the grouped path with the
 one-launch routing of given ids, and with PyTorch's). For each: host microseconds per call in a
 back-to-back loop and the cProfile table of 2000 calls; then the bare pieces timed alone (the
-compiled kernel's own launcher with our last launch's arguments, our launch key, torch.empty, one PyTorch launch, and
+compiled kernel's own launcher with our last launch's arguments, given tensors and given their addresses,
+our launch key, torch.empty, one PyTorch launch, and
 torch._grouped_mm of the same GEMM) so the Python of ours can be told from the floor.
 """
 
@@ -120,6 +121,9 @@ def main():
             every = (*args, *ordered)
             print(f"raw launch alone (cached tensor maps, same args): {per_call_us(lambda: raw(g, stream, every)):.1f}"
                   " us/call")
+            ints = (*entry.addresses(args), *ordered)  # what a plan passes (launcher.POINTER_INTS)
+            print(f"raw launch alone, the {len(entry.pointers)} tensors as addresses: "
+                  f"{per_call_us(lambda: raw(g, stream, ints)):.1f} us/call")
         key = lambda: fast.key(args, entry.constexprs, entry.options, 0)  # noqa: E731
         print(f"our launch key alone: {per_call_us(key):.1f} us/call")
         launcher.DIRECT = False

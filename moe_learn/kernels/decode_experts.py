@@ -305,11 +305,13 @@ class _Plan:
             h, pair = scratch
         if self.one_launch:
             entry, grid, scalars = self.launches[0]
-            _KERNEL.launch(entry, grid, (x, ids, weights, w1, w2, h, out, pair, *scalars), self.device, stream)
+            _KERNEL.launch(entry, grid, (x, ids, weights, w1, w2, h, out, pair, *scalars), self.device, stream,
+                           addresses=True)
             return out
         (entry, grid, scalars), (down_entry, down_grid, down_scalars) = self.launches
-        _GATE_UP.launch(entry, grid, (x, ids, w1, h, *scalars), self.device, stream)
-        _DOWN.launch(down_entry, down_grid, (h, ids, weights, w2, out, *down_scalars), self.device, stream)
+        _GATE_UP.launch(entry, grid, (x, ids, w1, h, *scalars), self.device, stream, addresses=True)
+        _DOWN.launch(down_entry, down_grid, (h, ids, weights, w2, out, *down_scalars), self.device, stream,
+                     addresses=True)
         return out
 
 

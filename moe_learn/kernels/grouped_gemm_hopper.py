@@ -411,10 +411,16 @@ X_DESC, W_DESC = 1, 3  # where the descriptors are in the kernel's arguments
 
 
 def _arguments(geometry: Geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias, gate_up=None,
-               d_gate_up=None, partials=None, describe=True) -> tuple:
+               d_gate_up=None, partials=None, describe=True, contiguous=False) -> tuple:
     """The kernel's runtime arguments, in its order (``describe=False``: None for the descriptors, whose
-    tensor maps the caller passes instead)."""
-    m_sizes = m_sizes.contiguous()  # read at unit stride, like the gather indices
+    tensor maps the caller passes instead). contiguous: the caller knows m_sizes, gather_indices, topk_weights
+    and bias are contiguous (a launch plan, whose key holds their strides), so they go as they are (the kernel
+    reads only their addresses) instead of through ``.contiguous()`` and ``reshape``."""
+    if not contiguous:
+        m_sizes = m_sizes.contiguous()  # read at unit stride, like the gather indices
+        gather_indices = gather_indices.contiguous() if gather_indices is not None else None
+        topk_weights = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
+        bias = bias.contiguous() if bias is not None else None
     placeholder = m_sizes  # for pointers a variant never reads
     w_desc = geometry.w_desc
     if not describe:
@@ -423,9 +429,8 @@ def _arguments(geometry: Geometry, X, W, m_sizes, out, gather_indices, topk_weig
         x_desc = tensor_descriptor(X, *geometry.x_desc)
         w_desc = tensor_descriptor(W, *w_desc) if w_desc else None
     return (X, x_desc, W, w_desc, out,
-            m_sizes, gather_indices.contiguous() if gather_indices is not None else placeholder,
-            topk_weights.reshape(-1).contiguous() if topk_weights is not None else placeholder,  # unit stride
-            bias.contiguous() if bias is not None else placeholder,
+            m_sizes, gather_indices if gather_indices is not None else placeholder,
+            topk_weights if topk_weights is not None else placeholder, bias if bias is not None else placeholder,
             gate_up if gate_up is not None else placeholder, d_gate_up if d_gate_up is not None else placeholder,
             partials if partials is not None else placeholder, *geometry.scalars)
 
@@ -459,15 +464,18 @@ class LaunchPlan:
     direct launch is possible, and the current device is the same.
     """
 
-    __slots__ = ("key", "tuned", "geometry", "entry", "device", "rows", "cols", "maps", "mappable")
+    __slots__ = ("key", "tuned", "geometry", "entry", "device", "rows", "cols", "maps", "mappable", "contiguous")
     MAX_MAPS = 64  # (X, W) address pairs whose tensor maps are kept; past that they start over
 
-    def __init__(self, key, tuned, geometry, entry, device, rows, cols):
+    def __init__(self, key, tuned, geometry, entry, device, rows, cols, contiguous=False):
         self.key, self.tuned, self.geometry, self.entry = key, tuned, geometry, entry
         self.device, self.rows, self.cols = device, rows, cols
         self.maps: dict[tuple, list] = {}
         raw = entry.raw
         self.mappable = raw is not None and bool(raw.positions) and set(raw.positions) <= {X_DESC, W_DESC}
+        # m_sizes, the gather indices, the routing weights and the bias were contiguous when the plan was made;
+        # the caller's key holds their strides, so they are at every call (``_arguments``' contiguous)
+        self.contiguous = contiguous
 
     def current(self, X) -> bool:
         tuned = autotune.TUNED.get(self.key)
@@ -481,9 +489,10 @@ class LaunchPlan:
         grid = (self.geometry.programs,)
         if not (self.mappable and _LAUNCH.launch_with_maps(
                 self.entry, grid, _arguments(self.geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias,
-                                             describe=False), lambda: self._maps(X, W), self.device)):
+                                             describe=False, contiguous=self.contiguous),
+                lambda: self._maps(X, W), self.device, addresses=True)):
             args = _arguments(self.geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias)
-            _LAUNCH.launch(self.entry, grid, args, self.device)
+            _LAUNCH.launch(self.entry, grid, args, self.device, addresses=True)
         return out
 
     def _maps(self, X, W) -> list:
@@ -524,4 +533,5 @@ def make_plan(X, W, m_sizes, out, *, gather_indices=None, topk=1, permute_x=Fals
     device = launcher._current_device()
     entry = _LAUNCH.compiled(_arguments(geometry, X, W, m_sizes, out, gather_indices, topk_weights, bias),
                              geometry.constexprs, geometry.options, device)
-    return LaunchPlan(key, tuned, geometry, entry, device, M, N)
+    contiguous = all(t is None or t.is_contiguous() for t in (m_sizes, gather_indices, topk_weights, bias))
+    return LaunchPlan(key, tuned, geometry, entry, device, M, N, contiguous)

@@ -28,6 +28,13 @@ takes that wrapper apart by the names Triton 3.6 uses (``_BASE_ARGS_FORMAT_LEN``
 ``launcher``/``tensordesc_indices``/``tensordesc_meta``); any other Triton keeps the launcher as
 it is (``RawLaunch.of`` returns None). ``MOE_LEARN_RAW_LAUNCH=0`` (``launcher.RAW = False``)
 turns it off for A/B runs.
+
+Addresses. Given a tensor for a pointer parameter, the C launcher calls its ``data_ptr()`` and then asks the
+driver whether the address is device memory (``cuPointerGetAttribute``, once per pointer per launch); given an
+integer it takes it as the address. A launch plan's key holds every tensor's device, so a plan's launches
+(``addresses=True``) pass the addresses as integers. ``MOE_LEARN_POINTER_INTS=0`` (``launcher.POINTER_INTS =
+False``) passes the tensors, for A/B runs. Every other launch passes tensors: the driver's check is what
+turns a CPU tensor that reached a launch into an error instead of a kernel reading host addresses.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ except ImportError:  # pragma: no cover - older Triton: no TMA path, nothing to 
 
 DIRECT = os.environ.get("MOE_LEARN_DIRECT_LAUNCH", "1") not in ("", "0")
 RAW = os.environ.get("MOE_LEARN_RAW_LAUNCH", "1") not in ("", "0")
+POINTER_INTS = os.environ.get("MOE_LEARN_POINTER_INTS", "1") not in ("", "0")
 _INT32 = range(-(2**31), 2**31)
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
 
@@ -178,11 +186,21 @@ def direct_possible() -> bool:
 class Compiled:
     """One compiled kernel of a ``FastLauncher`` and what launching it takes besides the runtime arguments."""
 
-    __slots__ = ("key", "kernel", "ordered", "raw", "constexprs", "options")
+    __slots__ = ("key", "kernel", "ordered", "raw", "constexprs", "options", "pointers")
 
-    def __init__(self, key, kernel, ordered, raw, constexprs, options):
+    def __init__(self, key, kernel, ordered, raw, constexprs, options, pointers=()):
         self.key, self.kernel, self.ordered, self.raw = key, kernel, ordered, raw
         self.constexprs, self.options = constexprs, options  # for Triton's own path and the check mode
+        # the positions of the runtime arguments that are tensors (the key fixes which are: a tensor, an
+        # integer and None key differently)
+        self.pointers = pointers
+
+    def addresses(self, args) -> list:
+        """``args`` with each tensor replaced by its address (see the module doc, "Addresses")."""
+        args = list(args)
+        for position in self.pointers:
+            args[position] = args[position].data_ptr()
+        return args
 
 
 class FastLauncher:
@@ -221,9 +239,11 @@ class FastLauncher:
             entry = self.cache[key] = self._compile(key, args, constexprs, options)
         return entry
 
-    def launch(self, entry: Compiled, grid: tuple, args: tuple, device: int, stream: int | None = None) -> None:
+    def launch(self, entry: Compiled, grid: tuple, args: tuple, device: int, stream: int | None = None,
+               addresses: bool = False) -> None:
         """Launch ``entry`` (from ``compiled`` with arguments of the same key) on ``device``'s current stream
-        (``stream``: that stream, where the caller has it already)."""
+        (``stream``: that stream, where the caller has it already). addresses: the caller (a launch plan) keyed
+        every tensor's device, so their addresses go to the launcher as integers (module doc)."""
         if self.check:
             chosen = self.fn.warmup(*args, **entry.constexprs, **entry.options, grid=grid)
             if chosen is not entry.kernel:
@@ -234,6 +254,8 @@ class FastLauncher:
         grid = (*grid, 1, 1)
         raw = entry.raw
         if raw is not None and RAW and RawLaunch._ok:
+            if addresses and POINTER_INTS:
+                args = entry.addresses(args)
             try:
                 raw(grid, stream, (*args, *entry.ordered))
                 return
@@ -249,13 +271,17 @@ class FastLauncher:
                           "Triton's own launch path, which costs more host time per call", stacklevel=3)
             self.fn[grid[:3]](*args, **entry.constexprs, **entry.options)
 
-    def launch_with_maps(self, entry: Compiled, grid: tuple, args: tuple, maps, device: int) -> bool:
+    def launch_with_maps(self, entry: Compiled, grid: tuple, args: tuple, maps, device: int,
+                         addresses: bool = False) -> bool:
         """``launch`` through ``entry.raw`` with the descriptors' tensor maps given (``maps()``, called only
         when they are used), for a caller that keeps them; False, launching nothing, where that path is
-        off: no raw launch for this kernel or Triton, or the check mode (which needs the descriptors)."""
+        off: no raw launch for this kernel or Triton, or the check mode (which needs the descriptors).
+        addresses: as in ``launch``."""
         raw = entry.raw
         if raw is None or not RAW or not RawLaunch._ok or self.check:
             return False
+        if addresses and POINTER_INTS:
+            args = entry.addresses(args)
         try:
             raw.call_with_maps((*grid, 1, 1), _current_stream(device), (*args, *entry.ordered), maps())
             return True
@@ -280,4 +306,4 @@ class FastLauncher:
         kernel = self.fn.warmup(*args, **constexprs, **options, grid=(1,))
         kernel._init_handles()
         return Compiled(key, kernel, [constexprs[name] for name in names], RawLaunch.of(kernel), dict(constexprs),
-                        dict(options))
+                        dict(options), tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)))

@@ -43,18 +43,34 @@ class Interpreted:
 
 class InterpretedRaw(launcher.RawLaunch):
     """``RawLaunch`` over an ``Interpreted`` kernel: a descriptor's "tensor map" is the descriptor itself, so the
-    C launcher's argument list is the kernel's arguments again, which run under the interpreter."""
+    C launcher's argument list is the kernel's arguments again, which run under the interpreter.
 
-    def __init__(self, kernel, positions):
+    A launch plan passes its tensors' addresses (``launcher.POINTER_INTS``), as the C launcher takes them; the
+    interpreter needs the tensors, so each address goes back to the tensor it was taken from (``addressed``,
+    filled by ``Compiled.addresses``), and ``ints`` logs which launches came with addresses."""
+
+    def __init__(self, kernel, positions, pointers, addressed):
         self.kernel, self.positions, self.metas = kernel, positions, [{}] * len(positions)
         self.head, self.maps, self.made = (), {}, []
+        self.pointers, self.addressed, self.ints = pointers, addressed, []
 
     def make_arg(self, desc, meta):
         self.made.append(desc.base.data_ptr())
         return [desc]
 
     def launch(self, gx, gy, gz, stream, *args):
-        self.kernel.run(gx, gy, gz, stream, None, None, None, None, None, *args)
+        args = list(args)  # (a descriptor expands to itself: positions are the kernel's)
+        given = [type(args[position]) is int for position in self.pointers]
+        assert all(given) or not any(given), "a launch passes every tensor as an address, or none"
+        self.ints.append(all(given) and bool(given))
+        for position in self.pointers:
+            if type(args[position]) is int:
+                args[position] = self.addressed[args[position]]
+        try:
+            self.kernel.run(gx, gy, gz, stream, None, None, None, None, None, *args)
+        except (TypeError, AttributeError, ValueError, SystemError) as exc:
+            # (the launcher would take these for a refusal of its arguments and go on through kernel.run: fail)
+            raise RuntimeError(f"the raw launch's kernel failed: {exc!r}") from exc
 
 
 def _interpreted_direct_launches(monkeypatch, log, raw: bool) -> None:
@@ -68,12 +84,22 @@ def _interpreted_direct_launches(monkeypatch, log, raw: bool) -> None:
     monkeypatch.setattr(launcher, "_hooks_set", lambda: False)
     monkeypatch.setattr(launcher.FastLauncher, "_direct_ok", True)
 
+    addressed = {}  # address -> the tensor a plan took it from
+    addresses = launcher.Compiled.addresses
+
+    def addresses_kept(self, args):
+        ints = addresses(self, args)
+        addressed.update((ints[position], args[position]) for position in self.pointers)
+        return ints
+
     def compile_interpreted(self, key, args, constexprs, options):
         ordered = [constexprs[name] for name in self.fn.arg_names[len(args):]]
         kernel = Interpreted(self.fn, constexprs, options, log)
         descriptors = [i for i, arg in enumerate(args) if type(arg).__name__ == "TensorDescriptor"]
-        return launcher.Compiled(key, kernel, ordered, InterpretedRaw(kernel, descriptors) if raw else None,
-                                 constexprs, options)
+        pointers = tuple(i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor))  # as _compile's
+        return launcher.Compiled(key, kernel, ordered,
+                                 InterpretedRaw(kernel, descriptors, pointers, addressed) if raw else None,
+                                 constexprs, options, pointers)
 
     key = launcher.FastLauncher.key
 
@@ -84,6 +110,8 @@ def _interpreted_direct_launches(monkeypatch, log, raw: bool) -> None:
 
     monkeypatch.setattr(launcher.FastLauncher, "_compile", compile_interpreted)
     monkeypatch.setattr(launcher.FastLauncher, "key", key_every_argument)
+    monkeypatch.setattr(launcher.Compiled, "addresses", addresses_kept)
+    monkeypatch.setattr(launcher, "POINTER_INTS", True)
 
 
 @pytest.fixture(params=["kernel.run", "raw launch"])
@@ -104,9 +132,11 @@ def direct(monkeypatch, request):
 
 
 def _normal(arg):
-    """A launch argument as what decides the launch: tensors by layout, descriptors by geometry."""
+    """A launch argument as what decides the launch: descriptors by geometry, tensors by what a pointer parameter
+    carries (the kernel gets only the address: the dtype, the size and whether it is laid out at unit stride;
+    its strides, where they matter, are scalar arguments of their own)."""
     if isinstance(arg, torch.Tensor):
-        return "tensor", arg.shape, arg.stride(), arg.dtype
+        return "tensor", arg.dtype, arg.numel(), arg.is_contiguous(), arg.data_ptr() % 16
     if type(arg).__name__ == "TensorDescriptor":
         return "desc", _normal(arg.base), tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape)
     return arg
@@ -176,13 +206,19 @@ LAYOUT_CHOICES = {
 PLAIN = {name: values[0] for name, values in LAYOUT_CHOICES.items()}
 
 
+def _sizes_in(counts, layout):
+    """m_sizes in the layout's dtype and stride."""
+    counts = counts.to(layout["sizes_dtype"])
+    if layout["sizes_strided"]:
+        counts = torch.stack([counts, torch.full_like(counts, -7)], dim=1)[:, 0]
+    return counts
+
+
 def _inputs(kind, T, E, topk, N, K, transpose, seed, layout):
     g = torch.Generator().manual_seed(seed)
     dtype = layout["dtype"]
     counts, gather = _routing(T, E, topk, seed)
-    counts = counts.to(layout["sizes_dtype"])
-    if layout["sizes_strided"]:
-        counts = torch.stack([counts, torch.full_like(counts, -7)], dim=1)[:, 0]
+    counts = _sizes_in(counts, layout)
     M = T * topk
     rows = T if kind in ("gather", "trusted_gather", "swiglu") else M
     n_w = 2 * N if kind == "swiglu" else N
@@ -213,12 +249,16 @@ def _check_against_the_full_path(kind, X, W, W_ref, counts, gather, weights, bia
     if plan is not None:
         assert len(launches) == 1 and launches[0][0] is plan.entry.kernel, "a repeat of a planned call uses its plan"
         assert launches[0][2][0] is X and launches[0][2][2] is W, "the caller's tensors themselves"
+        if plan.entry.raw is not None:
+            assert plan.entry.raw.ints[-1], "a plan's raw launch passes its tensors' addresses"
     del log[:]
     gg.PLANS = False
     # (out= again in the same layout: clone() would make a strided slice contiguous)
     same_layout = torch.empty(out.shape[0], out.stride(0), dtype=out.dtype)[:, : out.shape[1]]
     again = _call(kind, X, W, counts, gather, weights, bias, topk, transpose, same_layout)
     gg.PLANS = True
+    if plan is not None and plan.entry.raw is not None:
+        assert not plan.entry.raw.ints[-1], "the full path passes tensors (the driver checks them)"
     assert len(log) == len(launches)
     for (kernel, grid, args), (kernel_p, grid_p, args_p) in zip(log, launches, strict=True):
         assert kernel is kernel_p and grid == grid_p, "the same compiled kernel and grid as the full path"
@@ -256,7 +296,7 @@ def test_a_repeat_launches_what_the_full_path_would(direct, kind, T, E, topk_fra
             second[change] = next(v for v in LAYOUT_CHOICES[change] if v != first[change])
         X, W, W_ref, counts, gather, weights, bias, out = _inputs(kind, T, E, topk, N, K, transpose, seed + 1, second)
         counts, gather = _routing(T, E, topk, seed + 7)  # another routing, same shapes
-        counts = counts.to(second["sizes_dtype"])
+        counts = _sizes_in(counts, second)
         _check_against_the_full_path(kind, X, W, W_ref, counts, gather, weights, bias, topk, transpose, out, log,
                                      plans[0] if plans and change is None else None)
 
@@ -393,9 +433,10 @@ dec = importlib.import_module("moe_learn.kernels.decode_experts")
 
 @pytest.fixture
 def direct_decode(monkeypatch):
-    """Direct launches on the CPU for the decode kernels, each compiled kernel the interpreter behind a log."""
+    """Direct launches on the CPU for the decode kernels, each compiled kernel the interpreter behind a log and a
+    raw launch (no descriptors: the C launcher itself on a GPU)."""
     log = []
-    _interpreted_direct_launches(monkeypatch, log, raw=False)
+    _interpreted_direct_launches(monkeypatch, log, raw=True)
     monkeypatch.setattr(dec, "_GATE_UP", launcher.FastLauncher(dec._gate_up_swiglu_kernel))
     monkeypatch.setattr(dec, "_DOWN", launcher.FastLauncher(dec._down_sum_kernel))
     monkeypatch.setattr(dec, "_KERNEL", launcher.FastLauncher(dec._decode_experts_kernel))
@@ -473,6 +514,8 @@ def test_decode_plans_launch_what_the_full_path_launches(direct_decode, changed,
         with torch.no_grad():
             got = dec.decode_experts(*inputs, transpose=transpose)
         planned_launch = _launch_record(log)
+        entries = [entry for entry, _, _ in next(iter(dec._PLANS.values())).launches] if n == 1 else []
+        assert all(entry.raw.ints[-1] for entry in entries), "a plan's launches pass its tensors' addresses"
         assert len(dec._PLANS) == (1 if n < 2 else 2)
         assert (n in (1, 3)) == (had_plan == len(dec._PLANS)), "a repeated layout reuses its plan, a new one adds one"
         dec.PLANS, saved = False, dict(dec._PLANS)
@@ -482,6 +525,7 @@ def test_decode_plans_launch_what_the_full_path_launches(direct_decode, changed,
             full = dec.decode_experts(*inputs, transpose=transpose)
         dec.PLANS = True
         dec._PLANS.update(saved)
+        assert not any(entry.raw.ints[-1] for entry in entries), "the full path passes tensors"
         assert planned_launch == _launch_record(log)
         assert torch.equal(got, full)
         want = _decode_reference(*inputs, transpose)
