@@ -123,6 +123,47 @@ def test_decode_sizes_every_tile_written(tokens):
         assert relative_error(out, ref) <= BOUNDS[dtype], (config, transpose)
 
 
+@pytest.mark.parametrize("call", ["gather", "scatter+weights+bias", "trusted gather", "swiglu"])
+def test_repeated_calls_with_new_inputs_match_float64(call, monkeypatch):
+    """A decode step repeats its GEMMs with new tensors of the same layouts: on a GPU, once the bucket is tuned,
+    from the call's launch plan (which gives the launcher the tensors' addresses). Each call's output against
+    float64, its output buffer poisoned; on a GPU the plan is asserted to have run (on the CPU there is none)."""
+    from moe_learn.kernels.grouped_gemm import grouped_gemm_swiglu, grouped_gemm_trusted
+
+    planned = []
+    plan_call = hopper.LaunchPlan.__call__
+    monkeypatch.setattr(hopper.LaunchPlan, "__call__", lambda self, *args: planned.append(1) or plan_call(self, *args))
+
+    E, topk, N, K, tokens = 8, 2, 48, 64, 3
+    dtype = DTYPES[0]
+    W, _ = _weights(E, 2 * N if call == "swiglu" else N, K, dtype, True)
+    bias = torch.randn(E, N, device=DEVICE).to(dtype)
+    for step in range(3):
+        counts, gather = _routing(tokens, E, topk)  # new routing and values, same shapes
+        X = torch.randn(tokens, K, device=DEVICE).to(dtype)
+        weights = torch.rand(tokens, topk, device=DEVICE).to(dtype)
+        Xs = permute(X, gather, topk)
+        ref = torch_grouped_gemm(Xs.double(), W.double(), counts)
+        if call == "gather":
+            out = torch.full((tokens * topk, N), float("nan"), dtype=dtype, device=DEVICE)
+            got = grouped_gemm(X, W, counts, gather_indices=gather, topk=topk, permute_x=True, out=out,
+                               kernel="hopper", validate=False)
+        elif call == "trusted gather":
+            got = grouped_gemm_trusted(X, W, counts, gather, topk=topk, permute_x=True, kernel="hopper")
+        elif call == "swiglu":
+            got = grouped_gemm_swiglu(X, W, counts, gather, topk=topk, permute_x=True, kernel="hopper")
+            gate, up = ref.chunk(2, dim=1)
+            ref = torch.nn.functional.silu(gate) * up
+        else:
+            got = grouped_gemm(Xs, W, counts, gather_indices=gather, permute_y=True, topk_weights=weights, bias=bias,
+                               kernel="hopper", validate=False)
+            experts = torch.repeat_interleave(torch.arange(E, device=DEVICE), counts.long())
+            ref = unpermute(ref + bias.double()[experts], gather) * weights.double().reshape(-1, 1)
+        assert relative_error(got, ref) <= BOUNDS[dtype], (call, step)
+    if ON_GPU:  # (the first call may tune its bucket, the second keeps a plan, the third runs from it)
+        assert planned, "the repeats ran from a launch plan"
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on inf
 @pytest.mark.parametrize("transpose", [True, False])
 def test_non_finite_weights_stay_in_their_expert(transpose):
