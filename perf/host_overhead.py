@@ -97,6 +97,7 @@ def stub_the_launch():
     launcher.FastLauncher.key = key_every_argument
     launcher._current_device = lambda: 0
     launcher._current_stream = lambda device: 0
+
     class NoRawLaunch:
         """The raw launch (launcher.RawLaunch) with a no-op for the C launcher: plans take the GPU's path."""
 
