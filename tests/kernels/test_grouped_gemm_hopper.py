@@ -127,7 +127,8 @@ def test_decode_sizes_every_tile_written(tokens):
 def test_repeated_calls_with_new_inputs_match_float64(call, monkeypatch):
     """A decode step repeats its GEMMs with new tensors of the same layouts: on a GPU, once the bucket is tuned,
     from the call's launch plan (which gives the launcher the tensors' addresses). Each call's output against
-    float64, its output buffer poisoned; on a GPU the plan is asserted to have run (on the CPU there is none)."""
+    float64 (the gather call's out= filled with NaN first); on a GPU the plan is asserted to have run (on the CPU
+    there is none)."""
     from moe_learn.kernels.grouped_gemm import grouped_gemm_swiglu, grouped_gemm_trusted
 
     planned = []
