@@ -359,6 +359,24 @@ def test_a_plan_skips_no_check(direct):
         gg.grouped_gemm(X, W, bad, kernel="auto")  # the CPU's default validates
 
 
+@pytest.mark.parametrize("moved", ["X", "W", "m_sizes", "gather_indices", "topk_weights", "bias", "out"])
+def test_a_tensor_on_another_device_never_launches_from_a_plan(direct, moved):
+    """A plan gives the launcher addresses without the driver's check of each one (``launcher.POINTER_INTS``), which
+    is safe only because its key holds every tensor's device: a call with any one tensor elsewhere (here the meta
+    device, whose addresses are 0) takes the full path and gets the device error, launching nothing."""
+    log = direct
+    X, W, _, counts, gather, weights, bias, out = _inputs("scatter_weights", 6, 3, 2, 24, 16, True, 0, PLAIN)
+    args = dict(X=X, W=W, m_sizes=counts, gather_indices=gather, topk_weights=weights, bias=bias, out=out)
+    for _ in range(2):
+        gg.grouped_gemm(**args, topk=2, permute_y=True, kernel="auto", validate=False)
+    assert any(p is not None for p in gg._PLANS.values())
+    del log[:]
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError, match="one device"):
+        gg.grouped_gemm(**args, topk=2, permute_y=True, kernel="auto", validate=False)
+    assert log == [], "nothing launched"
+
+
 def test_a_plan_never_drops_a_gradient(direct):
     X, W, W_ref, counts, *_ = _inputs("plain", 8, 3, 2, 24, 16, True, 0, PLAIN)
     for _ in range(2):
@@ -559,6 +577,23 @@ def test_decode_plans_skip_no_check_that_depends_on_more_than_the_layout(direct_
             dec.run_decode_experts(x[:1].expand(T, -1), ids[:1].expand(T, -1), weights[:1].expand(T, -1), w1, w2,
                                    remember=True)
     assert 0 < len(dec._PLANS) <= dec.MAX_PLANS
+
+
+@pytest.mark.parametrize("moved", range(5))
+def test_a_tensor_on_another_device_never_launches_from_a_decode_plan(direct_decode, moved):
+    """As for the GEMM's plans: any one of the five tensors elsewhere (the meta device) gets the device error from
+    the checks, and nothing is launched with its address."""
+    log = direct_decode
+    inputs = list(_decode_inputs(2, 2, 3, 8, 4, 0, DECODE_PLAIN))
+    with torch.no_grad():
+        for _ in range(2):
+            dec.decode_experts(*inputs)
+        assert len(dec._PLANS) == 1
+        del log[:]
+        inputs[moved] = inputs[moved].to("meta")
+        with pytest.raises(ValueError, match="one device"):
+            dec.decode_experts(*inputs)
+    assert log == [], "nothing launched"
 
 
 def test_layers_take_a_decode_plan_only_within_their_rule(direct_decode, monkeypatch):
