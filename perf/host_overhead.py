@@ -3,17 +3,17 @@
     PYTHONPATH=$PWD python3 perf/host_overhead.py [$OUT/host.json]     # on a GPU
     PYTHONPATH=$PWD python3 perf/host_overhead.py --stub               # on a CPU: our Python alone
 
-GPU: each row times back-to-back eager calls (batches of 50 with no sync in between, each batch
-started on an idle GPU) with a host clock, so ``host us/call`` is what the CPU spends per call, and a
-CUDA graph replay of the same call gives the GPU time. An eager decode step costs max(host, GPU): the
-target (issue #15) is host <= 15 us for ``grouped_gemm`` and the fused experts. Rows: ours as shipped (launch plans,
-the direct launch, cached tensor maps); without launch plans ("no plan": every call checks, chooses
-the kernel and computes the launch key; ``grouped_gemm.PLANS``); for ``moe_experts`` at these sizes
-the decode path (``kernels/decode_experts.py``; two launches, and one) and, beside it, the grouped path; without
-the cached maps ("no raw": Triton's launcher wrapper makes the maps per call; ``launcher.RAW``); with the
-plans passing tensors instead of addresses ("tensors": the C launcher asks the driver about each pointer;
-``launcher.POINTER_INTS``);
-through Triton's own launch; ``torch._grouped_mm``.
+GPU: each row times back-to-back eager calls with a host clock (batches of 50 with no sync in between,
+each batch started on an idle GPU, the columns' batches taking turns), so ``host us/call`` is what the CPU
+spends per call; a CUDA graph replay of the same call gives the GPU time. An eager decode step costs
+max(host, GPU): the target (issue #15) is host <= 15 us for ``grouped_gemm`` and the fused experts.
+Rows: ours as shipped (launch plans, the direct launch, cached tensor maps, addresses); for
+``moe_experts`` at these sizes the decode path (``kernels/decode_experts.py``; two launches, and one) and,
+beside it, the grouped path; ``torch._grouped_mm``. Columns (``VARIANTS``): as shipped; without launch
+plans ("no plan": every call checks, chooses the kernel and computes the launch key; ``grouped_gemm.PLANS``);
+with the plans passing tensors instead of addresses ("tensors": the C launcher asks the driver about each
+pointer; ``launcher.POINTER_INTS``); without the cached maps ("no raw": Triton's launcher wrapper makes the
+maps per call; ``launcher.RAW``); through Triton's own launch (``launcher.DIRECT``).
 
 --stub (no GPU): the compiled kernel's C launcher is replaced by a no-op and the direct path
 (with cached tensor maps) is forced on, so the time is our wrapper's Python (checks, key, descriptors,
@@ -45,23 +45,47 @@ CASES = [("gpt-oss-120b", 128, 2880, 2880, 4, 1), ("gpt-oss-120b", 128, 2880, 28
          ("qwen3-30b-a3b", 128, 2048, 768, 8, 1)]
 
 
-def host_us(fn, calls=CALLS, batches=40) -> float:
-    """Median over ``batches`` of the mean host time per call in back-to-back calls (robust to a busy host).
-    Each batch starts on an idle GPU (a sync, not timed) and queues 50 calls, up to a few hundred launches:
-    fewer than the GPU's launch queue holds, so no call waits for the GPU and a call that is faster on the GPU
-    than on the host is not timed at its GPU time (before, 2000 calls without a sync filled the queue)."""
-    for _ in range(50):
-        fn()
-    sync()
-    per_call = []
+def host_us(fn, variants: dict, calls=CALLS, batches=40) -> dict:
+    """Host microseconds per call of ``fn`` under each variant: {column: median over ``batches`` of the mean
+    host time per call in back-to-back calls}. A variant is None (as shipped) or (module, switch, value), the
+    A/B switch set while its batches run.
+
+    The variants' batches take turns (round robin), so a host that speeds up or slows down while it is
+    measured moves every column alike (timed one column after another, neighbouring columns of one row
+    differed by up to 2x on the benchmark VMs: perf/NOTES.md item 25). Each batch starts on an idle GPU (a
+    sync, not timed) and queues 50 calls, up to a few hundred launches: fewer than the GPU's launch queue
+    holds, so no call waits for the GPU and a call that is faster on the GPU than on the host is not timed at
+    its GPU time (before session 12, 2000 calls without a sync filled the queue)."""
+    per_batch = calls // batches
+
+    def batch(variant, n):
+        def run():
+            sync()
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter() - start) / n * 1e6
+        return run() if variant is None else switched(*variant, run)
+
+    for variant in variants.values():  # warm up each way of calling (the first call may compile or plan)
+        batch(variant, 50)
+    times = {column: [] for column in variants}
     for _ in range(batches):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls // batches):
-            fn()
-        per_call.append((time.perf_counter() - start) / (calls // batches) * 1e6)
+        for column, variant in variants.items():
+            times[column].append(batch(variant, per_batch))
     sync()
-    return statistics.median(per_call)
+    return {column: statistics.median(values) for column, values in times.items()}
+
+
+# The columns: as shipped, then each A/B switch off (``host_us`` takes their batches in turn)
+VARIANTS = {
+    "host_us": None,
+    "host_us_no_plan": (gg, "PLANS", False),  # every call through the checks, the kernel choice and the launch key
+    "host_us_tensors": (launcher, "POINTER_INTS", False),  # plans pass tensors: the C launcher checks each pointer
+    "host_us_no_raw": (launcher, "RAW", False),  # direct, but through Triton's launcher wrapper (maps made per call)
+    "host_us_triton_launch": (launcher, "DIRECT", False),  # kernel[grid](...)
+}
+STUB_VARIANTS = {column: VARIANTS[column] for column in ("host_us", "host_us_no_plan")}  # (no launcher to A/B)
 
 
 def sync():
@@ -212,25 +236,13 @@ def main():
             w2t = c["w2"].transpose(1, 2)
             for name, fn in calls(c, kernel).items():
                 fn()  # compiles and tunes
-                row = {"case": case, "call": name, "host_us": host_us(fn)}
-                gg.PLANS = False  # every call through the checks, the kernel choice and the launch key
-                row["host_us_no_plan"] = host_us(fn)
-                gg.PLANS = True
+                row = {"case": case, "call": name, **host_us(fn, VARIANTS if on_gpu else STUB_VARIANTS)}
                 if on_gpu:
-                    launcher.DIRECT = False
-                    row["host_us_triton_launch"] = host_us(fn)
-                    launcher.DIRECT = True
-                    launcher.RAW = False  # direct, but through Triton's launcher wrapper (tensor maps made per call)
-                    row["host_us_no_raw"] = host_us(fn)
-                    launcher.RAW = True
-                    launcher.POINTER_INTS = False  # plans pass tensors: the C launcher checks each pointer
-                    row["host_us_tensors"] = host_us(fn)
-                    launcher.POINTER_INTS = True
                     row["graph_us"] = graph_us(fn)
                 rows.append(row)
             if on_gpu:
                 gmm = functools.partial(torch._grouped_mm, c["h"], w2t, offs=offs)
-                rows.append({"case": case, "call": "torch._grouped_mm down", "host_us": host_us(gmm),
+                rows.append({"case": case, "call": "torch._grouped_mm down", **host_us(gmm, {"host_us": None}),
                              "graph_us": graph_us(gmm)})
     print(f"{'case':<26} {'call':<38} {'host us':>8} {'no plan':>8} {'tensors':>8} {'no raw':>7} "
           f"{'triton launch':>14} {'graph us':>9}")
