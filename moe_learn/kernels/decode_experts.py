@@ -25,7 +25,7 @@ Phase 2 reads what every program of phase 1 wrote. By default each phase is its 
 ``ONE_LAUNCH`` runs both in ``_decode_experts_kernel``, whose programs (no more than the GPU holds at
 once, cooperatively launched) wait for each other at a grid barrier (``grid_sync``) in between: one
 launch less of host time, the same arithmetic, bits and GPU time, but slower in eager calls where the
-layers take this path (a cooperative launch starts later; perf/NOTES.md items 23-25), so it is off.
+layers take this path (getting a cooperative launch going costs more; perf/NOTES.md items 23-25), so it is off.
 Triton's interpreter runs the one launch as a single program.
 Either way a launch plan keeps h per stream, so a repeated call allocates only its output.
 
@@ -254,7 +254,7 @@ _KERNEL = FastLauncher(_decode_experts_kernel)
 # fit at once). The one launch costs one launch less of host time (6-9 us on the H100 VM), and replayed from a
 # CUDA graph it takes the same GPU time as the two, but its eager calls are slower where the layers take this
 # path (H100: Qwen3-30B-A3B T=1 39.4 us against 38.2, T=2 69.2 against 61.3, gpt-oss-120b T=1 101.0 against
-# 86.2; H200 the same way except Qwen3 T=1): the cooperative launch starts later (perf/NOTES.md items 24-25).
+# 86.2; H200 the same way except Qwen3 T=1): the cooperative launch is slower to get going (NOTES items 24-25).
 # Off. Two launches also wherever the barrier cannot be used: while a CUDA graph is captured (the barrier's
 # counters and the plans' scratch belong to a stream, and a graph may be replayed on any), or once a GPU refused
 # the cooperative launch.
