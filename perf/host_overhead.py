@@ -166,11 +166,7 @@ def cases(device, dtype):
 def pytorch_routing(fn, *args):
     """``fn(*args)`` on the grouped path with the routing of given ids as eight PyTorch ops (the A/B of
     ``experts.ROUTE_IDS_KERNEL``)."""
-    experts.ROUTE_IDS_KERNEL = False
-    try:
-        return grouped_path(fn, *args)
-    finally:
-        experts.ROUTE_IDS_KERNEL = True
+    return switched(experts, "ROUTE_IDS_KERNEL", False, grouped_path, fn, *args)
 
 
 def switched(module, name: str, value, fn, *args):
@@ -190,11 +186,7 @@ def one_launch(fn, *args):
 
 def grouped_path(fn, *args):
     """``fn(*args)`` on the grouped path (routing, two grouped GEMMs, sum) instead of the decode path."""
-    experts.DECODE_EXPERTS = False
-    try:
-        return fn(*args)
-    finally:
-        experts.DECODE_EXPERTS = True
+    return switched(experts, "DECODE_EXPERTS", False, fn, *args)
 
 
 def calls(c, kernel):
