@@ -22,6 +22,7 @@ launch parameters (``SWEEP`` on ``SWEEP_CASES``, ``do_bench``).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import statistics
@@ -104,30 +105,29 @@ def sweep(dev, dt) -> list[dict]:
     return out
 
 
-def _listed(flag: str, default, kind=str) -> list:
-    """``--flag a,b,c`` from the command line, else ``default``."""
-    if flag not in sys.argv:
-        return list(default)
-    position = sys.argv.index(flag)
-    if position + 1 >= len(sys.argv):
-        raise SystemExit(f"{flag} needs a comma-separated list, e.g. {flag} {','.join(map(str, default))}")
-    return [kind(item) for item in sys.argv[position + 1].split(",")]
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The decode experts against the grouped path and transformers' "
+                                                 "default (perf/decode_experts.py's doc).")
+    parser.add_argument("path", nargs="?", help="where to write the results as JSON")
+    parser.add_argument("--sweep", action="store_true", help="time the launch parameters (SWEEP) first")
+    parser.add_argument("--models", type=lambda text: text.split(","), default=list(DECODE_MODELS),
+                        help="comma-separated, e.g. qwen3-30b-a3b,gpt-oss-120b (default: the decode models)")
+    parser.add_argument("--tokens", type=lambda text: [int(item) for item in text.split(",")], default=list(TOKENS),
+                        help=f"comma-separated token counts (default: {','.join(map(str, TOKENS))})")
+    args = parser.parse_args()
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; known: {', '.join(sorted(MODELS))}")
+    return args
 
 
 def main():
-    args = sys.argv[1:]
-    listed = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--models", "--tokens")}
-    path = next((a for a in args if not a.startswith("--") and a not in listed), None)
-    models = _listed("--models", DECODE_MODELS)
-    tokens = _listed("--tokens", TOKENS, int)
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; known: {', '.join(sorted(MODELS))}")
+    args = _arguments()
     dev, dt = "cuda", torch.bfloat16
     rows = []
     with torch.no_grad():
-        swept = sweep(dev, dt) if "--sweep" in sys.argv else []
-        for model in models:
+        swept = sweep(dev, dt) if args.sweep else []
+        for model in args.models:
             H, I, E, k = MODELS[model]  # noqa: E741
             gen = torch.Generator(device=dev).manual_seed(0)
             w1 = torch.randn(E, 2 * I, H, device=dev, dtype=dt, generator=gen) * 0.02
@@ -135,7 +135,7 @@ def main():
             default = _transformers_module(ExpertsCase(model, 1, H, I, E, k), "grouped_mm",
                                            torch.nn.Parameter(w1, requires_grad=False),
                                            torch.nn.Parameter(w2, requires_grad=False))
-            for T in tokens:
+            for T in args.tokens:
                 weights, ids = route(T, E, k, seed=T, device=dev)
                 x = torch.randn(T, H, device=dev, dtype=dt, generator=gen)
                 decode = functools.partial(dec.decode_experts, x, ids, weights, w1, w2)
@@ -169,8 +169,8 @@ def main():
     except ImportError:
         pass
     print(f"moe_learn {getattr(moe_learn, '__version__', '?')}, MAX_SLOTS={dec.MAX_SLOTS}")
-    if path:
-        with open(path, "w") as f:
+    if args.path:
+        with open(args.path, "w") as f:
             json.dump(meta, f, indent=1)
 
 
